@@ -1,0 +1,1 @@
+"""TensorRT engine building (one engine per subgraph per tensor-parallel rank)."""

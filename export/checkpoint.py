@@ -1,0 +1,267 @@
+"""Read a published MiniMax-M2 FP8 checkpoint one layer (or one rank's slice of a layer) at a time.
+
+Shards are memory-mapped through safetensors and opened only for the tensors asked for, so reading
+layer N touches layer N's bytes and nothing else. `validate()` checks every tensor's name, shape and
+dtype from the shard headers alone (no tensor data is read).
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from . import fp8
+from .config import ModelConfig
+from .sharding import Shard
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+_SAFETENSORS_DTYPES = {
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BF16": torch.bfloat16,
+    "F16": torch.float16, "F32": torch.float32, "F64": torch.float64, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or tensor is missing, unreadable, or not what the config says it must be."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    kind: str  # "fp8" (with a scale tensor), "scale" (float32), "float" (bf16/fp16/fp32)
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's weights for one rank, dequantized. Experts are stacked:
+    w13 [E_local, 2 * I_local, H] (w1 rows then w3 rows), w2 [E_local, H, I_local]."""
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    q_proj: torch.Tensor
+    k_proj: torch.Tensor
+    v_proj: torch.Tensor
+    o_proj: torch.Tensor
+    q_norm: torch.Tensor
+    k_norm: torch.Tensor
+    gate: torch.Tensor  # [E, H] float32, replicated
+    bias: torch.Tensor  # [E] float32, replicated
+    w13: torch.Tensor
+    w2: torch.Tensor
+    expert_offset: int = 0  # global id of this rank's first expert (expert parallelism)
+
+
+@dataclass
+class GlobalWeights:
+    embed: torch.Tensor    # [V, H]
+    norm: torch.Tensor     # [H]
+    lm_head: torch.Tensor  # [V, H]
+
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, TensorSpec]:
+    """Every tensor name the published layout has for this config, with its shape and kind."""
+    H, I, E, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.vocab_size
+    specs: dict[str, TensorSpec] = {}
+
+    def quantized(name: str, rows: int, cols: int) -> None:
+        specs[name + ".weight"] = TensorSpec((rows, cols), "fp8")
+        specs[name + ".weight_scale_inv"] = TensorSpec(fp8.scale_grid(rows, cols, cfg.fp8_block), "scale")
+
+    specs["model.embed_tokens.weight"] = TensorSpec((V, H), "float")
+    specs["model.norm.weight"] = TensorSpec((H,), "float")
+    specs["lm_head.weight"] = TensorSpec((V, H), "float")
+    for n in range(cfg.num_hidden_layers):
+        p = f"model.layers.{n}."
+        specs[p + "input_layernorm.weight"] = TensorSpec((H,), "float")
+        specs[p + "post_attention_layernorm.weight"] = TensorSpec((H,), "float")
+        quantized(p + "self_attn.q_proj", cfg.q_size, H)
+        quantized(p + "self_attn.k_proj", cfg.kv_size, H)
+        quantized(p + "self_attn.v_proj", cfg.kv_size, H)
+        quantized(p + "self_attn.o_proj", H, cfg.q_size)
+        specs[p + "self_attn.q_norm.weight"] = TensorSpec((cfg.q_size,), "float")
+        specs[p + "self_attn.k_norm.weight"] = TensorSpec((cfg.kv_size,), "float")
+        specs[p + "block_sparse_moe.gate.weight"] = TensorSpec((E, H), "float")
+        specs[p + "block_sparse_moe.e_score_correction_bias"] = TensorSpec((E,), "float")
+        for e in range(E):
+            quantized(p + f"block_sparse_moe.experts.{e}.w1", I, H)
+            quantized(p + f"block_sparse_moe.experts.{e}.w3", I, H)
+            quantized(p + f"block_sparse_moe.experts.{e}.w2", H, I)
+    return specs
+
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def is_mtp_tensor(name: str, cfg: ModelConfig) -> bool:
+    """Multi-token-prediction heads are stored as layers past the last decoder layer; not used here."""
+    m = _LAYER_RE.match(name)
+    return bool(m and int(m.group(1)) >= cfg.num_hidden_layers) or ".mtp" in name or name.startswith("mtp")
+
+
+class Checkpoint:
+    """A MiniMax-M2 checkpoint directory: config.json, shards, and their index."""
+
+    def __init__(self, path: str | Path, validate: bool = True):
+        self.dir = Path(path)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"{self.dir}: not a directory")
+        self.config = ModelConfig.from_checkpoint(self.dir)
+        self.specs = expected_tensors(self.config)
+        self.weight_map = self._read_index()
+        if validate:
+            self.validate()
+
+    # ---- layout -------------------------------------------------------------------------------
+    def _read_index(self) -> dict[str, str]:
+        index = self.dir / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from e
+        elif (self.dir / SINGLE_FILE).is_file():
+            with self._open(SINGLE_FILE) as f:
+                weight_map = {k: SINGLE_FILE for k in f.keys()}
+        else:
+            raise CheckpointError(f"{self.dir}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
+        by_shard: dict[str, list[str]] = defaultdict(list)
+        for name, shard in weight_map.items():
+            by_shard[shard].append(name)
+        for shard, names in sorted(by_shard.items()):
+            if not (self.dir / shard).is_file():
+                raise CheckpointError(f"{self.dir / shard}: missing shard; the index lists {len(names)} tensors "
+                                      f"in it (e.g. {sorted(names)[0]})")
+        return weight_map
+
+    def _open(self, shard: str):
+        path = self.dir / shard
+        try:
+            return safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: cannot be read as safetensors ({e}); the shard is truncated or "
+                                  "corrupt, copy it again") from e
+
+    def validate(self) -> None:
+        """Check every tensor's presence, name, shape and dtype against the config (headers only)."""
+        cfg = self.config
+        names = set(self.weight_map)
+        for name in sorted(names - set(self.specs)):
+            if not is_mtp_tensor(name, cfg):
+                raise CheckpointError(f"{name} (in {self.weight_map[name]}): unexpected tensor for a MiniMax-M2 "
+                                      f"checkpoint with this config.json")
+        missing = sorted(set(self.specs) - names)
+        if missing:
+            what = ("its block scale, needed to dequantize " + missing[0][: -len("_scale_inv")]
+                    if missing[0].endswith("_scale_inv") else "a tensor the config requires")
+            raise CheckpointError(f"{missing[0]}: missing from the checkpoint ({what}); "
+                                  f"{len(missing)} expected tensors are missing in all")
+        by_shard: dict[str, list[str]] = defaultdict(list)
+        for name in self.specs:
+            by_shard[self.weight_map[name]].append(name)
+        for shard, shard_names in sorted(by_shard.items()):
+            with self._open(shard) as f:
+                present = set(f.keys())
+                for name in shard_names:
+                    if name not in present:
+                        raise CheckpointError(f"{name}: listed in the index under {shard} but not in that file")
+                    sl = f.get_slice(name)
+                    self._check(name, shard, tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype()))
+
+    def _check(self, name: str, shard: str, shape: tuple, dtype) -> None:
+        spec = self.specs[name]
+        if shape != spec.shape:
+            raise CheckpointError(f"{name} (in {shard}): shape {list(shape)}, but the config implies "
+                                  f"{list(spec.shape)}")
+        ok = {"fp8": (torch.float8_e4m3fn,), "scale": (torch.float32,), "float": FLOAT_DTYPES}[spec.kind]
+        if dtype not in ok:
+            raise CheckpointError(f"{name} (in {shard}): dtype {dtype}, expected "
+                                  f"{' or '.join(str(d) for d in ok)}")
+
+    # ---- reading ------------------------------------------------------------------------------
+    def read(self, requests: dict[str, tuple[slice, ...]]) -> dict[str, torch.Tensor]:
+        """Read tensors (or slices of them) by name, opening each shard once."""
+        by_shard: dict[str, list[str]] = defaultdict(list)
+        for name in requests:
+            if name not in self.weight_map:
+                raise CheckpointError(f"{name}: not in the checkpoint")
+            by_shard[self.weight_map[name]].append(name)
+        out = {}
+        for shard, names in by_shard.items():
+            with self._open(shard) as f:
+                for name in names:
+                    try:
+                        out[name] = f.get_slice(name)[requests[name]]
+                    except SafetensorError as e:
+                        raise CheckpointError(f"{name} (in {shard}): cannot be read ({e})") from e
+        return out
+
+    def dequantized(self, names_rows_cols: dict[str, tuple[tuple[int, int], tuple[int, int]]],
+                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Dequantize FP8 weights (prefix names without '.weight'), each restricted to a row range and
+        a column range; only the FP8 bytes and scale blocks covering that range are read."""
+        br, bc = self.config.fp8_block
+        req = {}
+        for name, ((r0, r1), (c0, c1)) in names_rows_cols.items():
+            req[name + ".weight"] = (slice(r0, r1), slice(c0, c1))
+            req[name + ".weight_scale_inv"] = (slice(r0 // br, -(-r1 // br)), slice(c0 // bc, -(-c1 // bc)))
+        raw = self.read(req)
+        out = {}
+        for name, ((r0, _), (c0, _)) in names_rows_cols.items():
+            out[name] = fp8.dequantize(raw.pop(name + ".weight"), raw.pop(name + ".weight_scale_inv"),
+                                       self.config.fp8_block, dtype, r0 % br, c0 % bc)
+        return out
+
+    def layer(self, n: int, dtype: torch.dtype = torch.bfloat16, shard: Shard = Shard()) -> LayerWeights:
+        """Layer n's weights for one rank, dequantized to `dtype` (router gate and bias stay float32)."""
+        cfg = self.config
+        if not 0 <= n < cfg.num_hidden_layers:
+            raise IndexError(f"layer {n} is not in 0..{cfg.num_hidden_layers - 1}")
+        shard.check(cfg)
+        H = cfg.hidden_size
+        p = f"model.layers.{n}."
+        q0, q1 = shard.q_rows(cfg)
+        k0, k1 = shard.kv_rows(cfg)
+        i0, i1 = shard.inter_range(cfg)
+        e0, e1 = shard.expert_range(cfg)
+        all_ = slice(None)
+        plain = self.read({
+            p + "input_layernorm.weight": (all_,), p + "post_attention_layernorm.weight": (all_,),
+            p + "self_attn.q_norm.weight": (slice(q0, q1),), p + "self_attn.k_norm.weight": (slice(k0, k1),),
+            p + "block_sparse_moe.gate.weight": (all_, all_), p + "block_sparse_moe.e_score_correction_bias": (all_,),
+        })
+        attn = self.dequantized({
+            p + "self_attn.q_proj": ((q0, q1), (0, H)), p + "self_attn.k_proj": ((k0, k1), (0, H)),
+            p + "self_attn.v_proj": ((k0, k1), (0, H)), p + "self_attn.o_proj": ((0, H), (q0, q1)),
+        }, dtype)
+        w13, w2 = [], []
+        for e in range(e0, e1):  # one expert at a time keeps the float32 temporaries small
+            x = p + f"block_sparse_moe.experts.{e}."
+            d = self.dequantized({x + "w1": ((i0, i1), (0, H)), x + "w3": ((i0, i1), (0, H)),
+                                  x + "w2": ((0, H), (i0, i1))}, dtype)
+            w13.append(torch.cat([d[x + "w1"], d[x + "w3"]], 0))
+            w2.append(d[x + "w2"])
+        return LayerWeights(
+            input_norm=plain[p + "input_layernorm.weight"].to(dtype),
+            post_norm=plain[p + "post_attention_layernorm.weight"].to(dtype),
+            q_proj=attn[p + "self_attn.q_proj"], k_proj=attn[p + "self_attn.k_proj"],
+            v_proj=attn[p + "self_attn.v_proj"], o_proj=attn[p + "self_attn.o_proj"],
+            q_norm=plain[p + "self_attn.q_norm.weight"].to(dtype),
+            k_norm=plain[p + "self_attn.k_norm.weight"].to(dtype),
+            gate=plain[p + "block_sparse_moe.gate.weight"].float(),
+            bias=plain[p + "block_sparse_moe.e_score_correction_bias"].float(),
+            w13=torch.stack(w13), w2=torch.stack(w2), expert_offset=e0,
+        )
+
+    def globals(self, dtype: torch.dtype = torch.bfloat16) -> GlobalWeights:
+        t = self.read({"model.embed_tokens.weight": (slice(None),), "model.norm.weight": (slice(None),),
+                       "lm_head.weight": (slice(None),)})
+        return GlobalWeights(embed=t["model.embed_tokens.weight"].to(dtype), norm=t["model.norm.weight"].to(dtype),
+                             lm_head=t["lm_head.weight"].to(dtype))

@@ -1,0 +1,47 @@
+"""Block-scaled float8_e4m3fn weights: the published format, both directions.
+
+A weight W [R, C] is stored as `fp8` [R, C] and `scale_inv` [ceil(R/br), ceil(C/bc)] float32, with
+W[i, j] = float(fp8[i, j]) * scale_inv[i // br, j // bc]. The last block row or column may be partial.
+"""
+from __future__ import annotations
+
+import torch
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def scale_grid(rows: int, cols: int, block: tuple[int, int]) -> tuple[int, int]:
+    return (-(-rows // block[0]), -(-cols // block[1]))
+
+
+def dequantize(fp8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+               dtype: torch.dtype = torch.bfloat16, row_offset: int = 0, col_offset: int = 0) -> torch.Tensor:
+    """Dequantize `fp8`, which may be a slice starting at (row_offset, col_offset) of the full weight
+    whose scale grid is `scale_inv`. Multiplies in float32 and rounds once to `dtype`."""
+    if fp8.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"expected float8_e4m3fn weights, got {fp8.dtype}")
+    if fp8.dim() != 2 or scale_inv.dim() != 2:
+        raise ValueError(f"expected 2-D weight and scale, got {tuple(fp8.shape)} and {tuple(scale_inv.shape)}")
+    rows, cols = fp8.shape
+    ri = torch.arange(row_offset, row_offset + rows) // block[0]
+    ci = torch.arange(col_offset, col_offset + cols) // block[1]
+    if rows and int(ri[-1]) >= scale_inv.shape[0] or cols and int(ci[-1]) >= scale_inv.shape[1]:
+        raise ValueError(f"scale grid {tuple(scale_inv.shape)} does not cover weight rows "
+                         f"{row_offset}..{row_offset + rows} x cols {col_offset}..{col_offset + cols}")
+    s = scale_inv.float().index_select(0, ri).index_select(1, ci)
+    return (fp8.float() * s).to(dtype)
+
+
+def quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a float weight the way the published checkpoint was: one scale per block, chosen so
+    the block's largest magnitude maps to FP8_MAX. Returns (fp8 weight, float32 scale_inv)."""
+    rows, cols = w.shape
+    gr, gc = scale_grid(rows, cols, block)
+    padded = torch.zeros(gr * block[0], gc * block[1], dtype=torch.float32)
+    padded[:rows, :cols] = w.float()
+    blocks = padded.view(gr, block[0], gc, block[1])
+    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)
+    scale_inv = amax / FP8_MAX
+    q = (blocks / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
+    q = q.view(gr * block[0], gc * block[1])[:rows, :cols].to(torch.float8_e4m3fn)
+    return q.contiguous(), scale_inv.contiguous()

@@ -1,0 +1,250 @@
+"""The MiniMax-M2 forward pass as traceable pieces that end at the runtime-op boundaries.
+
+Tokens are flattened: every activation is [T, ...] for T tokens of any number of sequences, and
+nothing has a data-dependent shape. One decoder layer on one tensor-parallel rank is
+
+    AttnIn   (residual, delta)           -> h, q, k, v, q_ssq, k_ssq     h = residual + delta
+      [all-reduce q_ssq, k_ssq]                                          (sums of squares, float32)
+    QkRope   (q, k, q_ssq, k_ssq, pos)   -> q, k                          full-width QK norm, partial RoPE
+      [attention: paged KV cache, owned by the runtime]
+    OProj    (attn)                      -> attn_out                      this rank's partial sum
+      [all-reduce attn_out]
+    Moe      (h, attn_out)               -> h_mid, moe_out                h_mid = h + attn_out
+      [all-reduce moe_out]
+
+and the next layer's AttnIn (or the Head) adds moe_out to h_mid. Embed gives the first residual;
+the first delta is zeros. With TP=1 the all-reduces are identities.
+
+Precision follows the reference: RMSNorm statistics in float32, router logits and sigmoid in
+float32, the weighted sum over experts in float32; everything else in the weights' dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import Checkpoint, GlobalWeights, LayerWeights
+from .config import ModelConfig
+from .sharding import Shard
+
+MOE_FORMS = ("gather", "dense")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    return 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.rotary_dim, 2, dtype=torch.float32) / cfg.rotary_dim))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """Neox-style rotation of the first rotary_dim dims of every head. x [T, heads, hd]; cos/sin [T, rotary_dim]."""
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    rot = rot * cos[:, None, :] + rotated * sin[:, None, :]
+    return torch.cat([rot, rest], dim=-1)
+
+
+class Embed(nn.Module):
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = nn.Parameter(table, requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] int64 -> [T, H]
+        return self.table[ids]
+
+
+class AttnIn(nn.Module):
+    """Residual add, input RMSNorm, this rank's q/k/v, and the per-token sums of squares of q and k
+    that the full-width QK norm needs from every rank."""
+
+    def __init__(self, w: LayerWeights, cfg: ModelConfig):
+        super().__init__()
+        self.eps = cfg.rms_norm_eps
+        self.norm = nn.Parameter(w.input_norm, requires_grad=False)
+        self.q_proj = nn.Parameter(w.q_proj, requires_grad=False)
+        self.k_proj = nn.Parameter(w.k_proj, requires_grad=False)
+        self.v_proj = nn.Parameter(w.v_proj, requires_grad=False)
+
+    def forward(self, residual: torch.Tensor, delta: torch.Tensor):
+        h = residual + delta
+        x = rms_norm(h, self.norm, self.eps)
+        q, k, v = x @ self.q_proj.T, x @ self.k_proj.T, x @ self.v_proj.T
+        q_ssq = q.float().pow(2).sum(-1, keepdim=True)
+        k_ssq = k.float().pow(2).sum(-1, keepdim=True)
+        return h, q, k, v, q_ssq, k_ssq
+
+
+class QkRope(nn.Module):
+    """Finish the QK norm with the all-reduced sums, then partial neox RoPE.
+    Returns q [T, heads_local, hd] and k [T, kv_heads_local, hd]."""
+
+    def __init__(self, w: LayerWeights, cfg: ModelConfig):
+        super().__init__()
+        self.eps, self.hd, self.rotary_dim = cfg.rms_norm_eps, cfg.head_dim, cfg.rotary_dim
+        self.q_width, self.k_width = float(cfg.q_size), float(cfg.kv_size)
+        self.q_norm = nn.Parameter(w.q_norm, requires_grad=False)
+        self.k_norm = nn.Parameter(w.k_norm, requires_grad=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(self, q, k, q_ssq, k_ssq, positions):
+        dtype = q.dtype
+        q = self.q_norm * (q.float() * torch.rsqrt(q_ssq / self.q_width + self.eps)).to(dtype)
+        k = self.k_norm * (k.float() * torch.rsqrt(k_ssq / self.k_width + self.eps)).to(dtype)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        q = apply_rope(q.reshape(q.shape[0], -1, self.hd), cos, sin, self.rotary_dim)
+        k = apply_rope(k.reshape(k.shape[0], -1, self.hd), cos, sin, self.rotary_dim)
+        return q, k
+
+
+class OProj(nn.Module):
+    def __init__(self, w: LayerWeights):
+        super().__init__()
+        self.o_proj = nn.Parameter(w.o_proj, requires_grad=False)
+
+    def forward(self, attn: torch.Tensor) -> torch.Tensor:  # [T, heads_local * hd] -> [T, H]
+        return attn @ self.o_proj.T
+
+
+class Moe(nn.Module):
+    """Residual add, post-attention RMSNorm, float32 sigmoid router with bias-corrected top-k, and this
+    rank's experts, in one of two static-shaped forms:
+
+    - gather: gathers the T*k chosen experts' weights and runs batched matmuls. Reads only the chosen
+      experts; the form for few tokens (decode).
+    - dense: every expert on every token, combined by a one-hot weight matrix [T, E]. Reads every
+      expert once; costs E/k times the useful FLOPs; the form for many tokens (prefill).
+    """
+
+    def __init__(self, w: LayerWeights, cfg: ModelConfig, form: str = "gather"):
+        super().__init__()
+        if form not in MOE_FORMS:
+            raise ValueError(f"MoE form {form!r} is not one of {MOE_FORMS}")
+        self.form, self.eps, self.top_k = form, cfg.rms_norm_eps, cfg.top_k
+        self.num_experts, self.expert_offset = cfg.num_experts, w.expert_offset
+        self.norm = nn.Parameter(w.post_norm, requires_grad=False)
+        self.gate = nn.Parameter(w.gate.float(), requires_grad=False)
+        self.bias = nn.Parameter(w.bias.float(), requires_grad=False)
+        self.w13 = nn.Parameter(w.w13, requires_grad=False)
+        self.w2 = nn.Parameter(w.w2, requires_grad=False)
+
+    def route(self, x: torch.Tensor):
+        """Top-k expert ids [T, k] (global) and their renormalized float32 weights [T, k]."""
+        scores = torch.sigmoid(x.float() @ self.gate.T)
+        _, idx = torch.topk(scores + self.bias, self.top_k, dim=-1, sorted=True)
+        weights = torch.gather(scores, 1, idx)
+        return idx, weights / weights.sum(-1, keepdim=True)
+
+    def forward(self, h: torch.Tensor, attn_out: torch.Tensor):
+        h = h + attn_out
+        x = rms_norm(h, self.norm, self.eps)
+        idx, weights = self.route(x)
+        n_local, inter = self.w13.shape[0], self.w2.shape[2]
+        if self.form == "gather":
+            local = idx - self.expert_offset
+            if n_local != self.num_experts:  # expert parallel: other ranks' experts contribute nothing here
+                mine = (local >= 0) & (local < n_local)
+                weights = weights * mine.float()
+                local = torch.where(mine, local, torch.zeros_like(local))
+            w13 = self.w13[local]                                   # [T, k, 2I, H]
+            y = (w13 @ x[:, None, :, None]).squeeze(-1)             # [T, k, 2I]
+            a = F.silu(y[..., :inter]) * y[..., inter:]
+            o = (self.w2[local] @ a[..., None]).squeeze(-1)         # [T, k, H]
+            out = (o.float() * weights[..., None]).sum(1)
+        else:
+            experts = torch.arange(self.expert_offset, self.expert_offset + n_local, device=idx.device)
+            onehot = (idx[..., None] == experts).float()            # [T, k, E_local]
+            combine = (onehot * weights[..., None]).sum(1)          # [T, E_local]
+            y = torch.einsum("th,eih->eti", x, self.w13)            # [E, T, 2I]
+            a = F.silu(y[..., :inter]) * y[..., inter:]
+            o = torch.einsum("eti,ehi->eth", a, self.w2)            # [E, T, H]
+            out = torch.einsum("te,eth->th", combine, o.float())
+        return h, out.to(h.dtype)
+
+
+class Head(nn.Module):
+    def __init__(self, g: GlobalWeights, cfg: ModelConfig):
+        super().__init__()
+        self.eps = cfg.rms_norm_eps
+        self.norm = nn.Parameter(g.norm, requires_grad=False)
+        self.lm_head = nn.Parameter(g.lm_head, requires_grad=False)
+
+    def forward(self, h_mid: torch.Tensor, moe_out: torch.Tensor) -> torch.Tensor:  # -> [T, V] float32
+        return (rms_norm(h_mid + moe_out, self.norm, self.eps) @ self.lm_head.T).float()
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+    """Plain causal GQA attention of packed sequences, no cache: the stand-in for the runtime op.
+    q [T, Hq, hd], k/v [T, Hkv, hd] -> [T, Hq * hd]."""
+    out, start = [], 0
+    for n in seq_lens:
+        qs, ks, vs = (t[start:start + n].transpose(0, 1)[None] for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+        out.append(o[0].transpose(0, 1).reshape(n, -1))
+        start += n
+    return torch.cat(out, 0)
+
+
+class RankLayer:
+    """One layer's pieces on one rank."""
+
+    def __init__(self, w: LayerWeights, cfg: ModelConfig, moe_form: str):
+        self.attn_in, self.qk_rope = AttnIn(w, cfg), QkRope(w, cfg)
+        self.o_proj, self.moe = OProj(w), Moe(w, cfg, moe_form)
+
+
+class Model:
+    """The whole model for greedy generation without a KV cache. With tp > 1 it holds every rank's
+    slice and sums their partial outputs where the runtime would all-reduce: the same pieces, in
+    one process."""
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype = torch.float32, moe_form: str = "gather",
+                 tp: int = 1, expert_split: str = "intermediate", progress: bool = False):
+        self.cfg = cfg = ckpt.config
+        shards = [Shard(tp, r, expert_split) for r in range(tp)]
+        shards[0].check(cfg)
+        g = ckpt.globals(dtype)
+        self.embed, self.head = Embed(g.embed), Head(g, cfg)
+        layers = range(cfg.num_hidden_layers)
+        if progress:
+            from tqdm import tqdm
+            layers = tqdm(layers, desc="loading layers", unit="layer")
+        self.layers = [[RankLayer(ckpt.layer(n, dtype, s), cfg, moe_form) for s in shards] for n in layers]
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor, seq_lens: list[int] | None = None) -> torch.Tensor:
+        """Logits [T, V] for packed sequences `ids` [T] (one sequence if seq_lens is None)."""
+        seq_lens = seq_lens or [ids.numel()]
+        positions = torch.cat([torch.arange(n) for n in seq_lens])
+        residual = self.embed(ids)
+        delta = torch.zeros_like(residual)
+        for ranks in self.layers:
+            outs = [r.attn_in(residual, delta) for r in ranks]
+            h = outs[0][0]
+            q_ssq = sum(o[4] for o in outs)  # all-reduce
+            k_ssq = sum(o[5] for o in outs)
+            attn_out = 0
+            for r, (_, q, k, v, _, _) in zip(ranks, outs):
+                q, k = r.qk_rope(q, k, q_ssq, k_ssq, positions)
+                v = v.reshape(v.shape[0], -1, self.cfg.head_dim)
+                attn_out = attn_out + r.o_proj(causal_attention(q, k, v, seq_lens))  # all-reduce
+            moe = [r.moe(h, attn_out) for r in ranks]
+            residual, delta = moe[0][0], sum(m[1] for m in moe)  # all-reduce
+        return self.head(residual, delta)
+
+    def generate(self, ids: list[int], max_new_tokens: int, stop_at_eos: bool = True) -> list[int]:
+        seq, out = list(ids), []
+        for _ in range(max_new_tokens):
+            nxt = int(self.logits(torch.tensor(seq))[-1].argmax())
+            out.append(nxt)
+            seq.append(nxt)
+            if stop_at_eos and nxt == self.cfg.eos_token_id:
+                break
+        return out

@@ -1,0 +1,292 @@
+"""Write a toy MiniMax-M2 checkpoint in the exact published layout: the embedded default model.
+
+Same architecture and file layout as MiniMaxAI/MiniMax-M2.5 (float8_e4m3fn weights with float32
+128x128 `weight_scale_inv` blocks, per-expert w1/w2/w3, float32 router gate and bias, bf16 norms,
+embeddings and lm_head, several shards and an index, config.json with quantization_config, a
+byte-level BPE tokenizer with the MiniMax special tokens and a MiniMax-style chat template), at a
+size that runs on a CPU in seconds. Random weights from a fixed seed: the same seed gives the same
+bytes.
+
+    python -m export.tiny build/tiny-minimax-m2            # the embedded default
+    python -m export.tiny /tmp/alt --preset alt            # another shape, for tests
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import fp8
+
+BLOCK = (128, 128)
+NUM_SPECIAL = 54  # ids n_regular .. n_regular+53, as 200000..200053 in the published tokenizer
+
+# Offsets (from the first special id) of the special tokens whose meaning is published.
+SPECIAL_TOKENS = {
+    19: "]~b]",        # turn start
+    20: "[e~[",        # end of turn: the stop token
+    21: "]!d~[",
+    34: "]~!b[",       # begin of text
+    50: "<think>",
+    51: "</think>",
+    52: "<minimax:tool_call>",
+    53: "</minimax:tool_call>",
+}
+NOT_SKIPPED = {"<think>", "</think>", "<minimax:tool_call>", "</minimax:tool_call>"}  # kept when decoding
+
+CHAT_TEMPLATE = (  # one line, so no whitespace control is needed (it would eat the turns' newlines)
+    "{% set ns = namespace(system='You are a helpful assistant.') %}"
+    "{% for m in messages if m['role'] == 'system' %}{% set ns.system = m['content'] %}{% endfor %}"
+    "]~!b[]~b]system\n{{ ns.system }}[e~[\n"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}]~b]user\n{{ m['content'] }}[e~[\n"
+    "{% elif m['role'] == 'assistant' %}]~b]ai\n{{ m['content'] }}[e~[\n"
+    "{% elif m['role'] != 'system' %}{{ raise_exception('unknown role: ' ~ m['role']) }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}]~b]ai\n<think>\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ToySpec:
+    num_hidden_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rotary_dim: int
+    num_local_experts: int
+    num_experts_per_tok: int
+    n_regular_tokens: int
+    vocab_size: int
+    num_mtp_modules: int = 1
+    max_position_embeddings: int = 4096
+
+    @property
+    def first_special(self) -> int:
+        return self.n_regular_tokens
+
+
+PRESETS = {
+    # intermediate_size 192 is not a multiple of 128: w1/w3/w2 have partial edge scale blocks.
+    "tiny": ToySpec(num_hidden_layers=3, hidden_size=256, intermediate_size=192, num_attention_heads=8,
+                    num_key_value_heads=4, head_dim=32, rotary_dim=16, num_local_experts=16,
+                    num_experts_per_tok=4, n_regular_tokens=896, vocab_size=960),
+    # Every dimension is either a multiple of 128 or below it, the case transformers' own FP8
+    # loader handles (it infers the block size from the scale grid).
+    "alt": ToySpec(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                   num_key_value_heads=1, head_dim=64, rotary_dim=32, num_local_experts=8,
+                   num_experts_per_tok=2, n_regular_tokens=448, vocab_size=512),
+}
+
+
+def hf_config(spec: ToySpec) -> dict:
+    bos, eos = spec.first_special + 34, spec.first_special + 20
+    return {
+        "architectures": ["MiniMaxM2ForCausalLM"],
+        "model_type": "minimax_m2",
+        "attn_type_list": [1] * spec.num_hidden_layers,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_hidden_layers,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_key_value_heads,
+        "head_dim": spec.head_dim,
+        "num_local_experts": spec.num_local_experts,
+        "num_experts_per_tok": spec.num_experts_per_tok,
+        "vocab_size": spec.vocab_size,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 5000000,
+        "rotary_dim": spec.rotary_dim,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "use_qk_norm": True,
+        "qk_norm_type": "per_layer",
+        "scoring_func": "sigmoid",
+        "use_routing_bias": True,
+        "shared_intermediate_size": 0,
+        "tie_word_embeddings": False,
+        "use_mtp": spec.num_mtp_modules > 0,
+        "num_mtp_modules": spec.num_mtp_modules,
+        "mtp_transformer_layers": 1,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "torch_dtype": "bfloat16",
+        "quantization_config": {
+            "quant_method": "fp8",
+            "fmt": "float8_e4m3fn",
+            "activation_scheme": "dynamic",
+            "weight_block_size": list(BLOCK),
+            "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"],
+        },
+    }
+
+
+class _Weights:
+    """Seeded random weights, with block-to-block scale variation so every scale block matters."""
+
+    def __init__(self, seed: int):
+        self.g = torch.Generator().manual_seed(seed)
+
+    def randn(self, *shape) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.g)
+
+    def norm(self, n: int) -> torch.Tensor:
+        return (1.0 + 0.1 * self.randn(n)).to(torch.bfloat16)
+
+    def quantized(self, out: dict, name: str, rows: int, cols: int) -> None:
+        gr, gc = fp8.scale_grid(rows, cols, BLOCK)
+        block_gain = torch.exp(0.5 * self.randn(gr, gc))
+        gain = block_gain.repeat_interleave(BLOCK[0], 0)[:rows].repeat_interleave(BLOCK[1], 1)[:, :cols]
+        w = self.randn(rows, cols) * gain / cols ** 0.5
+        out[name + ".weight"], out[name + ".weight_scale_inv"] = fp8.quantize(w, BLOCK)
+
+
+def _layer_tensors(w: _Weights, spec: ToySpec, n: int) -> dict[str, torch.Tensor]:
+    H, I, E = spec.hidden_size, spec.intermediate_size, spec.num_local_experts
+    q, kv = spec.num_attention_heads * spec.head_dim, spec.num_key_value_heads * spec.head_dim
+    p, t = f"model.layers.{n}.", {}
+    t[p + "input_layernorm.weight"] = w.norm(H)
+    t[p + "post_attention_layernorm.weight"] = w.norm(H)
+    w.quantized(t, p + "self_attn.q_proj", q, H)
+    w.quantized(t, p + "self_attn.k_proj", kv, H)
+    w.quantized(t, p + "self_attn.v_proj", kv, H)
+    w.quantized(t, p + "self_attn.o_proj", H, q)
+    t[p + "self_attn.q_norm.weight"] = w.norm(q)
+    t[p + "self_attn.k_norm.weight"] = w.norm(kv)
+    t[p + "block_sparse_moe.gate.weight"] = w.randn(E, H) / H ** 0.5
+    t[p + "block_sparse_moe.e_score_correction_bias"] = 0.1 * w.randn(E)
+    for e in range(E):
+        w.quantized(t, p + f"block_sparse_moe.experts.{e}.w1", I, H)
+        w.quantized(t, p + f"block_sparse_moe.experts.{e}.w3", I, H)
+        w.quantized(t, p + f"block_sparse_moe.experts.{e}.w2", H, I)
+    return t
+
+
+def _corpus(seed: int, words: int = 30000) -> list[str]:
+    """Deterministic text with enough repeated structure for a few hundred BPE merges."""
+    rng = random.Random(seed)
+    common = ("the of and to in is you that it he was for on are as with his they at be this have from or "
+              "one had by word but not what all were we when your can said there use an each which she do how "
+              "their if will up other about out many then them these so some her would make like him into time "
+              "has look two more write go see number no way could people my than first water been call who oil "
+              "its now find long down day did get come made may part hello thanks please answer question model "
+              "system user assistant think code python tensor engine layer expert token").split()
+    syllables = [c + v for c in "bcdfghklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
+    lines, line = [], []
+    for _ in range(words):
+        if rng.random() < 0.7:
+            word = rng.choice(common)
+        else:
+            word = "".join(rng.choice(syllables) for _ in range(rng.randint(1, 3)))
+        if rng.random() < 0.05:
+            word = word.capitalize()
+        line.append(word + (rng.choice([",", ".", "?", "!", ":"]) if rng.random() < 0.08 else ""))
+        if len(line) >= rng.randint(6, 16):
+            lines.append(" ".join(line) + ("\n" if rng.random() < 0.3 else ""))
+            line = []
+    lines += [f"{i} + {i * 7 % 13} = {i + i * 7 % 13}" for i in range(200)]
+    return lines
+
+
+def build_tokenizer(spec: ToySpec, seed: int):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=spec.n_regular_tokens, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(seed), trainer)
+    if tok.get_vocab_size() != spec.n_regular_tokens:
+        raise RuntimeError(f"BPE training gave {tok.get_vocab_size()} tokens, wanted {spec.n_regular_tokens}")
+    names = [SPECIAL_TOKENS.get(i, f"<minimax:reserved_{i}>") for i in range(NUM_SPECIAL)]
+    tok.add_special_tokens([AddedToken(n, special=n not in NOT_SKIPPED, normalized=False) for n in names])
+    for i, n in enumerate(names):
+        assert tok.token_to_id(n) == spec.first_special + i, n
+    return tok
+
+
+def write_checkpoint(out: str | Path, spec: ToySpec = PRESETS["tiny"], seed: int = 0) -> Path:
+    """Write the checkpoint to `out`, atomically: a reader never sees a half-written directory."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write(tmp, spec, seed)
+        tmp.chmod(0o755)  # mkdtemp and safetensors create owner-only files
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write(d: Path, spec: ToySpec, seed: int) -> None:
+    w = _Weights(seed)
+    H, V = spec.hidden_size, spec.vocab_size
+    shards: list[dict[str, torch.Tensor]] = [{"model.embed_tokens.weight": w.randn(V, H).to(torch.bfloat16)}]
+    shards += [_layer_tensors(w, spec, n) for n in range(spec.num_hidden_layers)]
+    last = {"model.norm.weight": w.norm(H),
+            "lm_head.weight": (3.0 * w.randn(V, H) / H ** 0.5).to(torch.bfloat16)}
+    for m in range(spec.num_mtp_modules):  # stand-ins for the speculative heads, which readers skip
+        p = f"model.layers.{spec.num_hidden_layers + m}."
+        last[p + "enorm.weight"] = w.norm(H)
+        w.quantized(last, p + "self_attn.q_proj", spec.num_attention_heads * spec.head_dim, H)
+    shards.append(last)
+
+    weight_map, total = {}, 0
+    for i, tensors in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / fname), metadata={"format": "pt"})
+        for k, v in tensors.items():
+            weight_map[k] = fname
+            total += v.numel() * v.element_size()
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+
+    cfg = hf_config(spec)
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    (d / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": True,
+        "temperature": 1.0, "top_p": 0.95, "top_k": 40}, indent=2))
+    tok = build_tokenizer(spec, seed)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "]~!b[", "eos_token": "[e~[", "unk_token": "]!d~[",
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "model_max_length": spec.max_position_embeddings, "chat_template": CHAT_TEMPLATE}, indent=2))
+    (d / "toy_spec.json").write_text(json.dumps({"seed": seed, **asdict(spec)}, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", help="directory to write (replaced atomically if it exists)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shape (default: tiny)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed for weights and tokenizer corpus")
+    ap.add_argument("--layers", type=int, help="override the preset's layer count")
+    a = ap.parse_args(argv)
+    spec = PRESETS[a.preset]
+    if a.layers:
+        spec = replace(spec, num_hidden_layers=a.layers)
+    path = write_checkpoint(a.out, spec, a.seed)
+    size = sum(f.stat().st_size for f in path.iterdir())
+    print(f"wrote {path} ({a.preset}, seed {a.seed}, {size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The serving runtime: executes an export's manifest with a paged KV cache."""

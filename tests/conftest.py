@@ -1,0 +1,38 @@
+"""Shared fixtures: toy checkpoints written once per session, transformers references cached."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.tiny import PRESETS, write_checkpoint
+from tests.reference import load_transformers
+
+# The embedded default, and a second shape that differs in every way the issue names (layers,
+# experts, top-k, heads-to-KV ratio, rotary dim, vocabulary).
+CONFIGS = ["tiny", "alt"]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    return {name: write_checkpoint(root / name, PRESETS[name], seed=0) for name in CONFIGS}
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(checkpoints) -> Path:
+    return checkpoints["tiny"]
+
+
+@pytest.fixture(scope="session")
+def hf_model(checkpoints, tmp_path_factory):
+    """hf_model(name, dtype) -> transformers' MiniMaxM2ForCausalLM on that checkpoint (cached)."""
+    scratch = tmp_path_factory.mktemp("hf")
+
+    @functools.cache
+    def get(name: str, dtype: torch.dtype = torch.float32):
+        return load_transformers(checkpoints[name], dtype, scratch)
+
+    return get
