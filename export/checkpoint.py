@@ -241,13 +241,16 @@ class Checkpoint:
             p + "self_attn.q_proj": ((q0, q1), (0, H)), p + "self_attn.k_proj": ((k0, k1), (0, H)),
             p + "self_attn.v_proj": ((k0, k1), (0, H)), p + "self_attn.o_proj": ((0, H), (q0, q1)),
         }, dtype)
-        w13, w2 = [], []
-        for e in range(e0, e1):  # one expert at a time keeps the float32 temporaries small
+        # Stacked in place, one expert at a time: the float32 temporaries stay one expert small and
+        # the stacked tensors are the only full-size copies.
+        il = i1 - i0
+        w13 = torch.empty(e1 - e0, 2 * il, H, dtype=dtype)
+        w2 = torch.empty(e1 - e0, H, il, dtype=dtype)
+        for j, e in enumerate(range(e0, e1)):
             x = p + f"block_sparse_moe.experts.{e}."
             d = self.dequantized({x + "w1": ((i0, i1), (0, H)), x + "w3": ((i0, i1), (0, H)),
                                   x + "w2": ((0, H), (i0, i1))}, dtype)
-            w13.append(torch.cat([d[x + "w1"], d[x + "w3"]], 0))
-            w2.append(d[x + "w2"])
+            w13[j, :il], w13[j, il:], w2[j] = d[x + "w1"], d[x + "w3"], d[x + "w2"]
         return LayerWeights(
             input_norm=plain[p + "input_layernorm.weight"].to(dtype),
             post_norm=plain[p + "post_attention_layernorm.weight"].to(dtype),
@@ -257,7 +260,7 @@ class Checkpoint:
             k_norm=plain[p + "self_attn.k_norm.weight"].to(dtype),
             gate=plain[p + "block_sparse_moe.gate.weight"].float(),
             bias=plain[p + "block_sparse_moe.e_score_correction_bias"].float(),
-            w13=torch.stack(w13), w2=torch.stack(w2), expert_offset=e0,
+            w13=w13, w2=w2, expert_offset=e0,
         )
 
     def globals(self, dtype: torch.dtype = torch.bfloat16) -> GlobalWeights:

@@ -23,6 +23,16 @@ def dequantize(fp8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int
     if fp8.dim() != 2 or scale_inv.dim() != 2:
         raise ValueError(f"expected 2-D weight and scale, got {tuple(fp8.shape)} and {tuple(scale_inv.shape)}")
     rows, cols = fp8.shape
+    br, bc = block
+    if not (row_offset % br or col_offset % bc or rows % br or cols % bc):
+        # Whole blocks (every tensor of the published model, sliced at block boundaries):
+        # broadcast one scale over each block instead of expanding the scale grid.
+        gr, gc, r0, c0 = rows // br, cols // bc, row_offset // br, col_offset // bc
+        s = scale_inv[r0:r0 + gr, c0:c0 + gc].float()
+        if s.shape != (gr, gc):
+            raise ValueError(f"scale grid {tuple(scale_inv.shape)} does not cover weight rows "
+                             f"{row_offset}..{row_offset + rows} x cols {col_offset}..{col_offset + cols}")
+        return (fp8.float().view(gr, br, gc, bc) * s[:, None, :, None]).view(rows, cols).to(dtype)
     ri = torch.arange(row_offset, row_offset + rows) // block[0]
     ci = torch.arange(col_offset, col_offset + cols) // block[1]
     if rows and int(ri[-1]) >= scale_inv.shape[0] or cols and int(ci[-1]) >= scale_inv.shape[1]:

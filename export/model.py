@@ -3,17 +3,18 @@
 Tokens are flattened: every activation is [T, ...] for T tokens of any number of sequences, and
 nothing has a data-dependent shape. One decoder layer on one tensor-parallel rank is
 
-    AttnIn   (residual, delta)           -> h, q, k, v, q_ssq, k_ssq     h = residual + delta
-      [all-reduce q_ssq, k_ssq]                                          (sums of squares, float32)
-    QkRope   (q, k, q_ssq, k_ssq, pos)   -> q, k                          full-width QK norm, partial RoPE
-      [attention: paged KV cache, owned by the runtime]
-    OProj    (attn)                      -> attn_out                      this rank's partial sum
+    AttnIn   (residual, delta)             -> h, q, k, v, q_ssq, k_ssq   h = residual + delta
+      [all-reduce q_ssq, k_ssq]                                            (sums of squares, float32)
+    QkRope   (q, k, q_ssq, k_ssq, positions) -> q_rot, k_rot               full-width QK norm, partial RoPE
+      [attention(q_rot, k_rot, v) -> attn: paged KV cache, owned by the runtime]
+    OProj    (attn)                        -> attn_out                     this rank's partial sum
       [all-reduce attn_out]
-    Moe      (h, attn_out)               -> h_mid, moe_out                h_mid = h + attn_out
-      [all-reduce moe_out]
+    Moe      (h, attn_out)                 -> residual, delta              residual = h + attn_out,
+      [all-reduce delta]                                                   delta = this rank's experts
 
-and the next layer's AttnIn (or the Head) adds moe_out to h_mid. Embed gives the first residual;
-the first delta is zeros. With TP=1 the all-reduces are identities.
+and the next layer's AttnIn (or the Head) adds delta to residual, so a layer boundary is always the
+pair (residual, delta). Embed gives the first pair (embeddings, zeros). With TP=1 the all-reduces
+are identities and AttnBlock / PostBlock merge the pieces on either side of the attention.
 
 Precision follows the reference: RMSNorm statistics in float32, router logits and sigmoid in
 float32, the weighted sum over experts in float32; everything else in the weights' dtype.
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import Checkpoint, GlobalWeights, LayerWeights
+from .checkpoint import Checkpoint, LayerWeights
 from .config import ModelConfig
 from .sharding import Shard
 
@@ -50,34 +51,42 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim
     return torch.cat([rot, rest], dim=-1)
 
 
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
 class Embed(nn.Module):
+    """Token ids [T] -> the first layer's (residual, delta): the embeddings and zeros."""
+
     def __init__(self, table: torch.Tensor):
         super().__init__()
-        self.table = nn.Parameter(table, requires_grad=False)
+        self.table = _frozen(table)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] int64 -> [T, H]
-        return self.table[ids]
+    def forward(self, ids: torch.Tensor):
+        h = self.table.index_select(0, ids)
+        return h, torch.zeros_like(h)
 
 
 class AttnIn(nn.Module):
     """Residual add, input RMSNorm, this rank's q/k/v, and the per-token sums of squares of q and k
-    that the full-width QK norm needs from every rank."""
+    that the full-width QK norm needs from every rank. v goes to the attention as [T, kv_heads, hd]."""
 
     def __init__(self, w: LayerWeights, cfg: ModelConfig):
         super().__init__()
-        self.eps = cfg.rms_norm_eps
-        self.norm = nn.Parameter(w.input_norm, requires_grad=False)
-        self.q_proj = nn.Parameter(w.q_proj, requires_grad=False)
-        self.k_proj = nn.Parameter(w.k_proj, requires_grad=False)
-        self.v_proj = nn.Parameter(w.v_proj, requires_grad=False)
+        self.eps, self.head_dim = cfg.rms_norm_eps, cfg.head_dim
+        self.norm = _frozen(w.input_norm)
+        # F.linear traces to Gemm(transB=1) on the stored [out, in] weight: no transposed copy.
+        self.wq = _frozen(w.q_proj)
+        self.wk = _frozen(w.k_proj)
+        self.wv = _frozen(w.v_proj)
 
     def forward(self, residual: torch.Tensor, delta: torch.Tensor):
         h = residual + delta
         x = rms_norm(h, self.norm, self.eps)
-        q, k, v = x @ self.q_proj.T, x @ self.k_proj.T, x @ self.v_proj.T
+        q, k, v = F.linear(x, self.wq), F.linear(x, self.wk), F.linear(x, self.wv)
         q_ssq = q.float().pow(2).sum(-1, keepdim=True)
         k_ssq = k.float().pow(2).sum(-1, keepdim=True)
-        return h, q, k, v, q_ssq, k_ssq
+        return h, q, k, v.reshape(v.shape[0], -1, self.head_dim), q_ssq, k_ssq
 
 
 class QkRope(nn.Module):
@@ -88,8 +97,8 @@ class QkRope(nn.Module):
         super().__init__()
         self.eps, self.hd, self.rotary_dim = cfg.rms_norm_eps, cfg.head_dim, cfg.rotary_dim
         self.q_width, self.k_width = float(cfg.q_size), float(cfg.kv_size)
-        self.q_norm = nn.Parameter(w.q_norm, requires_grad=False)
-        self.k_norm = nn.Parameter(w.k_norm, requires_grad=False)
+        self.q_norm = _frozen(w.q_norm)
+        self.k_norm = _frozen(w.k_norm)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def forward(self, q, k, q_ssq, k_ssq, positions):
@@ -107,10 +116,10 @@ class QkRope(nn.Module):
 class OProj(nn.Module):
     def __init__(self, w: LayerWeights):
         super().__init__()
-        self.o_proj = nn.Parameter(w.o_proj, requires_grad=False)
+        self.wo = _frozen(w.o_proj)
 
     def forward(self, attn: torch.Tensor) -> torch.Tensor:  # [T, heads_local * hd] -> [T, H]
-        return attn @ self.o_proj.T
+        return F.linear(attn, self.wo)
 
 
 class Moe(nn.Module):
@@ -129,15 +138,15 @@ class Moe(nn.Module):
             raise ValueError(f"MoE form {form!r} is not one of {MOE_FORMS}")
         self.form, self.eps, self.top_k = form, cfg.rms_norm_eps, cfg.top_k
         self.num_experts, self.expert_offset = cfg.num_experts, w.expert_offset
-        self.norm = nn.Parameter(w.post_norm, requires_grad=False)
-        self.gate = nn.Parameter(w.gate.float(), requires_grad=False)
-        self.bias = nn.Parameter(w.bias.float(), requires_grad=False)
-        self.w13 = nn.Parameter(w.w13, requires_grad=False)
-        self.w2 = nn.Parameter(w.w2, requires_grad=False)
+        self.norm = _frozen(w.post_norm)
+        self.gate = _frozen(w.gate.float())  # [E, H]
+        self.bias = _frozen(w.bias.float())
+        self.w13 = _frozen(w.w13)
+        self.w2 = _frozen(w.w2)
 
     def route(self, x: torch.Tensor):
         """Top-k expert ids [T, k] (global) and their renormalized float32 weights [T, k]."""
-        scores = torch.sigmoid(x.float() @ self.gate.T)
+        scores = torch.sigmoid(F.linear(x.float(), self.gate))
         _, idx = torch.topk(scores + self.bias, self.top_k, dim=-1, sorted=True)
         weights = torch.gather(scores, 1, idx)
         return idx, weights / weights.sum(-1, keepdim=True)
@@ -153,31 +162,59 @@ class Moe(nn.Module):
                 mine = (local >= 0) & (local < n_local)
                 weights = weights * mine.float()
                 local = torch.where(mine, local, torch.zeros_like(local))
-            w13 = self.w13[local]                                   # [T, k, 2I, H]
+            flat = local.reshape(-1)  # a plain Gather on axis 0 of the stacked experts
+            w13 = self.w13.index_select(0, flat).reshape(*local.shape, *self.w13.shape[1:])  # [T, k, 2I, H]
             y = (w13 @ x[:, None, :, None]).squeeze(-1)             # [T, k, 2I]
             a = F.silu(y[..., :inter]) * y[..., inter:]
-            o = (self.w2[local] @ a[..., None]).squeeze(-1)         # [T, k, H]
+            w2 = self.w2.index_select(0, flat).reshape(*local.shape, *self.w2.shape[1:])      # [T, k, H, I]
+            o = (w2 @ a[..., None]).squeeze(-1)                     # [T, k, H]
             out = (o.float() * weights[..., None]).sum(1)
         else:
+            # Token-last layout keeps every MatMul on the stored weights (no transposed copies) and
+            # avoids Einsum, which ONNX does not define for BF16.
             experts = torch.arange(self.expert_offset, self.expert_offset + n_local, device=idx.device)
             onehot = (idx[..., None] == experts).float()            # [T, k, E_local]
             combine = (onehot * weights[..., None]).sum(1)          # [T, E_local]
-            y = torch.einsum("th,eih->eti", x, self.w13)            # [E, T, 2I]
-            a = F.silu(y[..., :inter]) * y[..., inter:]
-            o = torch.einsum("eti,ehi->eth", a, self.w2)            # [E, T, H]
-            out = torch.einsum("te,eth->th", combine, o.float())
+            y = self.w13 @ x.T[None]                                # [E, 2I, T]
+            a = F.silu(y[:, :inter]) * y[:, inter:]                 # [E, I, T]
+            o = self.w2 @ a                                         # [E, H, T]
+            out = (o.float() * combine.T[:, None, :]).sum(0).T      # [T, H]
         return h, out.to(h.dtype)
 
 
 class Head(nn.Module):
-    def __init__(self, g: GlobalWeights, cfg: ModelConfig):
+    def __init__(self, norm: torch.Tensor, lm_head: torch.Tensor, cfg: ModelConfig):
         super().__init__()
         self.eps = cfg.rms_norm_eps
-        self.norm = nn.Parameter(g.norm, requires_grad=False)
-        self.lm_head = nn.Parameter(g.lm_head, requires_grad=False)
+        self.norm = _frozen(norm)
+        self.lm_head = _frozen(lm_head)
 
-    def forward(self, h_mid: torch.Tensor, moe_out: torch.Tensor) -> torch.Tensor:  # -> [T, V] float32
-        return (rms_norm(h_mid + moe_out, self.norm, self.eps) @ self.lm_head.T).float()
+    def forward(self, residual: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:  # -> [T, V] float32
+        return F.linear(rms_norm(residual + delta, self.norm, self.eps), self.lm_head).float()
+
+
+class AttnBlock(nn.Module):
+    """TP=1: AttnIn and QkRope in one graph (no all-reduce between them)."""
+
+    def __init__(self, w: LayerWeights, cfg: ModelConfig):
+        super().__init__()
+        self.attn_in, self.qk_rope = AttnIn(w, cfg), QkRope(w, cfg)
+
+    def forward(self, residual, delta, positions):
+        h, q, k, v, q_ssq, k_ssq = self.attn_in(residual, delta)
+        q, k = self.qk_rope(q, k, q_ssq, k_ssq, positions)
+        return h, q, k, v
+
+
+class PostBlock(nn.Module):
+    """TP=1: OProj and Moe in one graph."""
+
+    def __init__(self, w: LayerWeights, cfg: ModelConfig, form: str):
+        super().__init__()
+        self.o_proj, self.moe = OProj(w), Moe(w, cfg, form)
+
+    def forward(self, h, attn):
+        return self.moe(h, self.o_proj(attn))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
@@ -211,7 +248,7 @@ class Model:
         shards = [Shard(tp, r, expert_split) for r in range(tp)]
         shards[0].check(cfg)
         g = ckpt.globals(dtype)
-        self.embed, self.head = Embed(g.embed), Head(g, cfg)
+        self.embed, self.head = Embed(g.embed), Head(g.norm, g.lm_head, cfg)
         layers = range(cfg.num_hidden_layers)
         if progress:
             from tqdm import tqdm
@@ -223,8 +260,7 @@ class Model:
         """Logits [T, V] for packed sequences `ids` [T] (one sequence if seq_lens is None)."""
         seq_lens = seq_lens or [ids.numel()]
         positions = torch.cat([torch.arange(n) for n in seq_lens])
-        residual = self.embed(ids)
-        delta = torch.zeros_like(residual)
+        residual, delta = self.embed(ids)
         for ranks in self.layers:
             outs = [r.attn_in(residual, delta) for r in ranks]
             h = outs[0][0]
@@ -233,7 +269,6 @@ class Model:
             attn_out = 0
             for r, (_, q, k, v, _, _) in zip(ranks, outs):
                 q, k = r.qk_rope(q, k, q_ssq, k_ssq, positions)
-                v = v.reshape(v.shape[0], -1, self.cfg.head_dim)
                 attn_out = attn_out + r.o_proj(causal_attention(q, k, v, seq_lens))  # all-reduce
             moe = [r.moe(h, attn_out) for r in ranks]
             residual, delta = moe[0][0], sum(m[1] for m in moe)  # all-reduce

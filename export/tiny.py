@@ -84,9 +84,15 @@ PRESETS = {
                     num_experts_per_tok=4, n_regular_tokens=896, vocab_size=960),
     # Every dimension is either a multiple of 128 or below it, the case transformers' own FP8
     # loader handles (it infers the block size from the scale grid).
-    "alt": ToySpec(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                   num_key_value_heads=1, head_dim=64, rotary_dim=32, num_local_experts=8,
+    "alt": ToySpec(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=8,
+                   num_key_value_heads=2, head_dim=64, rotary_dim=32, num_local_experts=8,
                    num_experts_per_tok=2, n_regular_tokens=448, vocab_size=512),
+    # MiniMax-M2.5's true widths (hidden 3072, 48/8 heads of 128, 256 experts of 1536, top-8,
+    # vocabulary 200064) with one layer by default: for export and GPU benchmarks, not for CI.
+    "real": ToySpec(num_hidden_layers=1, hidden_size=3072, intermediate_size=1536, num_attention_heads=48,
+                    num_key_value_heads=8, head_dim=128, rotary_dim=64, num_local_experts=256,
+                    num_experts_per_tok=8, n_regular_tokens=2000, vocab_size=200064, num_mtp_modules=0,
+                    max_position_embeddings=196608),
 }
 
 
@@ -144,33 +150,80 @@ class _Weights:
     def norm(self, n: int) -> torch.Tensor:
         return (1.0 + 0.1 * self.randn(n)).to(torch.bfloat16)
 
-    def quantized(self, out: dict, name: str, rows: int, cols: int) -> None:
+    def quantized(self, name: str, rows: int, cols: int):
         gr, gc = fp8.scale_grid(rows, cols, BLOCK)
         block_gain = torch.exp(0.5 * self.randn(gr, gc))
         gain = block_gain.repeat_interleave(BLOCK[0], 0)[:rows].repeat_interleave(BLOCK[1], 1)[:, :cols]
         w = self.randn(rows, cols) * gain / cols ** 0.5
-        out[name + ".weight"], out[name + ".weight_scale_inv"] = fp8.quantize(w, BLOCK)
+        q, scale_inv = fp8.quantize(w, BLOCK)
+        yield name + ".weight", q
+        yield name + ".weight_scale_inv", scale_inv
+
+    def bf16(self, rows: int, cols: int, std: float, chunk: int = 8192) -> torch.Tensor:
+        """A large BF16 matrix, generated a few thousand rows at a time to bound memory."""
+        out = torch.empty(rows, cols, dtype=torch.bfloat16)
+        for r in range(0, rows, chunk):
+            out[r:r + chunk] = (std * self.randn(min(chunk, rows - r), cols)).to(torch.bfloat16)
+        return out
 
 
-def _layer_tensors(w: _Weights, spec: ToySpec, n: int) -> dict[str, torch.Tensor]:
+def _layer_tensors(w: _Weights, spec: ToySpec, n: int):
+    """(name, tensor) pairs of one decoder layer, generated one tensor at a time."""
     H, I, E = spec.hidden_size, spec.intermediate_size, spec.num_local_experts
     q, kv = spec.num_attention_heads * spec.head_dim, spec.num_key_value_heads * spec.head_dim
-    p, t = f"model.layers.{n}.", {}
-    t[p + "input_layernorm.weight"] = w.norm(H)
-    t[p + "post_attention_layernorm.weight"] = w.norm(H)
-    w.quantized(t, p + "self_attn.q_proj", q, H)
-    w.quantized(t, p + "self_attn.k_proj", kv, H)
-    w.quantized(t, p + "self_attn.v_proj", kv, H)
-    w.quantized(t, p + "self_attn.o_proj", H, q)
-    t[p + "self_attn.q_norm.weight"] = w.norm(q)
-    t[p + "self_attn.k_norm.weight"] = w.norm(kv)
-    t[p + "block_sparse_moe.gate.weight"] = w.randn(E, H) / H ** 0.5
-    t[p + "block_sparse_moe.e_score_correction_bias"] = 0.1 * w.randn(E)
+    p = f"model.layers.{n}."
+    yield p + "input_layernorm.weight", w.norm(H)
+    yield p + "post_attention_layernorm.weight", w.norm(H)
+    yield from w.quantized(p + "self_attn.q_proj", q, H)
+    yield from w.quantized(p + "self_attn.k_proj", kv, H)
+    yield from w.quantized(p + "self_attn.v_proj", kv, H)
+    yield from w.quantized(p + "self_attn.o_proj", H, q)
+    yield p + "self_attn.q_norm.weight", w.norm(q)
+    yield p + "self_attn.k_norm.weight", w.norm(kv)
+    yield p + "block_sparse_moe.gate.weight", w.randn(E, H) / H ** 0.5
+    yield p + "block_sparse_moe.e_score_correction_bias", 0.1 * w.randn(E)
     for e in range(E):
-        w.quantized(t, p + f"block_sparse_moe.experts.{e}.w1", I, H)
-        w.quantized(t, p + f"block_sparse_moe.experts.{e}.w3", I, H)
-        w.quantized(t, p + f"block_sparse_moe.experts.{e}.w2", H, I)
-    return t
+        yield from w.quantized(p + f"block_sparse_moe.experts.{e}.w1", I, H)
+        yield from w.quantized(p + f"block_sparse_moe.experts.{e}.w3", I, H)
+        yield from w.quantized(p + f"block_sparse_moe.experts.{e}.w2", H, I)
+
+
+class _ShardWriter:
+    """Writes tensors into numbered shards of at most `limit` bytes, then names them -of-N and
+    writes the index, as the published checkpoint is laid out."""
+
+    def __init__(self, d: Path, limit: int = 2 << 30):
+        self.d, self.limit = d, limit
+        self.files: list[Path] = []
+        self.current: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.where: dict[str, int] = {}
+        self.total = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.current and self.size + nbytes > self.limit:
+            self.flush()
+        self.current[name] = t.contiguous()
+        self.where[name] = len(self.files)
+        self.size += nbytes
+        self.total += nbytes
+
+    def flush(self) -> None:
+        if self.current:
+            path = self.d / f"shard-{len(self.files):05d}.tmp"
+            save_file(self.current, str(path), metadata={"format": "pt"})
+            self.files.append(path)
+            self.current, self.size = {}, 0
+
+    def close(self) -> None:
+        self.flush()
+        names = [f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors" for i in range(len(self.files))]
+        for f, n in zip(self.files, names):
+            f.rename(self.d / n)
+        weight_map = {k: names[i] for k, i in sorted(self.where.items())}
+        (self.d / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2))
 
 
 def _corpus(seed: int, words: int = 30000) -> list[str]:
@@ -238,25 +291,21 @@ def write_checkpoint(out: str | Path, spec: ToySpec = PRESETS["tiny"], seed: int
 def _write(d: Path, spec: ToySpec, seed: int) -> None:
     w = _Weights(seed)
     H, V = spec.hidden_size, spec.vocab_size
-    shards: list[dict[str, torch.Tensor]] = [{"model.embed_tokens.weight": w.randn(V, H).to(torch.bfloat16)}]
-    shards += [_layer_tensors(w, spec, n) for n in range(spec.num_hidden_layers)]
-    last = {"model.norm.weight": w.norm(H),
-            "lm_head.weight": (3.0 * w.randn(V, H) / H ** 0.5).to(torch.bfloat16)}
+    shards = _ShardWriter(d)
+    shards.add("model.embed_tokens.weight", w.bf16(V, H, 1.0))
+    for n in range(spec.num_hidden_layers):  # each layer starts a shard, as in the published files
+        shards.flush()
+        for name, t in _layer_tensors(w, spec, n):
+            shards.add(name, t)
+    shards.flush()
+    shards.add("model.norm.weight", w.norm(H))
+    shards.add("lm_head.weight", w.bf16(V, H, 3.0 / H ** 0.5))
     for m in range(spec.num_mtp_modules):  # stand-ins for the speculative heads, which readers skip
         p = f"model.layers.{spec.num_hidden_layers + m}."
-        last[p + "enorm.weight"] = w.norm(H)
-        w.quantized(last, p + "self_attn.q_proj", spec.num_attention_heads * spec.head_dim, H)
-    shards.append(last)
-
-    weight_map, total = {}, 0
-    for i, tensors in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / fname), metadata={"format": "pt"})
-        for k, v in tensors.items():
-            weight_map[k] = fname
-            total += v.numel() * v.element_size()
-    (d / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        shards.add(p + "enorm.weight", w.norm(H))
+        for name, t in w.quantized(p + "self_attn.q_proj", spec.num_attention_heads * spec.head_dim, H):
+            shards.add(name, t)
+    shards.close()
 
     cfg = hf_config(spec)
     (d / "config.json").write_text(json.dumps(cfg, indent=2))

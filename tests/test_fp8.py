@@ -7,7 +7,7 @@ from export import fp8
 from tests.reference import dequant_reference, read_fp8_numpy
 
 
-@pytest.mark.parametrize("rows,cols", [(128, 128), (192, 256), (300, 130), (5, 7), (256, 192)])
+@pytest.mark.parametrize("rows,cols", [(128, 128), (256, 384), (192, 256), (300, 130), (5, 7), (256, 192)])
 def test_dequantize_matches_block_loop(rows, cols):
     g = torch.Generator().manual_seed(rows * 1000 + cols)
     w = torch.randn(rows, cols, generator=g) * torch.exp(torch.randn(rows, 1, generator=g))
@@ -27,7 +27,7 @@ def test_dequantize_matches_block_loop(rows, cols):
     assert (err <= bound).all()
 
 
-@pytest.mark.parametrize("r0,r1,c0,c1", [(0, 64, 0, 300), (100, 200, 3, 259), (128, 300, 128, 130), (299, 300, 0, 1)])
+@pytest.mark.parametrize("r0,r1,c0,c1", [(0, 64, 0, 300), (100, 200, 3, 259), (128, 300, 128, 130), (299, 300, 0, 1), (128, 256, 0, 256)])
 def test_dequantize_slice_with_offset(r0, r1, c0, c1):
     """A rank's slice, dequantized from the scale blocks that cover it, equals the same slice of the
     whole dequantized weight, even where the slice starts inside a block."""

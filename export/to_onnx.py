@@ -1,0 +1,242 @@
+"""Export a MiniMax-M2 checkpoint to per-layer ONNX subgraphs for every tensor-parallel rank.
+
+    python -m export.to_onnx CHECKPOINT [--tp 8] [--out build/<model>/onnx]
+
+writes <out>/tp<N>/rank<r>/<subgraph>.onnx (BF16, what TensorRT builds) with its weights as
+external data, an FP32 twin <subgraph>.fp32.onnx (what ONNX Runtime runs on CPU), and
+<out>/tp<N>/manifest.json. One layer-rank of weights is in memory at a time. Each layer-rank is
+written to a temporary folder, checked (onnx.checker with shape inference, TensorRT op support),
+moved into place, and only then stamped; the manifest is removed when an export starts and written
+last. So an interrupted export leaves nothing a later run trusts, and a rerun redoes only what has
+no valid stamp.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from . import surgery
+from .checkpoint import Checkpoint, CheckpointError
+from .config import ConfigError
+from .manifest import FORMAT_VERSION, MANIFEST, sha256_file, write_json_atomic
+from .model import AttnBlock, AttnIn, Embed, Head, Moe, OProj, PostBlock, QkRope
+from .plan import ExportPlan, SubgraphSpec, default_crossover, make_plan
+from .sharding import EXPERT_SPLITS, Shard, ShardingError
+from .trt_support import check_model
+
+DTYPE = torch.bfloat16
+DEFAULT_MAX_TOKENS = 8192  # largest token count per step the engines' profiles must cover
+
+
+class ExportError(RuntimeError):
+    """A traced graph failed a check."""
+
+
+def unit_of(spec: SubgraphSpec) -> str:
+    """Subgraphs that are exported from one read of weights: a layer, the embedding, the head."""
+    return f"layers.{spec.layer}" if spec.layer is not None else spec.name
+
+
+def _code_hash() -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def _tensor_prefixes(unit: str) -> tuple[str, ...]:
+    if unit == "embed":
+        return ("model.embed_tokens.",)
+    if unit == "head":
+        return ("model.norm.", "lm_head.")
+    return (f"model.{unit}.",)
+
+
+def unit_key(ckpt: Checkpoint, plan: ExportPlan, unit: str, rank: int, twins: bool, code: str) -> str:
+    """Everything the unit's files depend on: code, settings, and the shards its tensors live in."""
+    shards = sorted({ckpt.weight_map[n] for n in ckpt.specs if n.startswith(_tensor_prefixes(unit))})
+    stats = [(s, (ckpt.dir / s).stat().st_size, (ckpt.dir / s).stat().st_mtime_ns) for s in shards]
+    blob = json.dumps([FORMAT_VERSION, code, plan.cfg.to_dict(), plan.tp, plan.expert_split, rank, unit, twins,
+                       surgery.OPSET, stats])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def build_modules(ckpt: Checkpoint, plan: ExportPlan, unit: str, rank: int, specs: list[SubgraphSpec]):
+    cfg, all_ = plan.cfg, (slice(None),)
+    if unit == "embed":
+        t = ckpt.read({"model.embed_tokens.weight": all_})
+        return {specs[0].name: Embed(t["model.embed_tokens.weight"].to(DTYPE))}
+    if unit == "head":
+        t = ckpt.read({"model.norm.weight": all_, "lm_head.weight": all_})
+        return {specs[0].name: Head(t["model.norm.weight"].to(DTYPE), t["lm_head.weight"].to(DTYPE), cfg)}
+    w = ckpt.layer(specs[0].layer, DTYPE, Shard(plan.tp, rank, plan.expert_split))
+    make = {"attn": lambda s: AttnBlock(w, cfg), "attn_in": lambda s: AttnIn(w, cfg),
+            "qk_rope": lambda s: QkRope(w, cfg), "o_proj": lambda s: OProj(w),
+            "moe": lambda s: Moe(w, cfg, s.form), "post": lambda s: PostBlock(w, cfg, s.form)}
+    return {s.name: make[s.piece](s) for s in specs}
+
+
+def export_unit(ckpt: Checkpoint, plan: ExportPlan, unit: str, rank: int, specs: list[SubgraphSpec],
+                rank_dir: Path, twins: bool, traces: dict) -> dict[str, dict]:
+    """Write one unit's graphs into a fresh temporary folder, check them, then move them into place.
+    Returns {subgraph: {"bf16": {"onnx", "weights"}, "fp32": {...}}} with paths relative to rank_dir."""
+    tmp = rank_dir / f".tmp-{unit}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    modules = build_modules(ckpt, plan, unit, rank, specs)
+    files: dict[str, dict] = defaultdict(dict)
+    by_group: dict[str, list[SubgraphSpec]] = defaultdict(list)
+    for s in specs:
+        by_group[s.weights_group].append(s)
+    for group, group_specs in by_group.items():
+        weights = surgery.WeightsFile(tmp / f"{group}.weights")
+        protos = {}
+        for s in group_specs:
+            module = modules.pop(s.name)
+            # Graphs differ between layers only in their weights; between ranks also in the expert
+            # offset (a constant) under expert parallelism.
+            key = (s.piece, s.form, getattr(getattr(module, "moe", module), "expert_offset", 0))
+            if key not in traces:
+                traces[key] = surgery.trace(module, s, plan.cfg)
+            protos[s.name] = surgery.tidy(surgery.to_proto(traces[key], module, weights), s)
+        weights.close()
+        twin_weights = surgery.WeightsFile(tmp / f"{group}.fp32.weights") if twins else None
+        for name, proto in protos.items():
+            problems = check_model(proto)
+            if problems:
+                raise ExportError(f"{name} (rank {rank}) is outside TensorRT's ONNX support:\n  " + "\n  ".join(problems))
+            surgery.save(proto, tmp / f"{name}.onnx")
+            files[name]["bf16"] = {"onnx": f"{name}.onnx", "weights": weights.path.name}
+            if twins:
+                surgery.save(surgery.fp32_twin(proto, tmp, twin_weights), tmp / f"{name}.fp32.onnx")
+                files[name]["fp32"] = {"onnx": f"{name}.fp32.onnx", "weights": twin_weights.path.name}
+        if twins:
+            twin_weights.close()
+    for f in tmp.iterdir():  # weights first, graphs after: a graph never points at missing weights
+        if f.suffix == ".weights":
+            os.replace(f, rank_dir / f.name)
+    for f in tmp.iterdir():
+        os.replace(f, rank_dir / f.name)
+    tmp.rmdir()
+    return dict(files)
+
+
+def export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1, expert_split: str = "intermediate",
+           twins: bool = True, moe_crossover: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
+           progress: bool = True) -> Path:
+    """Export (or bring up to date) and return the manifest's path."""
+    ckpt = Checkpoint(checkpoint)  # validates every tensor before any work
+    plan = make_plan(ckpt.config, tp, expert_split)  # a TP that does not divide fails here
+    crossover = moe_crossover if moe_crossover is not None else default_crossover(ckpt.config)
+    if crossover < 1 or max_tokens < 1:
+        raise ValueError("--moe-crossover and --max-tokens must be at least 1")
+    out = Path(out) if out else Path("build") / ckpt.dir.name / "onnx"
+    root = out / f"tp{tp}"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MANIFEST).unlink(missing_ok=True)  # from here on, nothing in root is trusted until the end
+    code = _code_hash()
+    units: dict[tuple[str, int], list[SubgraphSpec]] = defaultdict(list)
+    for s in plan.subgraphs:
+        for r in s.ranks:
+            units[(unit_of(s), r)].append(s)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(units), desc=f"export tp{tp}", unit="layer-rank")
+    stamps, timings, traces = {}, [], {}
+    for (unit, rank), specs in units.items():
+        rank_dir = root / f"rank{rank}"
+        rank_dir.mkdir(exist_ok=True)
+        stamp_path = rank_dir / ".stamps" / f"{unit}.json"
+        key = unit_key(ckpt, plan, unit, rank, twins, code)
+        stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else None
+        if not (stamp and stamp["key"] == key and all(
+                (rank_dir / f).is_file() and (rank_dir / f).stat().st_size == m["bytes"]
+                for f, m in stamp["files"].items())):
+            if bar:
+                bar.set_postfix_str(f"{unit} rank {rank}")
+            t0 = time.perf_counter()
+            graphs = export_unit(ckpt, plan, unit, rank, specs, rank_dir, twins, traces)
+            rels = {p for g in graphs.values() for kind in g.values() for p in kind.values()}
+            stamp = {"key": key, "graphs": graphs, "seconds": round(time.perf_counter() - t0, 3),
+                     "files": {f: {"bytes": (rank_dir / f).stat().st_size, "sha256": sha256_file(rank_dir / f)}
+                               for f in sorted(rels)}}
+            write_json_atomic(stamp_path, stamp)
+            timings.append((unit, rank, stamp["seconds"]))
+        stamps[(unit, rank)] = stamp
+        if bar:
+            bar.update()
+    if bar:
+        bar.close()
+
+    subgraphs, files = {}, {}
+    for s in plan.subgraphs:
+        entry = s.to_dict()
+        entry["files"] = {}
+        for r in s.ranks:
+            stamp = stamps[(unit_of(s), r)]
+            entry["files"][str(r)] = {kind: {k: f"rank{r}/{v}" for k, v in paths.items()}
+                                      for kind, paths in stamp["graphs"][s.name].items()}
+            files.update({f"rank{r}/{f}": m for f, m in stamp["files"].items()})
+        subgraphs[s.name] = entry
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "producer": "minimax-m2-trt export.to_onnx",
+        "checkpoint": str(ckpt.dir.resolve()),
+        "model": plan.cfg.to_dict(),
+        "tp": tp,
+        "expert_split": expert_split,
+        "opset": surgery.OPSET,
+        "dtype": "bfloat16",
+        "fp32_twins": twins,
+        "moe_crossover_tokens": crossover,
+        "max_tokens": max_tokens,
+        "steps": plan.steps,
+        "subgraphs": subgraphs,
+        "files": dict(sorted(files.items())),
+        "exported": [{"unit": u, "rank": r, "seconds": s} for u, r, s in timings],
+    }
+    write_json_atomic(root / MANIFEST, manifest)
+    return root / MANIFEST
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m export.to_onnx", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="MiniMax-M2 FP8 checkpoint directory")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (must divide heads, KV heads, experts)")
+    ap.add_argument("--out", help="output folder (default build/<checkpoint name>/onnx)")
+    ap.add_argument("--expert-split", choices=EXPERT_SPLITS, default="intermediate",
+                    help="split every expert's intermediate dim across ranks, or give each rank whole experts")
+    ap.add_argument("--no-fp32-twins", action="store_true",
+                    help="skip the FP32 twins (ONNX Runtime on CPU); the full model's twins take ~900 GB")
+    ap.add_argument("--moe-crossover", type=int,
+                    help="largest token count that runs the gather MoE form (default: experts / top-k)")
+    ap.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                    help=f"largest tokens per step the engines must take (default {DEFAULT_MAX_TOKENS})")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        path = export(a.checkpoint, a.out, a.tp, a.expert_split, not a.no_fp32_twins, a.moe_crossover,
+                      a.max_tokens, progress=not a.quiet)
+    except (CheckpointError, ConfigError, ShardingError, ExportError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"wrote {path} in {time.perf_counter() - t0:.1f} s (peak RSS {peak:.2f} GiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""ONNX export: every subgraph against its PyTorch piece, the chained subgraphs against transformers,
+the BF16 graphs themselves, the manifest, and resumable, trustworthy output.
+
+Tolerances:
+- FP32 twins vs the PyTorch pieces in float32 with the same (BF16-valued) weights, and the chained
+  twins vs transformers in float32 with those weights: atol 1e-4, as in test_model_vs_transformers
+  (same numbers, only the order of float32 sums differs).
+- BF16 graphs on onnx.reference vs the PyTorch pieces in BF16: both round every op to BF16 but may
+  accumulate matmuls in different orders, so a few BF16 ulps: rtol 2^-6 with an atol of 2^-6 of the
+  output's largest magnitude.
+"""
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import cache
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx.reference import ReferenceEvaluator
+
+from export.checkpoint import Checkpoint
+from export.manifest import Manifest, ManifestError
+from export.model import AttnBlock, AttnIn, Embed, Head, Moe, OProj, PostBlock, QkRope
+from export.sharding import Shard, ShardingError
+from export.to_onnx import export
+from export.trt_support import check_model
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+F32_ATOL = 1e-4
+EXPORTS = [("tiny", 1), ("tiny", 2), ("alt", 1), ("alt", 2)]
+
+
+@pytest.fixture(scope="session")
+def exported(checkpoints, tmp_path_factory):
+    """exported(name, tp) -> Manifest, exported once per session."""
+    root = tmp_path_factory.mktemp("onnx")
+
+    @cache
+    def get(name: str, tp: int) -> Manifest:
+        return Manifest.load(export(checkpoints[name], root / name, tp=tp, progress=False))
+
+    return get
+
+
+def torch_piece(ckpt: Checkpoint, sg: dict, rank: int, tp: int, dtype: torch.dtype):
+    cfg = ckpt.config
+    if sg["piece"] == "embed":
+        return Embed(ckpt.globals(torch.bfloat16).embed).to(dtype)
+    if sg["piece"] == "head":
+        g = ckpt.globals(torch.bfloat16)
+        return Head(g.norm, g.lm_head, cfg).to(dtype)
+    w = ckpt.layer(sg["layer"], torch.bfloat16, Shard(tp, rank))
+    make = {"attn": lambda: AttnBlock(w, cfg), "attn_in": lambda: AttnIn(w, cfg), "qk_rope": lambda: QkRope(w, cfg),
+            "o_proj": lambda: OProj(w), "moe": lambda: Moe(w, cfg, sg["form"]),
+            "post": lambda: PostBlock(w, cfg, sg["form"])}
+    m = make[sg["piece"]]()
+    # float32 pieces hold the same BF16-valued weights as the graphs; the router stays float32 in both.
+    return m.float() if dtype == torch.float32 else m
+
+
+def random_inputs(sg: dict, cfg, T: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for t in sg["inputs"]:
+        shape = [T if d == "T" else d for d in t["shape"]]
+        if t["dtype"] == "int64":
+            out[t["name"]] = torch.randint(0, cfg.vocab_size if t["name"] == "ids" else 64, shape, generator=g)
+        elif t["name"].endswith("_ssq"):  # sums of squares: positive, of the size the norm expects
+            out[t["name"]] = torch.rand(shape, generator=g) * 100 + 1
+        else:
+            out[t["name"]] = torch.randn(shape, generator=g)
+    return out
+
+
+def to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return t.float().numpy().astype(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+@pytest.mark.parametrize("name,tp", EXPORTS)
+def test_fp32_twins_match_pytorch_pieces(name, tp, exported, checkpoints):
+    man = exported(name, tp)
+    ckpt = Checkpoint(checkpoints[name])
+    for sg_name, sg in man.subgraphs.items():
+        for rank in sg["ranks"]:
+            piece = torch_piece(ckpt, sg, rank, tp, torch.float32)
+            inputs = random_inputs(sg, ckpt.config, T=5, seed=rank)
+            with torch.no_grad():
+                want = piece(*inputs.values())
+            want = want if isinstance(want, tuple) else (want,)
+            sess = ort.InferenceSession(str(man.path(sg_name, rank, "fp32")), providers=["CPUExecutionProvider"])
+            got = sess.run(None, {k: v.numpy() for k, v in inputs.items()})
+            assert [o.name for o in sess.get_outputs()] == [t["name"] for t in sg["outputs"]]
+            for g, w, spec in zip(got, want, sg["outputs"]):
+                assert list(g.shape) == [5 if d == "T" else d for d in spec["shape"]], (sg_name, spec)
+                np.testing.assert_allclose(g, w.float().numpy(), atol=F32_ATOL, rtol=1e-5,
+                                           err_msg=f"{sg_name} rank {rank} {spec['name']}")
+
+
+def attention_np(q, k, v, scale):
+    """Causal GQA attention for one sequence, written for the test: q [T, Hq, d], k/v [T, Hkv, d]."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+    s = np.einsum("qhd,khd->hqk", q.astype(np.float64), k.astype(np.float64)) * scale
+    s = np.where(np.tril(np.ones(s.shape[1:], bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("hqk,khd->qhd", p, v.astype(np.float64)).reshape(q.shape[0], -1).astype(np.float32)
+
+
+def run_chain(man: Manifest, ids: list[int], form: str) -> np.ndarray:
+    """Execute the manifest's steps with the FP32 twins: ranks' all-reduces as sums, attention as above."""
+    tp = man.tp
+    envs = [{"ids": np.array(ids, np.int64), "positions": np.arange(len(ids), dtype=np.int64)} for _ in range(tp)]
+    for step in man.steps:
+        if step["op"] == "subgraph":
+            name = step["variants"][form] if "variants" in step else step["name"]
+            sg = man.subgraphs[name]
+            for r in sg["ranks"]:
+                sess = ort.InferenceSession(str(man.path(name, r, "fp32")), providers=["CPUExecutionProvider"])
+                outs = sess.run(None, {t["name"]: envs[r][t["name"]] for t in sg["inputs"]})
+                envs[r].update(zip([t["name"] for t in sg["outputs"]], outs))
+        elif step["op"] == "broadcast":
+            for env in envs:
+                env.update({t: envs[step["src"]][t] for t in step["tensors"]})
+        elif step["op"] == "all_reduce":
+            for t in step["tensors"]:
+                total = sum(env[t] for env in envs)
+                for env in envs:
+                    env[t] = total
+        elif step["op"] == "attention":
+            for env in envs:
+                env[step["out"]] = attention_np(env[step["q"]], env[step["k"]], env[step["v"]], step["scale"])
+        else:
+            raise AssertionError(f"unknown step {step}")
+    return envs[0]["logits"]
+
+
+@cache
+def _bf16_weight_reference(hf_model, name):
+    """transformers in float32 with the weights the BF16 graphs hold: BF16-rounded, the router gate
+    (and its bias, a buffer) kept float32."""
+    m = copy.deepcopy(hf_model(name))
+    with torch.no_grad():
+        for pname, p in m.named_parameters():
+            if not pname.endswith("mlp.gate.weight"):
+                p.copy_(p.bfloat16().float())
+    return m
+
+
+@pytest.mark.parametrize("name,tp", EXPORTS)
+@pytest.mark.parametrize("form", ["gather", "dense"])
+def test_chained_twins_match_transformers(name, tp, form, exported, hf_model):
+    man = exported(name, tp)
+    ref = _bf16_weight_reference(hf_model, name)
+    g = torch.Generator().manual_seed(tp)
+    for n in (1, 9):
+        ids = torch.randint(0, man.config.vocab_size, (n,), generator=g).tolist()
+        with torch.no_grad():
+            want = ref(torch.tensor([ids])).logits[0].numpy()
+        np.testing.assert_allclose(run_chain(man, ids, form), want, atol=F32_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name,tp,rank,names", [
+    ("tiny", 1, 0, ["embed", "layers.0.attn", "layers.0.post_gather", "layers.0.post_dense", "head"]),
+    ("tiny", 2, 1, ["layers.1.attn_in", "layers.1.qk_rope", "layers.1.o_proj", "layers.1.moe_gather",
+                    "layers.1.moe_dense"]),
+])
+def test_bf16_graphs_on_reference_evaluator(name, tp, rank, names, exported, checkpoints):
+    """The BF16 graphs themselves (what TensorRT parses), run by onnx's reference evaluator."""
+    man = exported(name, tp)
+    ckpt = Checkpoint(checkpoints[name])
+    for sg_name in names:
+        sg = man.subgraphs[sg_name]
+        piece = torch_piece(ckpt, sg, rank, tp, torch.bfloat16)
+        inputs = random_inputs(sg, ckpt.config, T=3, seed=1)
+        typed = {k: (v.bfloat16() if spec["dtype"] == "bfloat16" else v)
+                 for (k, v), spec in zip(inputs.items(), sg["inputs"])}
+        with torch.no_grad():
+            want = piece(*typed.values())
+        want = want if isinstance(want, tuple) else (want,)
+        model = onnx.load(str(man.path(sg_name, rank, "bf16")))  # external data loaded from beside it
+        got = ReferenceEvaluator(model).run(None, {k: to_numpy(v, s["dtype"])
+                                                   for (k, v), s in zip(typed.items(), sg["inputs"])})
+        for g_, w, spec in zip(got, want, sg["outputs"]):
+            assert (g_.dtype == ml_dtypes.bfloat16) == (spec["dtype"] == "bfloat16"), (sg_name, spec)
+            w = w.float().numpy()
+            np.testing.assert_allclose(g_.astype(np.float32), w, rtol=2 ** -6, atol=2 ** -6 * np.abs(w).max(),
+                                       err_msg=f"{sg_name} {spec['name']}")
+
+
+@pytest.mark.parametrize("name,tp", EXPORTS)
+def test_twins_have_the_bf16_structure(name, tp, exported):
+    man = exported(name, tp)
+    for sg_name, sg in man.subgraphs.items():
+        for rank in sg["ranks"]:
+            a = onnx.load(str(man.path(sg_name, rank, "bf16")), load_external_data=False)
+            b = onnx.load(str(man.path(sg_name, rank, "fp32")), load_external_data=False)
+            assert [(n.op_type, list(n.input), list(n.output)) for n in a.graph.node] == \
+                   [(n.op_type, list(n.input), list(n.output)) for n in b.graph.node]
+            for x, y in zip(list(a.graph.input) + list(a.graph.output), list(b.graph.input) + list(b.graph.output)):
+                assert x.name == y.name
+                ex, ey = x.type.tensor_type.elem_type, y.type.tensor_type.elem_type
+                assert ey == (onnx.TensorProto.FLOAT if ex == onnx.TensorProto.BFLOAT16 else ex)
+            assert not check_model(a), sg_name
+            dims = [d.dim_param or d.dim_value for d in a.graph.input[0].type.tensor_type.shape.dim]
+            assert dims[0] == "T"  # the token dimension stays symbolic
+            assert a.opset_import[0].version <= 24
+            assert not {n.op_type for n in a.graph.node} & {"NonZero", "Loop", "If", "Einsum"}
+
+
+def test_manifest_contents(exported):
+    man = exported("tiny", 2)
+    d = man.data
+    assert d["tp"] == 2 and d["model"]["hidden_size"] == 256 and d["fp32_twins"]
+    assert d["moe_crossover_tokens"] == 16 // 4
+    ops = [s["op"] for s in d["steps"]]
+    assert ops.count("attention") == 3 and ops.count("all_reduce") == 3 * 3
+    for s in d["steps"]:
+        for n in ([s["name"]] if s["op"] == "subgraph" and "variants" not in s else s.get("variants", {}).values()):
+            assert n in man.subgraphs
+    assert man.subgraphs["head"]["ranks"] == [0] and man.subgraphs["embed"]["ranks"] == [0]
+    assert ops.count("broadcast") == 1
+    # Both MoE forms of a layer-rank read one weights file: the experts are stored once.
+    g = man.subgraphs["layers.0.moe_gather"]["files"]["1"]["bf16"]["weights"]
+    assert g == man.subgraphs["layers.0.moe_dense"]["files"]["1"]["bf16"]["weights"]
+    man.verify()
+
+
+def test_manifest_detects_changed_files(exported, tmp_path):
+    import shutil
+    src = exported("tiny", 1).root
+    shutil.copytree(src, tmp_path / "tp1")
+    man = Manifest.load(tmp_path / "tp1")
+    f = tmp_path / "tp1" / "rank0" / "layers.1.post.weights"
+    data = bytearray(f.read_bytes())
+    data[5000] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="layers.1.post.weights: content does not match"):
+        man.verify()
+    f.write_bytes(bytes(data[:-10]))
+    with pytest.raises(ManifestError, match="layers.1.post.weights: .*bytes, the manifest says"):
+        man.verify(hashes=False)
+    (tmp_path / "tp1" / "manifest.json").unlink()
+    with pytest.raises(ManifestError, match="no manifest"):
+        Manifest.load(tmp_path / "tp1")
+
+
+def test_rerun_skips_and_is_deterministic(exported, checkpoints, tmp_path):
+    first = exported("alt", 1)
+    again = Manifest.load(export(checkpoints["alt"], first.root.parent, tp=1, progress=False))
+    assert again.data["exported"] == []  # everything was up to date
+    fresh = Manifest.load(export(checkpoints["alt"], tmp_path, tp=1, progress=False))
+    assert fresh.data["files"] == first.data["files"]  # same bytes from a clean export
+
+
+def test_interrupted_export_is_not_trusted_and_resumes(checkpoints, tmp_path, exported):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "export.to_onnx", str(checkpoints["alt"]), "--out", str(out),
+                             "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stamps = out / "tp1" / "rank0" / ".stamps"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(stamps.glob("*.json")):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(stamps.glob("*.json")))
+    assert 1 <= done < 4, "the kill should land mid-export"
+    with pytest.raises(ManifestError):
+        Manifest.load(out / "tp1")
+    man = Manifest.load(export(checkpoints["alt"], out, tp=1, progress=False))
+    assert len(man.data["exported"]) == 4 - done  # only what had no stamp
+    assert man.data["files"] == exported("alt", 1).data["files"]
+    man.verify()
+    assert not list((out / "tp1" / "rank0").glob(".tmp-*"))
+
+
+def test_tp_that_does_not_divide_fails_before_any_work(checkpoints, tmp_path):
+    with pytest.raises(ShardingError, match="TP=3 does not divide"):
+        export(checkpoints["tiny"], tmp_path / "x", tp=3, progress=False)
+    assert not (tmp_path / "x").exists()
+    r = subprocess.run([sys.executable, "-m", "export.to_onnx", str(checkpoints["tiny"]), "--tp", "8",
+                        "--out", str(tmp_path / "y")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "TP=8 does not divide num_key_value_heads=4" in r.stderr
+    assert not (tmp_path / "y").exists()
+
+
+def _graph(nodes, inputs, outputs, inits=(), opset=18):
+    return onnx.helper.make_model(onnx.helper.make_graph(nodes, "g", inputs, outputs, list(inits)),
+                                  opset_imports=[onnx.helper.make_opsetid("", opset)])
+
+
+def _vi(name, elem=onnx.TensorProto.BFLOAT16, shape=("T", 8)):
+    return onnx.helper.make_tensor_value_info(name, elem, list(shape))
+
+
+def test_op_support_check_rejects_what_tensorrt_cannot_build():
+    from onnx import TensorProto, helper, numpy_helper
+    k = numpy_helper.from_array(np.array([2], np.int64), "k")
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    ok = _graph([helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=-1, sorted=1),
+                 helper.make_node("ReduceSum", ["x", "axes"], ["s"], keepdims=1)],
+                [_vi("x")], [_vi("v", shape=("T", 2)), _vi("i", TensorProto.INT64, ("T", 2)), _vi("s", shape=("T", 1))],
+                [k, axes])
+    assert check_model(ok) == []
+    cases = {
+        "NonZero": _graph([helper.make_node("NonZero", ["x"], ["y"], name="nz")], [_vi("x")],
+                          [_vi("y", TensorProto.INT64, (2, "N"))]),
+        "sorted=0": _graph([helper.make_node("TopK", ["x", "k"], ["v", "i"], sorted=0, name="tk")], [_vi("x")],
+                           [_vi("v"), _vi("i", TensorProto.INT64)], [k]),
+        "axes must be an initializer": _graph(
+            [helper.make_node("ReduceSum", ["x", "ax"], ["s"], name="rs")],
+            [_vi("x"), _vi("ax", TensorProto.INT64, (1,))], [_vi("s")]),
+        "K must be a build-time constant": _graph(
+            [helper.make_node("TopK", ["x", "kk"], ["v", "i"], name="tk")],
+            [_vi("x"), _vi("kk", TensorProto.INT64, (1,))], [_vi("v"), _vi("i", TensorProto.INT64)]),
+        "DOUBLE is not a TensorRT type": _graph(
+            [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.DOUBLE, name="c")], [_vi("x")],
+            [_vi("y", TensorProto.DOUBLE)]),
+        "custom domain": _graph([helper.make_node("Marker", ["x"], ["y"], domain="my.ops", name="m")],
+                                [_vi("x")], [_vi("y")]),
+        "outside TensorRT's 9..24": _graph([helper.make_node("Identity", ["x"], ["y"])], [_vi("x")], [_vi("y")],
+                                           opset=25),
+    }
+    for message, model in cases.items():
+        problems = check_model(model)
+        assert any(message in p for p in problems), (message, problems)
+
+
+def test_op_support_cli(exported, tmp_path):
+    man = exported("tiny", 1)
+    ok = subprocess.run([sys.executable, "-m", "export.trt_support", str(man.path("layers.0.post_gather", 0))],
+                        cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0 and ": ok" in ok.stdout
+    bad = tmp_path / "bad.onnx"
+    onnx.save(_graph([onnx.helper.make_node("NonZero", ["x"], ["y"], name="nz")], [_vi("x")],
+                     [_vi("y", onnx.TensorProto.INT64, (2, "N"))]), str(bad))
+    r = subprocess.run([sys.executable, "-m", "export.trt_support", str(bad)], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and "node nz (NonZero)" in r.stdout
