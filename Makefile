@@ -10,10 +10,11 @@ N      ?= 16
 TP     ?= 1
 OUT    ?=
 
-.PHONY: help setup tiny demo generate onnx check-onnx test test-gpu clean
+.PHONY: help setup tiny demo chat generate onnx test test-gpu clean
 
 help:
-	@echo "make demo      set up, write the embedded toy checkpoint, generate from it"
+	@echo "make demo      set up, build the embedded toy model's export, run one chat turn on it"
+	@echo "make chat      interactive chat (MODEL=<export dir>, default the embedded model)"
 	@echo "make test      set up and run the test suite (CPU only)"
 	@echo "make tiny      write the embedded toy MiniMax-M2 checkpoint to $(TINY)"
 	@echo "make generate  MODEL=<checkpoint> IDS=1,5,9 N=16: greedy tokens from the PyTorch model"
@@ -42,8 +43,14 @@ generate: setup
 onnx: setup $(if $(filter $(MODEL),$(TINY)),$(TINY)/config.json)
 	$(BIN)/python -m export.to_onnx $(MODEL) --tp $(TP) $(if $(OUT),--out $(OUT))
 
-demo: tiny
-	$(BIN)/python -m export.generate $(TINY) --ids $(IDS) --max-new-tokens $(N) --ignore-eos
+# One scripted chat turn on the embedded model through the runtime (ONNX Runtime, FP32 twins).
+demo: setup
+	$(MAKE) --no-print-directory onnx MODEL=$(TINY) TP=1
+	@echo "(the embedded model has random weights: its text is noise; the pipeline is what runs)"
+	$(BIN)/python runtime/chat.py --model $(TINY)/onnx/tp1 --prompt "Hello! What is 2 + 3?" --max-tokens 48 --temperature 0
+
+chat: setup
+	$(BIN)/python runtime/chat.py $(if $(filter $(MODEL),$(TINY)),,--model $(MODEL))
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -29,22 +29,18 @@ from . import surgery
 from .checkpoint import Checkpoint, CheckpointError
 from .config import ConfigError
 from .manifest import FORMAT_VERSION, MANIFEST, sha256_file, write_json_atomic
-from .model import AttnBlock, AttnIn, Embed, Head, Moe, OProj, PostBlock, QkRope
+from .pieces import build_modules, unit_of
 from .plan import ExportPlan, SubgraphSpec, default_crossover, make_plan
-from .sharding import EXPERT_SPLITS, Shard, ShardingError
+from .sharding import EXPERT_SPLITS, ShardingError
 from .trt_support import check_model
 
 DTYPE = torch.bfloat16
+TEXT_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json")
 DEFAULT_MAX_TOKENS = 8192  # largest token count per step the engines' profiles must cover
 
 
 class ExportError(RuntimeError):
     """A traced graph failed a check."""
-
-
-def unit_of(spec: SubgraphSpec) -> str:
-    """Subgraphs that are exported from one read of weights: a layer, the embedding, the head."""
-    return f"layers.{spec.layer}" if spec.layer is not None else spec.name
 
 
 def _code_hash() -> str:
@@ -71,21 +67,6 @@ def unit_key(ckpt: Checkpoint, plan: ExportPlan, unit: str, rank: int, twins: bo
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def build_modules(ckpt: Checkpoint, plan: ExportPlan, unit: str, rank: int, specs: list[SubgraphSpec]):
-    cfg, all_ = plan.cfg, (slice(None),)
-    if unit == "embed":
-        t = ckpt.read({"model.embed_tokens.weight": all_})
-        return {specs[0].name: Embed(t["model.embed_tokens.weight"].to(DTYPE))}
-    if unit == "head":
-        t = ckpt.read({"model.norm.weight": all_, "lm_head.weight": all_})
-        return {specs[0].name: Head(t["model.norm.weight"].to(DTYPE), t["lm_head.weight"].to(DTYPE), cfg)}
-    w = ckpt.layer(specs[0].layer, DTYPE, Shard(plan.tp, rank, plan.expert_split))
-    make = {"attn": lambda s: AttnBlock(w, cfg), "attn_in": lambda s: AttnIn(w, cfg),
-            "qk_rope": lambda s: QkRope(w, cfg), "o_proj": lambda s: OProj(w),
-            "moe": lambda s: Moe(w, cfg, s.form), "post": lambda s: PostBlock(w, cfg, s.form)}
-    return {s.name: make[s.piece](s) for s in specs}
-
-
 def export_unit(ckpt: Checkpoint, plan: ExportPlan, unit: str, rank: int, specs: list[SubgraphSpec],
                 rank_dir: Path, twins: bool, traces: dict) -> dict[str, dict]:
     """Write one unit's graphs into a fresh temporary folder, check them, then move them into place.
@@ -93,7 +74,7 @@ def export_unit(ckpt: Checkpoint, plan: ExportPlan, unit: str, rank: int, specs:
     tmp = rank_dir / f".tmp-{unit}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    modules = build_modules(ckpt, plan, unit, rank, specs)
+    modules = build_modules(ckpt, plan, unit, rank, specs, DTYPE)
     files: dict[str, dict] = defaultdict(dict)
     by_group: dict[str, list[SubgraphSpec]] = defaultdict(list)
     for s in specs:
@@ -189,6 +170,14 @@ def export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1, e
                                       for kind, paths in stamp["graphs"][s.name].items()}
             files.update({f"rank{r}/{f}": m for f, m in stamp["files"].items()})
         subgraphs[s.name] = entry
+    # The runtime needs the tokenizer, chat template and sampling defaults, not the checkpoint.
+    text_files = []
+    for name in TEXT_FILES:
+        if (ckpt.dir / name).is_file():
+            tmp = root / f".{name}.tmp"
+            shutil.copyfile(ckpt.dir / name, tmp)
+            os.replace(tmp, root / name)
+            text_files.append(name)
     manifest = {
         "format_version": FORMAT_VERSION,
         "producer": "minimax-m2-trt export.to_onnx",
@@ -199,6 +188,7 @@ def export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1, e
         "opset": surgery.OPSET,
         "dtype": "bfloat16",
         "fp32_twins": twins,
+        "text_files": text_files,
         "moe_crossover_tokens": crossover,
         "max_tokens": max_tokens,
         "steps": plan.steps,

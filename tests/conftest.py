@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from export.manifest import Manifest
 from export.tiny import PRESETS, write_checkpoint
+from export.to_onnx import export
 from tests.reference import load_transformers
 
 # The embedded default, and a second shape that differs in every way the issue names (layers,
@@ -34,5 +36,17 @@ def hf_model(checkpoints, tmp_path_factory):
     @functools.cache
     def get(name: str, dtype: torch.dtype = torch.float32):
         return load_transformers(checkpoints[name], dtype, scratch)
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def exported(checkpoints, tmp_path_factory):
+    """exported(name, tp) -> Manifest of that checkpoint's export, made once per session."""
+    root = tmp_path_factory.mktemp("onnx")
+
+    @functools.cache
+    def get(name: str, tp: int = 1) -> Manifest:
+        return Manifest.load(export(checkpoints[name], root / name, tp=tp, progress=False))
 
     return get

@@ -84,3 +84,28 @@ def load_transformers(ckpt: Path, dtype: torch.dtype, scratch: Path):
     model = transformers.AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
     assert type(model).__name__ == "MiniMaxM2ForCausalLM"
     return model.eval()
+
+
+_bf16_refs: dict[int, object] = {}
+
+
+def bf16_weight_reference(model):
+    """A copy of a float32 transformers model holding the weights the BF16 graphs hold: BF16-rounded,
+    the router gate kept float32 (its bias is a float32 buffer). Computes in float32."""
+    import copy
+
+    if id(model) not in _bf16_refs:
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if not name.endswith("mlp.gate.weight"):
+                    p.copy_(p.bfloat16().float())
+        _bf16_refs[id(model)] = m
+    return _bf16_refs[id(model)]
+
+
+def greedy(model, ids: list[int], n: int) -> list[int]:
+    """transformers' greedy generate of exactly n tokens (no early stop; no MTP speculation)."""
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         eos_token_id=None, pad_token_id=0, use_mtp=False)
+    return out[0, len(ids):].tolist()

@@ -9,14 +9,11 @@ Tolerances:
   accumulate matmuls in different orders, so a few BF16 ulps: rtol 2^-6 with an atol of 2^-6 of the
   output's largest magnitude.
 """
-import copy
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from functools import cache
 
 import ml_dtypes
 import numpy as np
@@ -32,22 +29,11 @@ from export.model import AttnBlock, AttnIn, Embed, Head, Moe, OProj, PostBlock, 
 from export.sharding import Shard, ShardingError
 from export.to_onnx import export
 from export.trt_support import check_model
+from tests.reference import bf16_weight_reference
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 F32_ATOL = 1e-4
 EXPORTS = [("tiny", 1), ("tiny", 2), ("alt", 1), ("alt", 2)]
-
-
-@pytest.fixture(scope="session")
-def exported(checkpoints, tmp_path_factory):
-    """exported(name, tp) -> Manifest, exported once per session."""
-    root = tmp_path_factory.mktemp("onnx")
-
-    @cache
-    def get(name: str, tp: int) -> Manifest:
-        return Manifest.load(export(checkpoints[name], root / name, tp=tp, progress=False))
-
-    return get
 
 
 def torch_piece(ckpt: Checkpoint, sg: dict, rank: int, tp: int, dtype: torch.dtype):
@@ -145,23 +131,11 @@ def run_chain(man: Manifest, ids: list[int], form: str) -> np.ndarray:
     return envs[0]["logits"]
 
 
-@cache
-def _bf16_weight_reference(hf_model, name):
-    """transformers in float32 with the weights the BF16 graphs hold: BF16-rounded, the router gate
-    (and its bias, a buffer) kept float32."""
-    m = copy.deepcopy(hf_model(name))
-    with torch.no_grad():
-        for pname, p in m.named_parameters():
-            if not pname.endswith("mlp.gate.weight"):
-                p.copy_(p.bfloat16().float())
-    return m
-
-
 @pytest.mark.parametrize("name,tp", EXPORTS)
 @pytest.mark.parametrize("form", ["gather", "dense"])
 def test_chained_twins_match_transformers(name, tp, form, exported, hf_model):
     man = exported(name, tp)
-    ref = _bf16_weight_reference(hf_model, name)
+    ref = bf16_weight_reference(hf_model(name))
     g = torch.Generator().manual_seed(tp)
     for n in (1, 9):
         ids = torch.randint(0, man.config.vocab_size, (n,), generator=g).tolist()

@@ -1,0 +1,45 @@
+"""The attention runtime op: write the step's new K/V into the paged cache by slot, then causal
+attention of every sequence's new queries over all its cached keys, through its block table.
+A batch may mix prefills (many new tokens) and decodes (one). This is the portable PyTorch version
+(CPU, and GPU fallback)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor   # [T] int64: cache slot (block * block_size + offset) of each new token
+    q_lens: list[int]            # new tokens per sequence, in packing order
+    context_lens: list[int]      # tokens in the cache per sequence after this step's writes
+    block_tables: list[list[int]]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q [T, Hq, d], k/v [T, Hkv, d] -> [T, Hq * d]."""
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    block_size = k_cache.shape[1]
+    out, start = [], 0
+    for q_len, ctx, table in zip(meta.q_lens, meta.context_lens, meta.block_tables):
+        blocks = torch.tensor(table[: -(-ctx // block_size)], device=k_cache.device)
+        keys = k_cache.index_select(0, blocks).flatten(0, 1)[:ctx]       # [ctx, Hkv, d]
+        values = v_cache.index_select(0, blocks).flatten(0, 1)[:ctx]
+        qs = q[start:start + q_len]
+        # query j sits at position ctx - q_len + j and sees keys 0..that position
+        mask = torch.ones(q_len, ctx, dtype=torch.bool, device=q.device).tril(ctx - q_len)
+        o = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], keys.transpose(0, 1)[None].to(qs.dtype),
+                                           values.transpose(0, 1)[None].to(qs.dtype), attn_mask=mask,
+                                           scale=scale, enable_gqa=True)
+        out.append(o[0].transpose(0, 1).reshape(q_len, -1))
+        start += q_len
+    return torch.cat(out)

@@ -1,0 +1,196 @@
+"""Chat with MiniMax-M2 from an export (per-layer subgraphs + manifest).
+
+    python runtime/chat.py                         # the embedded toy model (built on first use)
+    python runtime/chat.py --model build/<model>/onnx [--backend ort|torch] [--temperature 0.7]
+
+Interactive: type a message; the model's thinking streams dimmed, then its answer. /reset starts
+over, /system TEXT sets the system prompt (and starts over), /quit (or Ctrl-D) leaves. Ctrl-C stops
+the current answer and keeps the chat.
+
+Scripted (tests, benchmarks): every --prompt-ids / --prompt runs as one continuous batch and the last
+line printed is one JSON object {"outputs": [[generated ids], ...]} in prompt order:
+
+    python runtime/chat.py --model DIR --prompt-ids 1,5,9 --prompt-ids 4,4 --max-tokens 16 --temperature 0 --json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from export.manifest import ManifestError  # noqa: E402
+from runtime.engine import Engine, EngineConfig, RequestError  # noqa: E402
+from runtime.sampling import SamplingParams  # noqa: E402
+from runtime.text import Conversation, StreamSplitter  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "build" / "tiny-minimax-m2"
+TINY_EXPORT = TINY / "onnx" / "tp1"
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+def ensure_embedded_default() -> Path:
+    """The embedded toy model's export, built here on first use (about a minute on a CPU)."""
+    if (TINY_EXPORT / "manifest.json").is_file():
+        return TINY_EXPORT
+    print("Building the embedded toy model (make tiny && make onnx) ...", file=sys.stderr)
+    if not (TINY / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "export.tiny", str(TINY)], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "export.to_onnx", str(TINY), "--tp", "1"], cwd=ROOT, check=True)
+    return TINY_EXPORT
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None
+
+
+def sampling_from(a, codec) -> SamplingParams:
+    d = codec.generation_defaults
+    return SamplingParams(
+        temperature=a.temperature if a.temperature is not None else d.get("temperature", 1.0),
+        top_p=a.top_p if a.top_p is not None else d.get("top_p", 1.0),
+        top_k=a.top_k if a.top_k is not None else d.get("top_k", 0),
+        max_tokens=a.max_tokens, seed=a.seed, ignore_eos=a.ignore_eos)
+
+
+def scripted(engine: Engine, a) -> int:
+    prompts = [list(p) for p in a.prompt_ids or []]
+    prompts += [engine.codec.encode_chat([{"role": "user", "content": t}]) for t in a.prompt or []]
+    params = sampling_from(a, engine.codec)
+    seqs, errors = [], {}
+    for i, p in enumerate(prompts):
+        try:
+            seqs.append(engine.add_request(p, params))
+        except RequestError as e:
+            errors[i] = str(e)
+            seqs.append(None)
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    dt = time.perf_counter() - t0
+    outputs = [s.output if s else None for s in seqs]
+    n = sum(len(o) for o in outputs if o)
+    if not a.json:
+        for p, s, o in zip(prompts, seqs, outputs):
+            if s is None:
+                continue
+            text = engine.codec.tok.decode(o, skip_special_tokens=False)
+            print(f"prompt ({len(p)} tokens) -> {len(o)} tokens, {s.finish_reason}: {text!r}")
+    for i, e in errors.items():
+        print(f"error in prompt {i}: {e}", file=sys.stderr)
+    print(f"{n} tokens in {dt:.2f} s ({n / dt if dt else 0:.1f} tokens/s, {engine.stats.steps} steps, "
+          f"backend {engine.backend.name})", file=sys.stderr)
+    result = {"outputs": outputs}
+    if errors:
+        result["errors"] = {str(k): v for k, v in errors.items()}
+    print(json.dumps(result))
+    return 1 if errors else 0
+
+
+def interactive(engine: Engine, a) -> int:
+    codec = engine.codec
+    params = sampling_from(a, codec)
+    conv = Conversation(codec, a.system)
+    print(f"MiniMax-M2 chat ({engine.manifest.root}, backend {engine.backend.name}, TP {engine.manifest.tp}). "
+          "/reset, /system TEXT, /quit; Ctrl-C stops an answer.")
+    while True:
+        try:
+            user = input("\n> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not user:
+            continue
+        if user in ("/quit", "/exit"):
+            return 0
+        if user == "/reset":
+            conv = Conversation(codec, conv.messages[0]["content"] if conv.messages[:1] and
+                                conv.messages[0]["role"] == "system" else None)
+            print("(conversation reset)")
+            continue
+        if user.startswith("/system"):
+            conv = Conversation(codec, user[len("/system"):].strip() or None)
+            print("(system prompt set; conversation reset)")
+            continue
+        prompt = conv.prompt(user)
+        try:
+            seq = engine.add_request(prompt, params)
+        except RequestError as e:
+            print(f"error: {e}")
+            continue
+        split = StreamSplitter(codec)
+        t0, first, channel = time.perf_counter(), None, None
+        try:
+            while engine.has_unfinished():
+                for out in engine.step():
+                    if out.seq is not seq or out.token < 0:
+                        continue
+                    first = first or time.perf_counter()
+                    ch, text = split.feed(out.token)
+                    if ch != channel:
+                        print(RESET + ("\n" if channel else "") + (DIM if ch == "thinking" else ""), end="")
+                        channel = ch
+                    print(text, end="", flush=True)
+        except KeyboardInterrupt:
+            engine.abort(seq)
+            print(RESET + " [stopped]", end="")
+        dt = time.perf_counter() - t0
+        print(RESET)
+        n = len(seq.output)
+        if first:
+            ttft = first - t0
+            rate = (n - 1) / (dt - ttft) if n > 1 and dt > ttft else 0.0
+            print(f"{DIM}[{n} tokens, {seq.finish_reason}; first token {ttft * 1000:.0f} ms, {rate:.1f} tokens/s; "
+                  f"prefilled {seq.num_prefilled}, reused {seq.num_cached_prompt} from cache]{RESET}")
+        conv.commit(user, prompt, seq.output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python runtime/chat.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="export folder, tp<N> folder or manifest.json (default: the embedded toy model)")
+    ap.add_argument("--backend", choices=["ort", "torch"], default="ort",
+                    help="ort: ONNX Runtime on the FP32 twins (CPU); torch: the PyTorch pieces (CPU or GPU)")
+    ap.add_argument("--device", default="cpu", help="torch backend device, e.g. cuda (default cpu)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="torch backend dtype (default: bf16 on GPU)")
+    ap.add_argument("--prompt-ids", type=parse_ids, action="append", help="a prompt as token ids (repeatable)")
+    ap.add_argument("--prompt", action="append", help="a user message, through the chat template (repeatable)")
+    ap.add_argument("--json", action="store_true", help="scripted mode: print only the JSON result on stdout")
+    ap.add_argument("--system", help="system prompt (interactive)")
+    ap.add_argument("--max-tokens", type=int, default=512, help="tokens per answer (default 512)")
+    ap.add_argument("--temperature", type=float, help="0 for greedy (default: the model's, 1.0)")
+    ap.add_argument("--top-p", type=float, help="nucleus sampling (default: the model's, 0.95)")
+    ap.add_argument("--top-k", type=int, help="top-k sampling, 0 off (default: the model's, 40)")
+    ap.add_argument("--seed", type=int, help="sampling seed")
+    ap.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-turn token")
+    ap.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache size (default 1 GiB)")
+    ap.add_argument("--num-blocks", type=int, help="KV cache size in blocks (overrides --kv-cache-gb)")
+    ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block, a power of two (default 16)")
+    ap.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step (default 64)")
+    a = ap.parse_args(argv)
+    try:
+        model = Path(a.model) if a.model else ensure_embedded_default()
+        engine = Engine(model, EngineConfig(backend=a.backend, device=a.device, dtype=a.dtype,
+                                            block_size=a.block_size, num_blocks=a.num_blocks,
+                                            kv_cache_gb=a.kv_cache_gb, max_num_seqs=a.max_num_seqs))
+    except (ManifestError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.prompt_ids or a.prompt:
+        return scripted(engine, a)
+    if a.json:
+        ap.error("--json needs --prompt-ids or --prompt")
+    return interactive(engine, a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The engine: requests in, tokens out. Owns the KV cache, the scheduler and the sampler; runs each
+scheduled batch through the plan executor."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from export.manifest import MANIFEST, Manifest, ManifestError
+
+from .attention import AttentionMetadata
+from .backends import make_backend
+from .block_manager import BlockManager
+from .executor import PlanExecutor
+from .kv_cache import KVCache, bytes_per_block
+from .sampling import Sampler, SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence, Status
+from .text import TextCodec
+
+
+class RequestError(ValueError):
+    """This request cannot run; the engine keeps serving the others."""
+
+
+@dataclass
+class EngineConfig:
+    backend: str = "ort"
+    device: str = "cpu"
+    dtype: str | None = None          # torch backend: float32 or bfloat16
+    block_size: int = 16
+    num_blocks: int | None = None     # default: from kv_cache_gb
+    kv_cache_gb: float = 1.0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None  # default: the export's max_tokens
+    max_model_len: int | None = None           # default: the model's context, capped by the cache
+
+
+@dataclass
+class StepOutput:
+    seq: Sequence
+    token: int
+    finished: bool
+
+
+@dataclass
+class Stats:
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    cached_tokens: int = 0
+    forward_seconds: float = 0.0
+    forms: dict = field(default_factory=dict)
+
+
+def find_manifest(path: str | Path) -> Path:
+    """Accept a manifest, a tp<N> folder, or an export folder holding one tp<N>."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if (p / MANIFEST).is_file():
+        return p / MANIFEST
+    found = sorted(p.glob(f"tp*/{MANIFEST}")) if p.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ManifestError(f"{p} holds exports for several TP sizes ({', '.join(f.parent.name for f in found)}); "
+                            "name one")
+    raise ManifestError(f"{p}: no export manifest here; run `make onnx MODEL=<checkpoint>` first")
+
+
+class Engine:
+    def __init__(self, model: str | Path, config: EngineConfig | None = None, rank: int = 0, comm=None):
+        self.config = c = config or EngineConfig()
+        self.manifest = Manifest.load(find_manifest(model))
+        self.model_config = cfg = self.manifest.config
+        self.codec = TextCodec(self.manifest.root)
+        self.backend = make_backend(c.backend, self.manifest, rank, c.device, c.dtype)
+        tp = self.manifest.tp
+        kv_heads = cfg.num_key_value_heads // tp
+        per_block = bytes_per_block(cfg.num_hidden_layers, c.block_size, kv_heads, cfg.head_dim, self.backend.dtype)
+        num_blocks = c.num_blocks or max(1, int(c.kv_cache_gb * 2**30) // per_block)
+        self.blocks = BlockManager(num_blocks, c.block_size)
+        self.kv = KVCache(cfg.num_hidden_layers, num_blocks, c.block_size, kv_heads, cfg.head_dim,
+                          self.backend.dtype, self.backend.device)
+        self.max_num_batched_tokens = c.max_num_batched_tokens or self.manifest.data["max_tokens"]
+        self.max_model_len = min(c.max_model_len or cfg.max_position_embeddings, num_blocks * c.block_size)
+        self.scheduler = Scheduler(self.blocks, c.max_num_seqs, self.max_num_batched_tokens)
+        self.executor = PlanExecutor(self.manifest, self.backend, self.kv, rank, comm)
+        self.sampler = Sampler()
+        self.stats = Stats()
+
+    # ---- requests -----------------------------------------------------------------------------
+    def add_request(self, prompt: list[int], params: SamplingParams | None = None) -> Sequence:
+        """Validate and queue one request; a bad one raises RequestError and changes nothing."""
+        params = params or SamplingParams()
+        vocab = self.model_config.vocab_size
+        if not prompt:
+            raise RequestError("the prompt is empty")
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        limit = min(self.max_model_len - 1, self.max_num_batched_tokens)
+        if len(prompt) > limit:
+            raise RequestError(f"the prompt has {len(prompt)} tokens, longer than the context allows "
+                               f"({limit}: max_model_len {self.max_model_len}, one step "
+                               f"{self.max_num_batched_tokens} tokens)")
+        try:
+            params.validate(vocab)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        seq = Sequence(list(prompt), params)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        if seq.status is not Status.FINISHED:
+            self.scheduler.finish(seq, "abort")
+            self.sampler.forget(seq.id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step -----------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            if self.scheduler.waiting and not self.scheduler.running:
+                seq = self.scheduler.waiting[0]  # cannot fit even alone: fail it rather than spin
+                self.scheduler.finish(seq, "error: does not fit in the KV cache")
+                return [StepOutput(seq, -1, True)]
+            return []
+        ids, positions, slots, rows = [], [], [], []
+        q_lens, ctx_lens, tables = [], [], []
+        bs = self.blocks.block_size
+        for seq, n in zip(batch.seqs, batch.num_new):
+            start = seq.num_computed
+            toks = seq.tokens[start:start + n]
+            ids += toks
+            pos = range(start, start + n)
+            positions += pos
+            slots += [seq.block_table[p // bs] * bs + p % bs for p in pos]
+            rows.append(len(ids) - 1)
+            q_lens.append(n)
+            ctx_lens.append(start + n)
+            tables.append(seq.block_table)
+            if n > 1 or seq.num_computed == 0:
+                self.stats.prefill_tokens += n
+                seq.num_prefilled += n
+            else:
+                self.stats.decode_tokens += n
+        meta = AttentionMetadata(torch.tensor(slots), q_lens, ctx_lens, tables)
+        t0 = time.perf_counter()
+        logits = self.executor.run(torch.tensor(ids), torch.tensor(positions), meta, torch.tensor(rows))
+        self.stats.forward_seconds += time.perf_counter() - t0
+        self.stats.steps += 1
+        form = self.executor.last_forms[-1]
+        self.stats.forms[form] = self.stats.forms.get(form, 0) + 1
+        tokens = self.sampler.sample(logits.float().cpu(), [s.id for s in batch.seqs], [s.params for s in batch.seqs])
+        out = []
+        for seq, n, tok in zip(batch.seqs, batch.num_new, tokens):
+            seq.num_computed += n
+            self.blocks.mark_computed(seq)
+            seq.output.append(tok)
+            reason = self._stop_reason(seq, tok)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                self.sampler.forget(seq.id)
+            out.append(StepOutput(seq, tok, reason is not None))
+        return out
+
+    def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
+        p = seq.params
+        if not p.ignore_eos and (tok == self.model_config.eos_token_id or tok in p.stop_token_ids):
+            return "stop"
+        if len(seq.output) >= p.max_tokens:
+            return "length"
+        if len(seq) >= self.max_model_len:
+            return "length"
+        return None
+
+    # ---- convenience --------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[Sequence]:
+        """Run prompts as one continuous batch to completion; outputs in prompt order."""
+        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        while self.has_unfinished():
+            self.step()
+        return seqs

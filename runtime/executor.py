@@ -1,0 +1,64 @@
+"""Runs an export's manifest for one rank: subgraphs on a backend, runtime ops in between."""
+from __future__ import annotations
+
+import torch
+
+from export.manifest import Manifest
+
+from .attention import AttentionMetadata, paged_attention
+from .kv_cache import KVCache
+
+
+class SingleRank:
+    """Collectives of a one-rank run: identities. The tensor-parallel runtime swaps in torch.distributed."""
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def broadcast(self, t: torch.Tensor | None, src: int, like: torch.Tensor | None = None) -> torch.Tensor:
+        return t
+
+
+class PlanExecutor:
+    def __init__(self, manifest: Manifest, backend, kv: KVCache, rank: int = 0, comm=None):
+        self.manifest, self.backend, self.kv, self.rank = manifest, backend, kv, rank
+        self.comm = comm or SingleRank()
+        self.crossover = manifest.data["moe_crossover_tokens"]
+        self.hidden = manifest.config.hidden_size
+        self.last_forms: list[str] = []
+
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            logits_rows: torch.Tensor) -> torch.Tensor | None:
+        """One forward step over packed tokens; returns float32 logits of `logits_rows` (rank 0)."""
+        dev = self.backend.device
+        env = {"ids": ids.to(dev), "positions": positions.to(dev)}
+        meta = AttentionMetadata(meta.slot_mapping.to(dev), meta.q_lens, meta.context_lens, meta.block_tables)
+        form = "gather" if ids.numel() <= self.crossover else "dense"
+        self.last_forms.append(form)
+        for step in self.manifest.steps:
+            op = step["op"]
+            if op == "subgraph":
+                name = step["variants"][form] if "variants" in step else step["name"]
+                sg = self.manifest.subgraphs[name]
+                if self.rank not in sg["ranks"]:
+                    continue
+                inputs = {t["name"]: env[t["name"]] for t in sg["inputs"]}
+                if name == "head":  # logits only where a token is sampled
+                    rows = logits_rows.to(dev)
+                    inputs = {k: v.index_select(0, rows) for k, v in inputs.items()}
+                env.update(self.backend.run(name, inputs))
+            elif op == "all_reduce":
+                for t in step["tensors"]:
+                    env[t] = self.comm.all_reduce(env[t])
+            elif op == "broadcast":
+                shape = (ids.numel(), self.hidden)
+                for t in step["tensors"]:
+                    like = torch.empty(shape, dtype=self.backend.dtype, device=dev)
+                    env[t] = self.comm.broadcast(env.get(t), step["src"], like)
+            elif op == "attention":
+                n = step["layer"]
+                env[step["out"]] = paged_attention(env[step["q"]], env[step["k"]], env[step["v"]],
+                                                   self.kv.k[n], self.kv.v[n], meta, step["scale"])
+            else:
+                raise ValueError(f"unknown step op {op!r} in the manifest")
+        return env.get("logits")

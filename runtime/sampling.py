@@ -1,0 +1,68 @@
+"""Sampling parameters (per request) and the sampler: greedy, temperature, top-k, top-p, seeded."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0   # 0: greedy
+    top_k: int = 0             # 0: off
+    top_p: float = 1.0         # 1: off
+    max_tokens: int = 256
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)  # besides the model's end-of-turn token
+    ignore_eos: bool = False
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise ValueError naming the first impossible parameter."""
+        if not (self.temperature >= 0) or self.temperature != self.temperature:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.top_k:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"stop token ids {bad} are outside the vocabulary (0..{vocab_size - 1})")
+
+
+class Sampler:
+    """One torch.Generator per seeded request, so a seed reproduces a request's tokens whatever else
+    is in its batch."""
+
+    def __init__(self):
+        self._generators: dict[int, torch.Generator] = {}
+
+    def forget(self, seq_id: int) -> None:
+        self._generators.pop(seq_id, None)
+
+    def sample(self, logits: torch.Tensor, seq_ids: list[int], params: list[SamplingParams]) -> list[int]:
+        """logits [N, V] float32, one row per sequence."""
+        out = []
+        for row, sid, p in zip(logits, seq_ids, params):
+            if p.temperature == 0:
+                out.append(int(row.argmax()))
+                continue
+            x = row.float() / p.temperature
+            if p.top_k and p.top_k < x.numel():
+                kth = torch.topk(x, p.top_k).values[-1]
+                x = x.masked_fill(x < kth, float("-inf"))
+            if p.top_p < 1:
+                sorted_x, order = torch.sort(x, descending=True)
+                probs = torch.softmax(sorted_x, -1)
+                # keep the smallest prefix whose mass reaches top_p (always at least one token)
+                drop = probs.cumsum(-1) - probs >= p.top_p
+                x = x.scatter(0, order, sorted_x.masked_fill(drop, float("-inf")))
+            probs = torch.softmax(x, -1)
+            gen = None
+            if p.seed is not None:
+                gen = self._generators.get(sid)
+                if gen is None:
+                    gen = self._generators[sid] = torch.Generator().manual_seed(p.seed)
+            out.append(int(torch.multinomial(probs.cpu(), 1, generator=gen)))
+        return out
