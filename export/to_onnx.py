@@ -182,6 +182,7 @@ def export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1, e
         "format_version": FORMAT_VERSION,
         "producer": "minimax-m2-trt export.to_onnx",
         "checkpoint": str(ckpt.dir.resolve()),
+        "checkpoint_relative": os.path.relpath(ckpt.dir.resolve(), root.resolve()),
         "model": plan.cfg.to_dict(),
         "tp": tp,
         "expert_split": expert_split,

@@ -50,7 +50,10 @@ class TorchBackend:
         from export.pieces import build_modules, unit_of
         from export.plan import make_plan
 
-        path = Path(manifest.data["checkpoint"])
+        # The checkpoint beside the export (moved together) first, else where it was exported from.
+        path = manifest.root / manifest.data.get("checkpoint_relative", manifest.data["checkpoint"])
+        if not path.is_dir():
+            path = Path(manifest.data["checkpoint"])
         if not path.is_dir():
             raise ManifestError(f"the torch backend builds its weights from the checkpoint, and {path} "
                                 "(recorded in the manifest) is not there")

@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.manifest import ManifestError  # noqa: E402
+from runtime.distributed import RankLost  # noqa: E402
 from runtime.engine import Engine, EngineConfig, RequestError  # noqa: E402
 from runtime.sampling import SamplingParams  # noqa: E402
 from runtime.text import Conversation, StreamSplitter  # noqa: E402
@@ -87,8 +88,10 @@ def scripted(engine: Engine, a) -> int:
             print(f"prompt ({len(p)} tokens) -> {len(o)} tokens, {s.finish_reason}: {text!r}")
     for i, e in errors.items():
         print(f"error in prompt {i}: {e}", file=sys.stderr)
-    print(f"{n} tokens in {dt:.2f} s ({n / dt if dt else 0:.1f} tokens/s, {engine.stats.steps} steps, "
-          f"backend {engine.backend.name})", file=sys.stderr)
+    st = engine.stats
+    print(f"{n} tokens in {dt:.2f} s ({n / dt if dt else 0:.1f} tokens/s, {st.steps} steps, "
+          f"{1000 * st.forward_seconds / max(st.steps, 1):.2f} ms forward per step, backend {engine.backend.name}, "
+          f"TP {engine.manifest.tp})", file=sys.stderr)
     result = {"outputs": outputs}
     if errors:
         result["errors"] = {str(k): v for k, v in errors.items()}
@@ -179,17 +182,21 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         model = Path(a.model) if a.model else ensure_embedded_default()
-        engine = Engine(model, EngineConfig(backend=a.backend, device=a.device, dtype=a.dtype,
-                                            block_size=a.block_size, num_blocks=a.num_blocks,
-                                            kv_cache_gb=a.kv_cache_gb, max_num_seqs=a.max_num_seqs))
+        if a.json and not (a.prompt_ids or a.prompt):
+            ap.error("--json needs --prompt-ids or --prompt")
+        engine = Engine.start(model, EngineConfig(backend=a.backend, device=a.device, dtype=a.dtype,
+                                                  block_size=a.block_size, num_blocks=a.num_blocks,
+                                                  kv_cache_gb=a.kv_cache_gb, max_num_seqs=a.max_num_seqs))
     except (ManifestError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if a.prompt_ids or a.prompt:
-        return scripted(engine, a)
-    if a.json:
-        ap.error("--json needs --prompt-ids or --prompt")
-    return interactive(engine, a)
+    try:
+        return scripted(engine, a) if (a.prompt_ids or a.prompt) else interactive(engine, a)
+    except RankLost as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        engine.close()
 
 
 if __name__ == "__main__":

@@ -71,26 +71,65 @@ def find_manifest(path: str | Path) -> Path:
     raise ManifestError(f"{p}: no export manifest here; run `make onnx MODEL=<checkpoint>` first")
 
 
+def build_rank(manifest: Manifest, c: EngineConfig, rank: int, comm=None) -> PlanExecutor:
+    """One rank's backend, KV cache (its KV heads only) and executor. Every rank computes the same
+    block count from the same config, so block tables mean the same everywhere."""
+    cfg = manifest.config
+    device = c.device
+    if device.startswith("cuda") and ":" not in device and manifest.tp > 1:
+        device = f"cuda:{rank}"
+    backend = make_backend(c.backend, manifest, rank, device, c.dtype)
+    kv_heads = cfg.num_key_value_heads // manifest.tp
+    per_block = bytes_per_block(cfg.num_hidden_layers, c.block_size, kv_heads, cfg.head_dim, backend.dtype)
+    num_blocks = c.num_blocks or max(1, int(c.kv_cache_gb * 2**30) // per_block)
+    kv = KVCache(cfg.num_hidden_layers, num_blocks, c.block_size, kv_heads, cfg.head_dim, backend.dtype,
+                 backend.device)
+    return PlanExecutor(manifest, backend, kv, rank, comm)
+
+
 class Engine:
-    def __init__(self, model: str | Path, config: EngineConfig | None = None, rank: int = 0, comm=None):
+    """Rank 0 of a run. With an export for TP > 1, pass the communicator of an already started group
+    (runtime/distributed.py starts one: `Engine.start`)."""
+
+    def __init__(self, model: str | Path, config: EngineConfig | None = None, comm=None):
         self.config = c = config or EngineConfig()
         self.manifest = Manifest.load(find_manifest(model))
+        if self.manifest.tp > 1 and (comm is None or comm.world != self.manifest.tp):
+            raise ManifestError(f"this export is for TP={self.manifest.tp}; start it with Engine.start "
+                                "(one process per rank) or under torchrun")
         self.model_config = cfg = self.manifest.config
         self.codec = TextCodec(self.manifest.root)
-        self.backend = make_backend(c.backend, self.manifest, rank, c.device, c.dtype)
-        tp = self.manifest.tp
-        kv_heads = cfg.num_key_value_heads // tp
-        per_block = bytes_per_block(cfg.num_hidden_layers, c.block_size, kv_heads, cfg.head_dim, self.backend.dtype)
-        num_blocks = c.num_blocks or max(1, int(c.kv_cache_gb * 2**30) // per_block)
+        self.executor = build_rank(self.manifest, c, 0, comm)
+        self.backend, self.kv = self.executor.backend, self.executor.kv
+        num_blocks = self.kv.num_blocks
         self.blocks = BlockManager(num_blocks, c.block_size)
-        self.kv = KVCache(cfg.num_hidden_layers, num_blocks, c.block_size, kv_heads, cfg.head_dim,
-                          self.backend.dtype, self.backend.device)
         self.max_num_batched_tokens = c.max_num_batched_tokens or self.manifest.data["max_tokens"]
         self.max_model_len = min(c.max_model_len or cfg.max_position_embeddings, num_blocks * c.block_size)
         self.scheduler = Scheduler(self.blocks, c.max_num_seqs, self.max_num_batched_tokens)
-        self.executor = PlanExecutor(self.manifest, self.backend, self.kv, rank, comm)
         self.sampler = Sampler()
         self.stats = Stats()
+        self._group = None
+
+    @classmethod
+    def start(cls, model: str | Path, config: EngineConfig | None = None) -> "Engine":
+        """An engine for any export: one process when TP=1; with TP > 1, this process is rank 0 and
+        the other ranks are started (or joined, under torchrun)."""
+        manifest = Manifest.load(find_manifest(model))
+        if manifest.tp == 1:
+            return cls(model, config)
+        from .distributed import start_group
+
+        config = config or EngineConfig()
+        group = start_group(find_manifest(model), config, manifest.tp)
+        engine = cls(model, config, group.comm)
+        engine._group = group
+        return engine
+
+    def close(self) -> None:
+        """Stop the other ranks (if any) and wait for them."""
+        if self._group is not None:
+            self._group.stop()
+            self._group = None
 
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams | None = None) -> Sequence:

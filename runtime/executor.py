@@ -10,13 +10,18 @@ from .kv_cache import KVCache
 
 
 class SingleRank:
-    """Collectives of a one-rank run: identities. The tensor-parallel runtime swaps in torch.distributed."""
+    """Collectives of a one-rank run: identities. The tensor-parallel runtime swaps in torch.distributed
+    (runtime/distributed.py)."""
+    rank, world = 0, 1
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
     def broadcast(self, t: torch.Tensor | None, src: int, like: torch.Tensor | None = None) -> torch.Tensor:
         return t
+
+    def share_step(self, payload):
+        return payload
 
 
 class PlanExecutor:
@@ -29,7 +34,18 @@ class PlanExecutor:
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
             logits_rows: torch.Tensor) -> torch.Tensor | None:
-        """One forward step over packed tokens; returns float32 logits of `logits_rows` (rank 0)."""
+        """One forward step over packed tokens; returns float32 logits of `logits_rows` (rank 0).
+        Rank 0 first sends the step's metadata to the other ranks, which run the same step."""
+        if self.comm.world > 1:
+            self.comm.share_step((ids, positions, meta, logits_rows))
+        return self._run(ids, positions, meta, logits_rows)
+
+    def serve(self) -> None:
+        """The loop of ranks other than 0: run each step rank 0 sends, until it sends None."""
+        while (step := self.comm.share_step(None)) is not None:
+            self._run(*step)
+
+    def _run(self, ids, positions, meta, logits_rows):
         dev = self.backend.device
         env = {"ids": ids.to(dev), "positions": positions.to(dev)}
         meta = AttentionMetadata(meta.slot_mapping.to(dev), meta.q_lens, meta.context_lens, meta.block_tables)

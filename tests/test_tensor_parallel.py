@@ -1,0 +1,90 @@
+"""Tensor parallelism across processes on the CPU (gloo): same tokens as TP=1 and as transformers,
+and a run that loses a process ends with an error in bounded time, leaving no process behind."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from runtime.engine import Engine, EngineConfig
+from export.manifest import ManifestError
+from tests.reference import bf16_weight_reference, greedy
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+N_NEW = 24
+
+
+def chat(*args, timeout=300):
+    return subprocess.run([sys.executable, "runtime/chat.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def ids_args(prompts):
+    return [x for p in prompts for x in ("--prompt-ids", ",".join(map(str, p)))]
+
+
+def workers_of(manifest_root) -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and "runtime.distributed" in p.info["cmdline"]
+            and any(str(manifest_root) in c for c in p.info["cmdline"])]
+
+
+@pytest.mark.parametrize("name,backend", [("tiny", "ort"), ("alt", "ort"), ("tiny", "torch")])
+def test_tp2_equals_tp1_and_transformers(name, backend, exported, hf_model):
+    """ort runs the FP32 twins, which hold the export's BF16-rounded weights; the torch backend in
+    float32 holds the checkpoint's exact weights: each is compared with transformers holding the same."""
+    ref_model = bf16_weight_reference(hf_model(name)) if backend == "ort" else hf_model(name)
+    prompts = [[1, 5, 9], [7], list(range(40, 57))]
+    want = [greedy(ref_model, p, N_NEW) for p in prompts]
+    for tp in (1, 2):
+        man = exported(name, tp)
+        r = chat("--model", man.root, "--backend", backend, *ids_args(prompts), "--max-tokens", N_NEW,
+                 "--temperature", 0, "--ignore-eos", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout.strip().splitlines()[-1])["outputs"] == want, (tp, backend)
+    assert not workers_of(exported(name, 2).root)  # clean shutdown: no rank left running
+
+
+def test_tp_export_needs_its_ranks(exported):
+    with pytest.raises(ManifestError, match="this export is for TP=2"):
+        Engine(exported("tiny", 2).root, EngineConfig())
+
+
+def _start_long_run(man):
+    proc = subprocess.Popen([sys.executable, "runtime/chat.py", "--model", str(man.root), "--prompt-ids", "1,5,9",
+                             "--max-tokens", "3000", "--temperature", "0", "--ignore-eos", "--json"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not workers_of(man.root):
+        time.sleep(0.2)
+    workers = workers_of(man.root)
+    assert workers, "the worker rank did not start"
+    time.sleep(3)  # let generation get going
+    assert proc.poll() is None
+    return proc, workers
+
+
+def test_killed_worker_ends_the_run(exported):
+    man = exported("tiny", 2)
+    proc, workers = _start_long_run(man)
+    t0 = time.time()
+    workers[0].send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    elapsed = time.time() - t0
+    assert proc.returncode != 0
+    assert "tensor-parallel rank 1" in err and "exited" in err
+    assert elapsed < 10, elapsed
+    assert not workers_of(man.root)
+
+
+def test_killed_rank0_takes_workers_down(exported):
+    man = exported("tiny", 2)
+    proc, workers = _start_long_run(man)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, "a worker outlived rank 0"
