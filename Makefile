@@ -10,7 +10,7 @@ N      ?= 16
 TP     ?= 1
 OUT    ?=
 
-.PHONY: help setup tiny demo chat generate onnx test test-gpu clean
+.PHONY: help setup tiny demo chat generate onnx engines verify-engines test test-gpu clean
 
 help:
 	@echo "make demo      set up, build the embedded toy model's export, run one chat turn on it"
@@ -20,6 +20,8 @@ help:
 	@echo "make generate  MODEL=<checkpoint> IDS=1,5,9 N=16: greedy tokens from the PyTorch model"
 	@echo "make onnx      MODEL=<checkpoint> TP=<n> [OUT=<dir>]: per-layer ONNX subgraphs + manifest"
 	@echo "               (default: the embedded checkpoint, TP=1, OUT=build/<model>/onnx)"
+	@echo "make engines   MODEL=<checkpoint> TP=<n>: export if needed, then SM80 TensorRT engines (needs TensorRT + GPU)"
+	@echo "make verify-engines MODEL=<checkpoint> TP=<n>: every engine against ONNX Runtime (polygraphy)"
 	@echo "make test-gpu  the GPU-only tests (on a machine with an NVIDIA GPU)"
 
 setup: $(VENV)/.installed
@@ -44,6 +46,13 @@ onnx: setup $(if $(filter $(MODEL),$(TINY)),$(TINY)/config.json)
 	$(BIN)/python -m export.to_onnx $(MODEL) --tp $(TP) $(if $(OUT),--out $(OUT))
 
 # One scripted chat turn on the embedded model through the runtime (ONNX Runtime, FP32 twins).
+# Checks for TensorRT and an SM80+ GPU first, so that nothing is written on a machine without them.
+engines: setup $(if $(filter $(MODEL),$(TINY)),$(TINY)/config.json)
+	$(BIN)/python -m engines.build $(MODEL) --tp $(TP) $(ENGINE_FLAGS)
+
+verify-engines: setup
+	$(BIN)/python -m engines.verify $(BUILD)/$(notdir $(MODEL))/onnx/tp$(TP)
+
 demo: setup
 	$(MAKE) --no-print-directory onnx MODEL=$(TINY) TP=1
 	@echo "(the embedded model has random weights: its text is noise; the pipeline is what runs)"

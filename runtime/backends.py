@@ -82,11 +82,18 @@ class TorchBackend:
         return dict(zip(self.outputs[name], out if isinstance(out, tuple) else (out,)))
 
 
-def make_backend(kind: str, manifest: Manifest, rank: int, device: str = "cpu", dtype: str | None = None):
+def make_backend(kind: str, manifest: Manifest, rank: int, device: str = "cpu", dtype: str | None = None,
+                 engines: str | None = None):
+    if kind == "trt":
+        from .trt_backend import TrtBackend
+        from pathlib import Path
+        default = manifest.root.parent.parent / "engines" / manifest.root.name
+        return TrtBackend(manifest, rank, Path(engines) if engines else default,
+                          device if device.startswith("cuda") else "cuda")
     if kind == "ort":
         return OrtBackend(manifest, rank)
     if kind == "torch":
         dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype or ("bfloat16" if device != "cpu"
                                                                               else "float32")]
         return TorchBackend(manifest, rank, device, dt)
-    raise ValueError(f"backend {kind!r} is not one of ort, torch")
+    raise ValueError(f"backend {kind!r} is not one of ort, torch, trt")

@@ -161,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python runtime/chat.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="export folder, tp<N> folder or manifest.json (default: the embedded toy model)")
-    ap.add_argument("--backend", choices=["ort", "torch"], default="ort",
-                    help="ort: ONNX Runtime on the FP32 twins (CPU); torch: the PyTorch pieces (CPU or GPU)")
+    ap.add_argument("--backend", choices=["ort", "torch", "trt"], default="ort",
+                    help="ort: ONNX Runtime on the FP32 twins (CPU); torch: the PyTorch pieces (CPU or GPU); "
+                         "trt: TensorRT engines (GPU; `make engines`)")
+    ap.add_argument("--engines", help="trt backend: engines folder (default build/<model>/engines/tp<N>)")
     ap.add_argument("--device", default="cpu", help="torch backend device, e.g. cuda (default cpu)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="torch backend dtype (default: bf16 on GPU)")
     ap.add_argument("--prompt-ids", type=parse_ids, action="append", help="a prompt as token ids (repeatable)")
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         model = Path(a.model) if a.model else ensure_embedded_default()
         if a.json and not (a.prompt_ids or a.prompt):
             ap.error("--json needs --prompt-ids or --prompt")
-        engine = Engine.start(model, EngineConfig(backend=a.backend, device=a.device, dtype=a.dtype,
+        engine = Engine.start(model, EngineConfig(backend=a.backend, device=a.device, dtype=a.dtype, engines=a.engines,
                                                   block_size=a.block_size, num_blocks=a.num_blocks,
                                                   kv_cache_gb=a.kv_cache_gb, max_num_seqs=a.max_num_seqs))
     except (ManifestError, FileNotFoundError, ValueError) as e:

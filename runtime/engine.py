@@ -30,6 +30,7 @@ class EngineConfig:
     backend: str = "ort"
     device: str = "cpu"
     dtype: str | None = None          # torch backend: float32 or bfloat16
+    engines: str | None = None        # trt backend: engines folder (default build/<model>/engines/tp<N>)
     block_size: int = 16
     num_blocks: int | None = None     # default: from kv_cache_gb
     kv_cache_gb: float = 1.0
@@ -78,7 +79,7 @@ def build_rank(manifest: Manifest, c: EngineConfig, rank: int, comm=None) -> Pla
     device = c.device
     if device.startswith("cuda") and ":" not in device and manifest.tp > 1:
         device = f"cuda:{rank}"
-    backend = make_backend(c.backend, manifest, rank, device, c.dtype)
+    backend = make_backend(c.backend, manifest, rank, device, c.dtype, c.engines)
     kv_heads = cfg.num_key_value_heads // manifest.tp
     per_block = bytes_per_block(cfg.num_hidden_layers, c.block_size, kv_heads, cfg.head_dim, backend.dtype)
     num_blocks = c.num_blocks or max(1, int(c.kv_cache_gb * 2**30) // per_block)

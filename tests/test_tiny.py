@@ -4,7 +4,6 @@ import json
 
 import jinja2
 import pytest
-import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 

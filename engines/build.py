@@ -1,0 +1,272 @@
+"""Build SM80 TensorRT 11 engines from an export: one per subgraph per tensor-parallel rank.
+
+    python -m engines.build build/<model>/onnx/tp8            # from an export
+    python -m engines.build /path/to/MiniMax-M2.5 --tp 8      # export first (skipping what is up to date)
+    python -m engines.build EXPORT --dry-run                  # print the plan; needs no TensorRT
+
+TensorRT 11 networks are strongly typed: the BF16 ONNX graph is the engine's precision (there are no
+FP16/BF16 builder flags). `--hardware same` builds for the GPU it runs on (build on the A100 itself);
+`--hardware ampere_plus` builds on a newer GPU engines that run on SM80 and up (slower: 48 KiB of
+shared memory, no cuBLAS/cuDNN tactics). `--version-compatible` makes engines the lean runtime
+(`tensorrt_lean`) of later TensorRT versions can run. One timing cache is shared by all builds and
+saved beside the engines. Builds are spread over the visible GPUs, one process per GPU.
+
+Nothing is written unless TensorRT and an NVIDIA GPU of compute capability 8.0 or newer are there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from export.manifest import Manifest, ManifestError, write_json_atomic
+
+from .plan import HARDWARE, BuildPlan, BuildSettings, EngineJob, make_build_plan
+
+ENGINES_JSON = "engines.json"
+TIMING_CACHE = "timing.cache"
+
+
+class BuildEnvironmentError(RuntimeError):
+    """TensorRT or a suitable GPU is missing."""
+
+
+class BuildError(RuntimeError):
+    """TensorRT could not parse or build a subgraph."""
+
+
+def check_environment() -> tuple[object, list[int]]:
+    """The tensorrt module and the usable GPUs, or a BuildEnvironmentError saying what to install."""
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise BuildEnvironmentError(
+            "TensorRT (with its builder and ONNX parser) is not installed. On a machine with an NVIDIA GPU "
+            "and access to NVIDIA's package index: `pip install tensorrt` (TensorRT 11; its -libs packages "
+            f"download the libraries from NVIDIA's index at install time). ({e})") from None
+    if not hasattr(trt, "Builder") or not hasattr(trt, "OnnxParser"):
+        raise BuildEnvironmentError(f"the tensorrt module at {getattr(trt, '__file__', '?')} has no Builder or "
+                                    "OnnxParser: the runtime-only (lean/dispatch) package cannot build engines")
+    try:
+        import torch
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        caps = [torch.cuda.get_device_capability(i) for i in range(n)]
+    except Exception as e:  # no driver
+        raise BuildEnvironmentError(f"no NVIDIA GPU is usable here ({e}); TensorRT builds engines on a GPU") from None
+    gpus = [i for i, c in enumerate(caps) if c >= (8, 0)]
+    if not gpus:
+        raise BuildEnvironmentError("no NVIDIA GPU of compute capability 8.0 (A100) or newer is visible"
+                                    + (f" (found {caps})" if caps else ""))
+    return trt, gpus
+
+
+def _tokens(shape: list, t: int) -> tuple[int, ...]:
+    return tuple(t if d == "T" else d for d in shape)
+
+
+class _Progress:
+    """TensorRT's progress monitor, printing phase starts: a build of a large layer takes minutes."""
+
+    def __init__(self, trt, label: str):
+        outer = self
+
+        class Monitor(trt.IProgressMonitor):
+            def __init__(self):
+                trt.IProgressMonitor.__init__(self)
+
+            def phase_start(self, phase_name, parent_phase, num_steps):
+                if parent_phase is None:
+                    print(f"  [{outer.label}] {phase_name}", flush=True)
+
+            def step_complete(self, phase_name, step):
+                return True
+
+            def phase_finish(self, phase_name):
+                pass
+
+        self.label, self.monitor = label, Monitor()
+
+
+def build_engine(trt, onnx_path: Path, job: EngineJob, settings: BuildSettings,
+                 timing_cache: bytes) -> tuple[bytes, bytes]:
+    """Parse one BF16 ONNX subgraph (external data beside it) and build its engine.
+    Returns (serialized engine, serialized timing cache)."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 11: always explicit batch and strongly typed
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = []
+        for i in range(parser.num_errors):
+            e = parser.get_error(i)
+            errors.append(f"node {e.node_name()} ({e.node_operator()}): {e.desc()}")
+        raise BuildError(f"{onnx_path}: TensorRT's ONNX parser failed:\n  " + "\n  ".join(errors or ["no detail"]))
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_gb * 2**30))
+    config.builder_optimization_level = settings.opt_level
+    config.hardware_compatibility_level = (trt.HardwareCompatibilityLevel.AMPERE_PLUS
+                                           if settings.hardware == "ampere_plus"
+                                           else trt.HardwareCompatibilityLevel.NONE)
+    if settings.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)  # the lean runtime is installed separately
+    cache = config.create_timing_cache(timing_cache)
+    config.set_timing_cache(cache, False)
+    config.progress_monitor = _Progress(trt, f"gpu {job.gpu}: {job.engine}").monitor
+    for prof in job.profiles:
+        p = builder.create_optimization_profile()
+        for spec in job.inputs:
+            if "T" in spec["shape"]:
+                p.set_shape(spec["name"], _tokens(spec["shape"], prof.min), _tokens(spec["shape"], prof.opt),
+                            _tokens(spec["shape"], prof.max))
+        config.add_optimization_profile(p)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise BuildError(f"{onnx_path}: TensorRT could not build an engine (see its log above)")
+    return bytes(plan), bytes(config.get_timing_cache().serialize())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _gpu_worker(gpu: int, jobs: list[EngineJob], manifest_root: str, out: str, settings: BuildSettings,
+                cache_path: str, result_q) -> None:
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before TensorRT initializes CUDA
+    import tensorrt as trt
+
+    cache = Path(cache_path).read_bytes() if Path(cache_path).is_file() else b""
+    for job in jobs:
+        t0 = time.perf_counter()
+        try:
+            plan, cache = build_engine(trt, Path(manifest_root) / job.onnx, job, settings, cache)
+        except Exception as e:
+            result_q.put(("error", job.engine, str(e)))
+            return
+        _write_atomic(Path(out) / job.engine, plan)
+        result_q.put(("built", job.engine, time.perf_counter() - t0))
+    _write_atomic(Path(out) / f".timing-gpu{gpu}.cache", cache)
+    result_q.put(("done", gpu, None))
+
+
+def run_build(trt, manifest: Manifest, plan: BuildPlan, out: Path, settings: BuildSettings) -> None:
+    """Build the plan's engines, one process per GPU, then merge the timing caches and record."""
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    records_path = out / ENGINES_JSON
+    old = json.loads(records_path.read_text()) if records_path.is_file() else {"engines": {}}
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_gpu_worker, args=(g, jobs, str(manifest.root), str(out), settings,
+                                                   str(out / TIMING_CACHE), q))
+             for g, jobs in plan.by_gpu().items()]
+    for p in procs:
+        p.start()
+    done, errors = 0, []
+    jobs = {j.engine: j for j in plan.jobs}
+    records = dict(old["engines"])
+    with tqdm(total=len(plan.to_build), desc="engines", unit="engine") as bar:
+        while done < len(procs):
+            kind, what, detail = q.get()
+            if kind == "built":
+                records[what] = jobs[what].record()
+                records[what]["build_seconds"] = round(detail, 1)
+                bar.update()
+            elif kind == "error":
+                errors.append(f"{what}: {detail}")
+                done += 1
+            else:
+                done += 1
+    for p in procs:
+        p.join()
+    # One shared timing cache: merge what every GPU learned.
+    cache = trt.Builder(trt.Logger(trt.Logger.WARNING)).create_builder_config().create_timing_cache(
+        (out / TIMING_CACHE).read_bytes() if (out / TIMING_CACHE).is_file() else b"")
+    for f in out.glob(".timing-gpu*.cache"):
+        cfg = trt.Builder(trt.Logger(trt.Logger.WARNING)).create_builder_config()
+        cache.combine(cfg.create_timing_cache(f.read_bytes()), True)
+        f.unlink()
+    _write_atomic(out / TIMING_CACHE, bytes(cache.serialize()))
+    write_json_atomic(records_path, {"tensorrt_version": trt.__version__, "settings": asdict(settings),
+                                     "manifest_sha256": _manifest_digest(manifest), "engines": records})
+    if errors:
+        raise BuildError("\n".join(errors))
+
+
+def _manifest_digest(manifest: Manifest) -> str:
+    import hashlib
+    return hashlib.sha256(json.dumps(manifest.data["files"], sort_keys=True).encode()).hexdigest()
+
+
+def default_out(manifest: Manifest) -> Path:
+    """build/<model>/onnx/tp<N> -> build/<model>/engines/tp<N>."""
+    return manifest.root.parent.parent / "engines" / manifest.root.name
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engines.build", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="an export (folder or manifest.json), or a checkpoint to export first")
+    ap.add_argument("--tp", type=int, default=1, help="tensor parallelism, when exporting a checkpoint")
+    ap.add_argument("--out", help="engines folder (default build/<model>/engines/tp<N>)")
+    ap.add_argument("--hardware", choices=HARDWARE, default="same",
+                    help="same: for the GPU building (build on A100s); ampere_plus: run on SM80+ when built newer")
+    ap.add_argument("--version-compatible", action="store_true", help="engines for the lean runtime")
+    ap.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5 (default 3)")
+    ap.add_argument("--workspace-gb", type=float, default=8.0, help="builder workspace limit (default 8 GiB)")
+    ap.add_argument("--decode-max", type=int, default=256, help="largest token count of the decode profile")
+    ap.add_argument("--gpus", help="GPU indices to build on (default: all of SM80 or newer)")
+    ap.add_argument("--dry-run", action="store_true", help="print the build plan and exit (no TensorRT needed)")
+    a = ap.parse_args(argv)
+    settings = BuildSettings(a.hardware, a.version_compatible, a.opt_level, a.workspace_gb, a.decode_max)
+    try:
+        settings.check()
+        trt, gpus = (None, [0]) if a.dry_run else check_environment()
+        if a.gpus:
+            gpus = [int(g) for g in a.gpus.split(",")]
+        model = Path(a.model)
+        if (model / "config.json").is_file() and not (model / "manifest.json").is_file() \
+                and not list(model.glob("tp*/manifest.json")):
+            from export.to_onnx import export  # a checkpoint: export it (up-to-date parts are skipped)
+            manifest_path = export(model, None, a.tp)
+        else:
+            from runtime.engine import find_manifest
+            manifest_path = find_manifest(model)
+        manifest = Manifest.load(manifest_path)
+        out = Path(a.out) if a.out else default_out(manifest)
+        records = json.loads((out / ENGINES_JSON).read_text())["engines"] if (out / ENGINES_JSON).is_file() else {}
+        existing = {str(p.relative_to(out)) for p in out.glob("rank*/*.plan")} if out.is_dir() else set()
+        version = trt.__version__ if trt else "dry-run"
+        plan = make_build_plan(manifest, settings, version, gpus, records, existing)
+    except (BuildEnvironmentError, ManifestError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for j in plan.jobs:
+        prof = ", ".join(f"{p.name} T={p.min}..{p.max}" for p in j.profiles)
+        print(f"{'skip ' if j.skip else f'gpu {j.gpu}'}  {j.engine}  [{prof}]  {j.weight_bytes / 2**20:.1f} MiB")
+    print(f"{len(plan.to_build)} to build, {len(plan.jobs) - len(plan.to_build)} up to date; "
+          f"{'dry run' if a.dry_run else f'out: {out}'}")
+    if a.dry_run or not plan.to_build:
+        return 0
+    try:
+        run_build(trt, manifest, plan, out, settings)
+    except BuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""What `make engines` builds: a plain function of the export manifest and the build settings.
+
+One engine per (subgraph, rank). Each engine gets optimization profiles over the token dimension T:
+the gather MoE form covers 1..crossover tokens, the dense form crossover+1..max_tokens, and every
+other subgraph a decode profile (1..decode_max) and a prefill profile (1..max_tokens), so the runtime
+picks a profile by token count. Engines whose key (ONNX sha256, settings, TensorRT version, profiles)
+matches the one recorded by the last build are skipped. Work is spread over the GPUs, largest first,
+each to the least-loaded GPU.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from export.manifest import Manifest
+
+HARDWARE = ("same", "ampere_plus")
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    hardware: str = "same"            # same: build on the A100 itself; ampere_plus: on a newer GPU for SM80+
+    version_compatible: bool = False  # runs on the lean runtime (tensorrt_lean) of later TensorRT versions
+    opt_level: int = 3                # builder_optimization_level, 0..5
+    workspace_gb: float = 8.0
+    decode_max: int = 256             # largest token count of the decode profile
+
+    def check(self) -> None:
+        if self.hardware not in HARDWARE:
+            raise ValueError(f"hardware compatibility {self.hardware!r} is not one of {HARDWARE}")
+        if not 0 <= self.opt_level <= 5:
+            raise ValueError(f"builder optimization level must be 0..5, got {self.opt_level}")
+        if self.workspace_gb <= 0 or self.decode_max < 1:
+            raise ValueError("workspace and decode_max must be positive")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    min: int
+    opt: int
+    max: int
+
+
+@dataclass
+class EngineJob:
+    subgraph: str
+    rank: int
+    onnx: str                 # relative to the manifest's folder
+    engine: str               # relative to the engines folder
+    onnx_sha256: str
+    weight_bytes: int
+    profiles: list[Profile]
+    inputs: list[dict]        # the manifest's input specs (names, dtypes, shapes with "T")
+    key: str = ""
+    gpu: int = 0
+    skip: bool = False
+
+    def record(self) -> dict:
+        d = asdict(self)
+        d.pop("skip")
+        d.pop("gpu")
+        return d
+
+
+@dataclass
+class BuildPlan:
+    jobs: list[EngineJob] = field(default_factory=list)
+
+    @property
+    def to_build(self) -> list[EngineJob]:
+        return [j for j in self.jobs if not j.skip]
+
+    def by_gpu(self) -> dict[int, list[EngineJob]]:
+        out: dict[int, list[EngineJob]] = {}
+        for j in self.to_build:
+            out.setdefault(j.gpu, []).append(j)
+        return out
+
+
+def profiles_for(manifest: Manifest, name: str, settings: BuildSettings) -> list[Profile]:
+    max_tokens = manifest.data["max_tokens"]
+    cross = manifest.data["moe_crossover_tokens"]
+    sg = manifest.subgraphs[name]
+    if sg.get("form") == "gather":
+        return [Profile("gather", 1, min(8, cross), cross)]
+    if sg.get("form") == "dense":
+        lo = min(cross + 1, max_tokens)
+        return [Profile("dense", lo, min(max(lo, 1024), max_tokens), max_tokens)]
+    decode_max = min(settings.decode_max, max_tokens)
+    profiles = [Profile("decode", 1, min(8, decode_max), decode_max)]
+    if max_tokens > decode_max:
+        profiles.append(Profile("prefill", 1, min(1024, max_tokens), max_tokens))
+    return profiles
+
+
+def job_key(job: EngineJob, settings: BuildSettings, trt_version: str) -> str:
+    blob = json.dumps([job.onnx_sha256, asdict(settings), trt_version, [asdict(p) for p in job.profiles]],
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def make_build_plan(manifest: Manifest, settings: BuildSettings, trt_version: str, gpus: list[int],
+                    built: dict[str, dict] | None = None, existing: set[str] | None = None) -> BuildPlan:
+    """`built`: the records of the last build (engines.json), by engine path; `existing`: engine files
+    present now. An engine is skipped when its file exists and its recorded key is the current one."""
+    settings.check()
+    if not gpus:
+        raise ValueError("no GPU to build on")
+    built, existing = built or {}, existing or set()
+    plan = BuildPlan()
+    for name, sg in manifest.subgraphs.items():
+        for rank in sg["ranks"]:
+            files = sg["files"][str(rank)]["bf16"]
+            job = EngineJob(subgraph=name, rank=rank, onnx=files["onnx"], engine=f"rank{rank}/{name}.plan",
+                            onnx_sha256=manifest.data["files"][files["onnx"]]["sha256"],
+                            weight_bytes=manifest.data["files"][files["weights"]]["bytes"],
+                            profiles=profiles_for(manifest, name, settings), inputs=sg["inputs"])
+            job.key = job_key(job, settings, trt_version)
+            job.skip = job.engine in existing and built.get(job.engine, {}).get("key") == job.key
+            plan.jobs.append(job)
+    load = {g: 0 for g in gpus}
+    for job in sorted(plan.to_build, key=lambda j: (-j.weight_bytes, j.engine)):
+        job.gpu = min(load, key=lambda g: (load[g], g))
+        load[job.gpu] += job.weight_bytes + 1
+    return plan

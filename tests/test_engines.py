@@ -1,0 +1,221 @@
+"""The TensorRT stage, as far as it can be checked without TensorRT (which cannot be installed here):
+
+- every TensorRT name the builder and the runtime backend use exists in TensorRT 11.4: the code runs
+  against a recording stand-in for the `tensorrt` module (no engine is built or run), and each
+  recorded name is looked up in the real lean bindings (tensorrt_lean, installed from PyPI) and in
+  the identifier list of the full 11.4 bindings (shared/reference); a removed name fails;
+- the build plan is a plain function of the manifest and the settings;
+- without TensorRT, `make engines` fails with a clear message, having written nothing.
+"""
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engines import build as build_mod
+from engines.plan import BuildSettings, make_build_plan
+from export.manifest import ManifestError
+from runtime import trt_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+IDENTIFIERS = ROOT.parent / "shared" / "reference" / "tensorrt-11.4-python-identifiers.txt"
+# Named in shared/reference/tensorrt-11.md (TensorRT's own API docs) but absent from the identifier
+# list, which was read out of the bindings' strings, and from the runtime-only lean module.
+DOCUMENTED = {"Builder", "num_errors", "desc"}
+
+
+class Recorder:
+    """Stands in for the tensorrt module and every object it returns; records (owner path, name)."""
+
+    def __init__(self, log, path="trt"):
+        self._log, self._path = log, path
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        self._log.append((self._path, name))
+        if name == "IProgressMonitor":  # subclassed by the builder: hand out a real class
+            return type("IProgressMonitor", (), {"__init__": lambda self: None})
+        return Recorder(self._log, f"{self._path}.{name}")
+
+    def __setattr__(self, name, value):
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            self._log.append((self._path, name))
+
+    def __call__(self, *args, **kwargs):
+        return Recorder(self._log, f"{self._path}()")
+
+    def __bool__(self):
+        return True
+
+    def __index__(self):
+        return 1
+
+    def __bytes__(self):
+        return b"serialized"
+
+    def __iter__(self):
+        return iter(())
+
+
+def _lean():
+    return pytest.importorskip("tensorrt_lean")
+
+
+def known_names(lean) -> set[str]:
+    names = {l.strip() for l in IDENTIFIERS.read_text().splitlines() if l.strip() and not l.startswith("#")}
+    names |= set(dir(lean)) | DOCUMENTED
+    for attr in dir(lean):
+        obj = getattr(lean, attr)
+        if isinstance(obj, type):
+            names |= set(dir(obj))
+    return names
+
+
+def unknown(log, lean) -> list[str]:
+    """Recorded names TensorRT 11.4 does not have. Where the owner is a real object of the lean
+    bindings (an enum, a class), the name must be its attribute; else it must be a known identifier."""
+    names, bad = known_names(lean), []
+    for owner, name in log:
+        real = lean
+        for part in owner.split(".")[1:]:
+            real = getattr(real, part, None) if real is not None and not part.endswith("()") else None
+        if real is not None and owner != "trt":
+            if not hasattr(real, name):
+                bad.append(f"{owner}.{name}")
+        elif name not in names:
+            bad.append(f"{owner}.{name}")
+    return sorted(set(bad))
+
+
+def test_builder_uses_only_tensorrt_11_names(tmp_path, exported):
+    lean = _lean()
+    log = []
+    job = make_build_plan(exported("tiny", 2), BuildSettings(), "11.4.0", [0]).jobs[1]
+    for settings in (BuildSettings(), BuildSettings(hardware="ampere_plus", version_compatible=True)):
+        plan, cache = build_mod.build_engine(Recorder(log), tmp_path / "x.onnx", job, settings, b"")
+        assert plan == b"serialized" and cache == b"serialized"
+    used = {n for _, n in log}
+    assert {"Builder", "OnnxParser", "create_network", "parse_from_file", "create_builder_config",
+            "set_memory_pool_limit", "WORKSPACE", "builder_optimization_level", "hardware_compatibility_level",
+            "AMPERE_PLUS", "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME", "create_timing_cache", "set_timing_cache",
+            "progress_monitor", "create_optimization_profile", "set_shape", "add_optimization_profile",
+            "build_serialized_network", "get_timing_cache", "serialize"} <= used
+    assert unknown(log, lean) == []
+
+
+def test_runtime_backend_uses_only_tensorrt_11_names():
+    lean = _lean()
+    log = []
+    trt = Recorder(log)
+    _, runtime = trt_backend.make_runtime(trt, True)
+    le = trt_backend.load_engine(trt, runtime, b"plan", "x", {"profiles": [{"min": 1, "max": 8}]})
+    trt_backend.bind_scratch([le], 0, 1)
+    le2 = trt_backend.LoadedEngine(Recorder(log, "engine"), Recorder(log, "trt().deserialize_cuda_engine()"
+                                                                          ".create_execution_context()"),
+                                   ["x"], ["y"], {"x": "BF16", "y": "BF16"}, [(1, 8)], 0)
+    trt_backend.enqueue(le2, 4, {"x": torch.zeros(4, 2)}, lambda shape, dtype: torch.zeros(shape, dtype=dtype), 0)
+    used = {n for _, n in log}
+    for name in ("deserialize_cuda_engine", "create_execution_context", "USER_MANAGED", "set_device_memory",
+                 "set_optimization_profile_async", "set_input_shape", "set_tensor_address", "execute_async_v3",
+                 "engine_host_code_allowed", "get_device_memory_size_for_profile_v2", "num_io_tensors"):
+        assert name in used, name
+    assert unknown(log, lean) == []
+
+
+def test_removed_names_are_caught():
+    lean = _lean()
+    for owner, name in (("trt.BuilderFlag", "FP16"), ("trt.BuilderFlag", "BF16"), ("trt.BuilderFlag", "INT8"),
+                        ("trt.NetworkDefinitionCreationFlag", "EXPLICIT_BATCH"),
+                        ("trt().create_builder_config()", "set_flag_fp16"),
+                        ("trt().deserialize_cuda_engine()", "device_memory_size"),
+                        ("trt().deserialize_cuda_engine()", "create_execution_context_without_device_memory")):
+        assert unknown([(owner, name)], lean) == [f"{owner}.{name}"], (owner, name)
+
+
+def test_build_plan_is_a_function_of_manifest_and_settings(exported):
+    man = exported("tiny", 2)
+    s = BuildSettings(decode_max=64)
+    plan = make_build_plan(man, s, "11.4.0", [0, 1, 2])
+    pairs = {(j.subgraph, j.rank) for j in plan.jobs}
+    assert pairs == {(n, r) for n, sg in man.subgraphs.items() for r in sg["ranks"]}
+    by = {(j.subgraph, j.rank): j for j in plan.jobs}
+    cross, max_tokens = man.data["moe_crossover_tokens"], man.data["max_tokens"]
+    assert [(p.min, p.max) for p in by[("layers.0.moe_gather", 1)].profiles] == [(1, cross)]
+    assert [(p.min, p.max) for p in by[("layers.0.moe_dense", 0)].profiles] == [(cross + 1, max_tokens)]
+    assert [(p.name, p.min, p.max) for p in by[("layers.1.attn_in", 0)].profiles] == \
+        [("decode", 1, 64), ("prefill", 1, max_tokens)]
+    assert all(p.min <= p.opt <= p.max for j in plan.jobs for p in j.profiles)
+    # spread over the GPUs, largest first to the least loaded: loads differ by at most one job
+    loads = {g: sum(j.weight_bytes for j in plan.jobs if j.gpu == g) for g in (0, 1, 2)}
+    biggest = max(j.weight_bytes for j in plan.jobs)
+    assert max(loads.values()) - min(loads.values()) <= biggest
+    # the same inputs give the same plan
+    again = make_build_plan(man, s, "11.4.0", [0, 1, 2])
+    assert [(j.engine, j.key, j.gpu) for j in again.jobs] == [(j.engine, j.key, j.gpu) for j in plan.jobs]
+
+
+def test_build_plan_skips_what_is_up_to_date(exported):
+    man = exported("tiny", 1)
+    s = BuildSettings()
+    first = make_build_plan(man, s, "11.4.0", [0])
+    records = {j.engine: j.record() for j in first.jobs}
+    existing = set(records)
+    assert not make_build_plan(man, s, "11.4.0", [0], records, existing).to_build
+    # a missing engine file, other settings, another TensorRT, a changed ONNX file: rebuilt
+    gone = next(iter(existing))
+    assert [j.engine for j in make_build_plan(man, s, "11.4.0", [0], records, existing - {gone}).to_build] == [gone]
+    assert len(make_build_plan(man, dataclasses.replace(s, opt_level=5), "11.4.0", [0], records, existing).to_build) \
+        == len(first.jobs)
+    assert len(make_build_plan(man, s, "11.5.0", [0], records, existing).to_build) == len(first.jobs)
+    changed = dict(records)
+    changed[gone] = dict(changed[gone], key="stale")
+    assert [j.engine for j in make_build_plan(man, s, "11.4.0", [0], changed, existing).to_build] == [gone]
+
+
+def test_bad_settings_are_refused(exported):
+    man = exported("tiny", 1)
+    for bad, msg in ((BuildSettings(hardware="hopper"), "hardware compatibility"),
+                     (BuildSettings(opt_level=7), "optimization level")):
+        with pytest.raises(ValueError, match=msg):
+            make_build_plan(man, bad, "11.4.0", [0])
+
+
+def test_make_engines_without_tensorrt_writes_nothing(checkpoints, tmp_path):
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["alt"], ckpt)
+    env = dict(os.environ)
+    r = subprocess.run(["make", "--no-print-directory", "engines", f"MODEL={ckpt}", "TP=2", f"BIN={Path(sys.executable).parent}"],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0
+    assert "TensorRT (with its builder and ONNX parser) is not installed" in r.stderr
+    assert "pip install tensorrt" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert not (ROOT / "build" / "ckpt").exists()  # no export was started either
+
+
+def test_manifest_mismatch_is_an_error(exported):
+    sg = exported("tiny", 1).subgraphs["layers.0.attn"]
+    ins = [t["name"] for t in sg["inputs"]]
+    outs = [t["name"] for t in sg["outputs"]]
+    dtypes = {t["name"]: {"bfloat16": "BF16", "int64": "INT64", "float32": "FLOAT"}[t["dtype"]]
+              for t in sg["inputs"] + sg["outputs"]}
+    trt_backend.check_against_manifest("layers.0.attn", sg, ins, outs, dtypes)
+    with pytest.raises(ManifestError, match="does not match the manifest"):
+        trt_backend.check_against_manifest("layers.0.attn", sg, ins[:-1], outs, dtypes)
+    with pytest.raises(ManifestError, match="residual is FLOAT, the manifest says bfloat16"):
+        trt_backend.check_against_manifest("layers.0.attn", sg, ins, outs, dict(dtypes, residual="FLOAT"))
+
+
+def test_trt_backend_without_engines_says_what_to_run(exported):
+    _lean()
+    from runtime.engine import Engine, EngineConfig
+    with pytest.raises(ManifestError, match="engines.json: not found; build the engines with `make engines`"):
+        Engine(exported("tiny", 1).root, EngineConfig(backend="trt"))
