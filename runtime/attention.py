@@ -43,3 +43,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         out.append(o[0].transpose(0, 1).reshape(q_len, -1))
         start += q_len
     return torch.cat(out)
+
+
+def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode (one new token per sequence) with every input a tensor of fixed shape, so that the step
+    can be captured in a CUDA graph. q [B, Hq, d]; block_tables [B, M]; context_lens [B].
+    Reads M blocks per sequence and masks past each context length."""
+    write_kv(k_cache, v_cache, k, v, slot_mapping)
+    B, M = block_tables.shape
+    bs = k_cache.shape[1]
+    keys = k_cache[block_tables].flatten(1, 2)      # [B, M*bs, Hkv, d]
+    values = v_cache[block_tables].flatten(1, 2)
+    mask = torch.arange(M * bs, device=q.device)[None, :] < context_lens[:, None]   # [B, L]
+    o = F.scaled_dot_product_attention(q[:, :, None, :], keys.transpose(1, 2).to(q.dtype),
+                                       values.transpose(1, 2).to(q.dtype), attn_mask=mask[:, None, None, :],
+                                       scale=scale, enable_gqa=True)                  # [B, Hq, 1, d]
+    return o.reshape(B, -1)

@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-blocks", type=int, help="KV cache size in blocks (overrides --kv-cache-gb)")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block, a power of two (default 16)")
     ap.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step (default 64)")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="GPU: run decode steps eagerly (same padding)")
     a = ap.parse_args(argv)
     try:
         model = Path(a.model) if a.model else ensure_embedded_default()
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--json needs --prompt-ids or --prompt")
         engine = Engine.start(model, EngineConfig(backend=a.backend, device=a.device, dtype=a.dtype, engines=a.engines,
                                                   block_size=a.block_size, num_blocks=a.num_blocks,
-                                                  kv_cache_gb=a.kv_cache_gb, max_num_seqs=a.max_num_seqs))
+                                                  kv_cache_gb=a.kv_cache_gb, max_num_seqs=a.max_num_seqs,
+                                                  cuda_graphs=not a.no_cuda_graphs))
     except (ManifestError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

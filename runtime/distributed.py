@@ -117,7 +117,7 @@ class Group:
                 _die(f"{what}; stopping the run")
             time.sleep(0.2)
 
-    def stop(self) -> None:
+    def stop(self, before_destroy=None) -> None:
         self._stopping = True
         try:
             if not self.comm.broken:
@@ -126,6 +126,8 @@ class Group:
                 for p in self.procs:
                     if p.poll() is None:
                         p.kill()
+            if before_destroy:
+                before_destroy()
         finally:
             for p in self.procs:
                 try:

@@ -37,6 +37,9 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None  # default: the export's max_tokens
     max_model_len: int | None = None           # default: the model's context, capped by the cache
+    cuda_graphs: bool = True          # GPU: replay decode steps from CUDA graphs (else the same, eagerly)
+    graph_max_context: int = 8192     # GPU: decode steps of sequences longer than this run eagerly
+    decode_buckets: bool | None = None  # pad decode steps to bucket sizes (default: on a GPU)
 
 
 @dataclass
@@ -85,7 +88,16 @@ def build_rank(manifest: Manifest, c: EngineConfig, rank: int, comm=None) -> Pla
     num_blocks = c.num_blocks or max(1, int(c.kv_cache_gb * 2**30) // per_block)
     kv = KVCache(cfg.num_hidden_layers, num_blocks, c.block_size, kv_heads, cfg.head_dim, backend.dtype,
                  backend.device)
-    return PlanExecutor(manifest, backend, kv, rank, comm)
+    ex = PlanExecutor(manifest, backend, kv, rank, comm)
+    ex.usable_blocks = num_blocks
+    if c.decode_buckets if c.decode_buckets is not None else backend.device.type == "cuda":
+        from .cuda_graphs import DecodeGraphs
+
+        ex.usable_blocks = num_blocks - 1  # the last block takes the padding rows' K/V writes
+        context = min(c.graph_max_context, c.max_model_len or cfg.max_position_embeddings)
+        ex.decode_graphs = DecodeGraphs(ex, c.max_num_seqs, -(-context // c.block_size), num_blocks - 1,
+                                        c.cuda_graphs and backend.device.type == "cuda")
+    return ex
 
 
 class Engine:
@@ -102,7 +114,7 @@ class Engine:
         self.codec = TextCodec(self.manifest.root)
         self.executor = build_rank(self.manifest, c, 0, comm)
         self.backend, self.kv = self.executor.backend, self.executor.kv
-        num_blocks = self.kv.num_blocks
+        num_blocks = self.executor.usable_blocks
         self.blocks = BlockManager(num_blocks, c.block_size)
         self.max_num_batched_tokens = c.max_num_batched_tokens or self.manifest.data["max_tokens"]
         self.max_model_len = min(c.max_model_len or cfg.max_position_embeddings, num_blocks * c.block_size)
@@ -129,8 +141,10 @@ class Engine:
     def close(self) -> None:
         """Stop the other ranks (if any) and wait for them."""
         if self._group is not None:
-            self._group.stop()
+            self._group.stop(before_destroy=self.executor.close)
             self._group = None
+        else:
+            self.executor.close()
 
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams | None = None) -> Sequence:

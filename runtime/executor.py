@@ -5,7 +5,7 @@ import torch
 
 from export.manifest import Manifest
 
-from .attention import AttentionMetadata, paged_attention
+from .attention import AttentionMetadata, paged_attention, paged_decode_attention
 from .kv_cache import KVCache
 
 
@@ -31,6 +31,7 @@ class PlanExecutor:
         self.crossover = manifest.data["moe_crossover_tokens"]
         self.hidden = manifest.config.hidden_size
         self.last_forms: list[str] = []
+        self.decode_graphs = None  # set by enable_decode_graphs on a GPU
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
             logits_rows: torch.Tensor) -> torch.Tensor | None:
@@ -44,11 +45,33 @@ class PlanExecutor:
         """The loop of ranks other than 0: run each step rank 0 sends, until it sends None."""
         while (step := self.comm.share_step(None)) is not None:
             self._run(*step)
+        self.close()
+
+    def close(self) -> None:
+        """Release captured CUDA graphs: they hold NCCL work, and must go before the process group."""
+        if self.decode_graphs is not None:
+            self.decode_graphs.graphs.clear()
+            self.decode_graphs.outputs.clear()
+            if self.backend.device.type == "cuda":
+                torch.cuda.synchronize(self.backend.device)
 
     def _run(self, ids, positions, meta, logits_rows):
+        if self.decode_graphs is not None and self.decode_graphs.can_run(meta.q_lens, meta.block_tables):
+            self.last_forms.append("gather" if self.decode_graphs.bucket(len(meta.q_lens)) <= self.crossover
+                                   else "dense")
+            return self.decode_graphs.run(ids, positions, meta.slot_mapping, meta.q_lens, meta.context_lens,
+                                          meta.block_tables)
         dev = self.backend.device
-        env = {"ids": ids.to(dev), "positions": positions.to(dev)}
         meta = AttentionMetadata(meta.slot_mapping.to(dev), meta.q_lens, meta.context_lens, meta.block_tables)
+        self.last_forms.append("gather" if ids.numel() <= self.crossover else "dense")
+        return self.forward(ids.to(dev), positions.to(dev), logits_rows.to(dev), meta=meta)
+
+    def forward(self, ids, positions, logits_rows, meta: AttentionMetadata | None = None, decode=None):
+        """The manifest's steps on device tensors. Attention through `meta` (any batch), or for a
+        decode batch of fixed shape through `decode` = (slot_mapping, block_tables, context_lens)
+        tensors, which is what a CUDA graph captures."""
+        dev = self.backend.device
+        env = {"ids": ids, "positions": positions}
         form = "gather" if ids.numel() <= self.crossover else "dense"
         self.last_forms.append(form)
         for step in self.manifest.steps:
@@ -60,8 +83,7 @@ class PlanExecutor:
                     continue
                 inputs = {t["name"]: env[t["name"]] for t in sg["inputs"]}
                 if name == "head":  # logits only where a token is sampled
-                    rows = logits_rows.to(dev)
-                    inputs = {k: v.index_select(0, rows) for k, v in inputs.items()}
+                    inputs = {k: v.index_select(0, logits_rows) for k, v in inputs.items()}
                 env.update(self.backend.run(name, inputs))
             elif op == "all_reduce":
                 for t in step["tensors"]:
@@ -72,9 +94,12 @@ class PlanExecutor:
                     like = torch.empty(shape, dtype=self.backend.dtype, device=dev)
                     env[t] = self.comm.broadcast(env.get(t), step["src"], like)
             elif op == "attention":
-                n = step["layer"]
-                env[step["out"]] = paged_attention(env[step["q"]], env[step["k"]], env[step["v"]],
-                                                   self.kv.k[n], self.kv.v[n], meta, step["scale"])
+                n, q, k, v = step["layer"], env[step["q"]], env[step["k"]], env[step["v"]]
+                if decode is not None:
+                    env[step["out"]] = paged_decode_attention(q, k, v, self.kv.k[n], self.kv.v[n], *decode,
+                                                              step["scale"])
+                else:
+                    env[step["out"]] = paged_attention(q, k, v, self.kv.k[n], self.kv.v[n], meta, step["scale"])
             else:
                 raise ValueError(f"unknown step op {op!r} in the manifest")
         return env.get("logits")

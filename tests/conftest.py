@@ -9,8 +9,6 @@ import torch
 
 from export.manifest import Manifest
 from export.tiny import PRESETS, write_checkpoint
-from export.to_onnx import export
-from tests.reference import load_transformers
 
 # The embedded default, and a second shape that differs in every way the issue names (layers,
 # experts, top-k, heads-to-KV ratio, rotary dim, vocabulary).
@@ -35,6 +33,7 @@ def hf_model(checkpoints, tmp_path_factory):
 
     @functools.cache
     def get(name: str, dtype: torch.dtype = torch.float32):
+        from tests.reference import load_transformers
         return load_transformers(checkpoints[name], dtype, scratch)
 
     return get
@@ -47,6 +46,7 @@ def exported(checkpoints, tmp_path_factory):
 
     @functools.cache
     def get(name: str, tp: int = 1) -> Manifest:
+        from export.to_onnx import export
         return Manifest.load(export(checkpoints[name], root / name, tp=tp, progress=False))
 
     return get

@@ -1,0 +1,83 @@
+"""Decode steps on a GPU at fixed batch sizes ("buckets"), replayed from CUDA graphs.
+
+A decode step (one new token per sequence) of B sequences runs at the smallest bucket >= B: the
+extra rows are padding (token 0, writing its K/V to a reserved padding block, attending to one key).
+Each bucket's step (every subgraph, the attention, and with tensor parallelism the NCCL all-reduces)
+is captured once into a CUDA graph on static buffers and replayed after copying the step's inputs in.
+With graphs off, the same padded step runs eagerly, so replay and eager compute the same thing with
+the same kernels. Steps with prefills, or larger than the largest bucket, run eagerly unpadded.
+"""
+from __future__ import annotations
+
+import torch
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, executor, max_num_seqs: int, max_blocks_per_seq: int, pad_block: int,
+                 use_graphs: bool = True):
+        self.ex = executor
+        self.buckets = sorted({b for b in BUCKETS if b < max_num_seqs} | {max_num_seqs})
+        self.max_blocks = max_blocks_per_seq
+        self.pad_slot = pad_block * executor.kv.block_size
+        self.use_graphs = use_graphs
+        self.static: dict[int, dict[str, torch.Tensor]] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor | None] = {}
+        self.pool = None
+
+    def bucket(self, n: int) -> int | None:
+        return next((b for b in self.buckets if b >= n), None)
+
+    def can_run(self, q_lens: list[int], block_tables: list[list[int]]) -> bool:
+        return (all(q == 1 for q in q_lens) and self.bucket(len(q_lens)) is not None
+                and max(len(t) for t in block_tables) <= self.max_blocks)
+
+    def _buffers(self, b: int) -> dict[str, torch.Tensor]:
+        if b not in self.static:
+            dev = self.ex.backend.device
+            z = lambda *s: torch.zeros(*s, dtype=torch.int64, device=dev)  # noqa: E731
+            self.static[b] = {"ids": z(b), "positions": z(b), "slots": z(b), "tables": z(b, self.max_blocks),
+                              "ctx": z(b), "rows": torch.arange(b, device=dev)}
+        return self.static[b]
+
+    def run(self, ids, positions, slots, q_lens, context_lens, block_tables) -> torch.Tensor | None:
+        n = len(q_lens)
+        b = self.bucket(n)
+        s = self._buffers(b)
+        tables = torch.zeros(b, self.max_blocks, dtype=torch.int64)
+        for i, t in enumerate(block_tables):
+            tables[i, :len(t)] = torch.tensor(t)
+        pad = b - n
+        host = {"ids": torch.cat([ids, torch.zeros(pad, dtype=torch.int64)]),
+                "positions": torch.cat([positions, torch.zeros(pad, dtype=torch.int64)]),
+                "slots": torch.cat([slots, torch.full((pad,), self.pad_slot, dtype=torch.int64)]),
+                "ctx": torch.tensor(list(context_lens) + [1] * pad), "tables": tables}
+        for k, v in host.items():
+            s[k].copy_(v, non_blocking=True)
+        if not self.use_graphs:
+            out = self._forward(s)
+        else:
+            if b not in self.graphs:
+                self._capture(b, s)
+            self.graphs[b].replay()
+            out = self.outputs[b]
+        return None if out is None else out[:n]
+
+    def _forward(self, s):
+        return self.ex.forward(s["ids"], s["positions"], s["rows"],
+                               decode=(s["slots"], s["tables"], s["ctx"]))
+
+    def _capture(self, b: int, s) -> None:
+        side = torch.cuda.Stream(device=self.ex.backend.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up: lazy initialisations must not happen during capture
+            self._forward(s)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(g, pool=self.pool):
+            self.outputs[b] = self._forward(s)
+        self.graphs[b] = g
