@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from export.manifest import Manifest, ManifestError, write_json_atomic
+from export.manifest import Manifest, ManifestError, write_bytes_atomic, write_json_atomic
 
 from .plan import HARDWARE, BuildPlan, BuildSettings, EngineJob, make_build_plan
 
@@ -131,16 +131,6 @@ def build_engine(trt, onnx_path: Path, job: EngineJob, settings: BuildSettings,
     return bytes(plan), bytes(config.get_timing_cache().serialize())
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _gpu_worker(gpu: int, jobs: list[EngineJob], manifest_root: str, out: str, settings: BuildSettings,
                 cache_path: str, result_q) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before TensorRT initializes CUDA
@@ -154,9 +144,9 @@ def _gpu_worker(gpu: int, jobs: list[EngineJob], manifest_root: str, out: str, s
         except Exception as e:
             result_q.put(("error", job.engine, str(e)))
             return
-        _write_atomic(Path(out) / job.engine, plan)
+        write_bytes_atomic(Path(out) / job.engine, plan)
         result_q.put(("built", job.engine, time.perf_counter() - t0))
-    _write_atomic(Path(out) / f".timing-gpu{gpu}.cache", cache)
+    write_bytes_atomic(Path(out) / f".timing-gpu{gpu}.cache", cache)
     result_q.put(("done", gpu, None))
 
 
@@ -198,7 +188,7 @@ def run_build(trt, manifest: Manifest, plan: BuildPlan, out: Path, settings: Bui
         cfg = trt.Builder(trt.Logger(trt.Logger.WARNING)).create_builder_config()
         cache.combine(cfg.create_timing_cache(f.read_bytes()), True)
         f.unlink()
-    _write_atomic(out / TIMING_CACHE, bytes(cache.serialize()))
+    write_bytes_atomic(out / TIMING_CACHE, bytes(cache.serialize()))
     write_json_atomic(records_path, {"tensorrt_version": trt.__version__, "settings": asdict(settings),
                                      "manifest_sha256": _manifest_digest(manifest), "engines": records})
     if errors:

@@ -54,7 +54,6 @@ class Stats:
     steps: int = 0
     prefill_tokens: int = 0
     decode_tokens: int = 0
-    cached_tokens: int = 0
     forward_seconds: float = 0.0
     forms: dict = field(default_factory=dict)
 
