@@ -47,7 +47,9 @@ onnx: setup $(if $(filter $(MODEL),$(TINY)),$(TINY)/config.json)
 
 # One scripted chat turn on the embedded model through the runtime (ONNX Runtime, FP32 twins).
 # Checks for TensorRT and an SM80+ GPU first, so that nothing is written on a machine without them.
-engines: setup $(if $(filter $(MODEL),$(TINY)),$(TINY)/config.json)
+engines: setup
+	$(BIN)/python -m engines.build --check-env
+	$(if $(filter $(MODEL),$(TINY)),$(MAKE) --no-print-directory tiny)
 	$(BIN)/python -m engines.build $(MODEL) --tp $(TP) $(ENGINE_FLAGS)
 
 verify-engines: setup

@@ -208,7 +208,8 @@ def default_out(manifest: Manifest) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engines.build", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", help="an export (folder or manifest.json), or a checkpoint to export first")
+    ap.add_argument("model", nargs="?", help="an export (folder or manifest.json), or a checkpoint to export first")
+    ap.add_argument("--check-env", action="store_true", help="only check for TensorRT and an SM80+ GPU")
     ap.add_argument("--tp", type=int, default=1, help="tensor parallelism, when exporting a checkpoint")
     ap.add_argument("--out", help="engines folder (default build/<model>/engines/tp<N>)")
     ap.add_argument("--hardware", choices=HARDWARE, default="same",
@@ -220,6 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus", help="GPU indices to build on (default: all of SM80 or newer)")
     ap.add_argument("--dry-run", action="store_true", help="print the build plan and exit (no TensorRT needed)")
     a = ap.parse_args(argv)
+    if a.check_env or not a.model:
+        if not a.check_env:
+            ap.error("give an export or a checkpoint")
+        try:
+            _, gpus = check_environment()
+        except BuildEnvironmentError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"TensorRT and {len(gpus)} GPU(s) of SM80 or newer: {gpus}")
+        return 0
     settings = BuildSettings(a.hardware, a.version_compatible, a.opt_level, a.workspace_gb, a.decode_max)
     try:
         settings.check()

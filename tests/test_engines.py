@@ -199,6 +199,11 @@ def test_make_engines_without_tensorrt_writes_nothing(checkpoints, tmp_path):
     assert "pip install tensorrt" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert not (ROOT / "build" / "ckpt").exists()  # no export was started either
+    # the default (embedded) model: not even the toy checkpoint is written
+    r = subprocess.run(["make", "--no-print-directory", "engines", f"BUILD={tmp_path / 'b'}",
+                        f"BIN={Path(sys.executable).parent}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "pip install tensorrt" in r.stderr
+    assert not (tmp_path / "b").exists()
 
 
 def test_manifest_mismatch_is_an_error(exported):
