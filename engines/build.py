@@ -24,7 +24,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from export.manifest import Manifest, ManifestError, write_bytes_atomic, write_json_atomic
+from export.manifest import (Manifest, ManifestError, engines_dir, find_manifest, write_bytes_atomic,
+                             write_json_atomic)
 
 from .plan import HARDWARE, BuildPlan, BuildSettings, EngineJob, make_build_plan
 
@@ -200,11 +201,6 @@ def _manifest_digest(manifest: Manifest) -> str:
     return hashlib.sha256(json.dumps(manifest.data["files"], sort_keys=True).encode()).hexdigest()
 
 
-def default_out(manifest: Manifest) -> Path:
-    """build/<model>/onnx/tp<N> -> build/<model>/engines/tp<N>."""
-    return manifest.root.parent.parent / "engines" / manifest.root.name
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engines.build", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -243,10 +239,9 @@ def main(argv: list[str] | None = None) -> int:
             from export.to_onnx import export  # a checkpoint: export it (up-to-date parts are skipped)
             manifest_path = export(model, None, a.tp)
         else:
-            from runtime.engine import find_manifest
             manifest_path = find_manifest(model)
         manifest = Manifest.load(manifest_path)
-        out = Path(a.out) if a.out else default_out(manifest)
+        out = Path(a.out) if a.out else engines_dir(manifest)
         records = json.loads((out / ENGINES_JSON).read_text())["engines"] if (out / ENGINES_JSON).is_file() else {}
         existing = {str(p.relative_to(out)) for p in out.glob("rank*/*.plan")} if out.is_dir() else set()
         version = trt.__version__ if trt else "dry-run"

@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engines", help="engines folder (default build/<model>/engines/tp<N>)")
     ap.add_argument("--tokens", default="1,7,300", help="token counts to try (default 1,7,300)")
     a = ap.parse_args(argv)
-    from engines.build import BuildEnvironmentError, check_environment, default_out
-    from runtime.engine import find_manifest
+    from engines.build import BuildEnvironmentError, check_environment
+    from export.manifest import engines_dir, find_manifest
     try:
         check_environment()
     except BuildEnvironmentError as e:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from polygraphy.comparator import CompareFunc, Comparator, RunResults
 
     man = Manifest.load(find_manifest(a.export))
-    out = Path(a.engines) if a.engines else default_out(man)
+    out = Path(a.engines) if a.engines else engines_dir(man)
     records = json.loads((out / "engines.json").read_text())["engines"]
     failures = 0
     for engine_rel, rec in sorted(records.items()):

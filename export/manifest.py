@@ -119,3 +119,24 @@ class Manifest:
                 raise ManifestError(f"{p}: {p.stat().st_size} bytes, the manifest says {meta['bytes']}")
             if hashes and sha256_file(p) != meta["sha256"]:
                 raise ManifestError(f"{p}: content does not match the manifest's sha256; export again")
+
+
+def find_manifest(path: str | Path) -> Path:
+    """Accept a manifest, a tp<N> folder, or an export folder holding one tp<N>."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if (p / MANIFEST).is_file():
+        return p / MANIFEST
+    found = sorted(p.glob(f"tp*/{MANIFEST}")) if p.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ManifestError(f"{p} holds exports for several TP sizes ({', '.join(f.parent.name for f in found)}); "
+                            "name one")
+    raise ManifestError(f"{p}: no export manifest here; run `make onnx MODEL=<checkpoint>` first")
+
+
+def engines_dir(manifest: "Manifest") -> Path:
+    """Where an export's engines go by default: build/<model>/onnx/tp<N> -> build/<model>/engines/tp<N>."""
+    return manifest.root.parent.parent / "engines" / manifest.root.name

@@ -57,16 +57,6 @@ class ExportPlan:
     def by_name(self) -> dict[str, SubgraphSpec]:
         return {s.name: s for s in self.subgraphs}
 
-    def units(self) -> list[tuple[str, int]]:
-        """(weights group, rank) pairs in export order: each needs one read of its weights."""
-        seen, out = set(), []
-        for s in self.subgraphs:
-            for r in s.ranks:
-                if (s.weights_group, r) not in seen:
-                    seen.add((s.weights_group, r))
-                    out.append((s.weights_group, r))
-        return out
-
 
 def default_crossover(cfg: ModelConfig) -> int:
     """Token count up to which the gather MoE form runs. Where T*k reaches E the gather form reads as

@@ -87,8 +87,8 @@ def make_backend(kind: str, manifest: Manifest, rank: int, device: str = "cpu", 
     if kind == "trt":
         from .trt_backend import TrtBackend
         from pathlib import Path
-        default = manifest.root.parent.parent / "engines" / manifest.root.name
-        return TrtBackend(manifest, rank, Path(engines) if engines else default,
+        from export.manifest import engines_dir
+        return TrtBackend(manifest, rank, Path(engines) if engines else engines_dir(manifest),
                           device if device.startswith("cuda") else "cuda")
     if kind == "ort":
         return OrtBackend(manifest, rank)

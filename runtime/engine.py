@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from export.manifest import MANIFEST, Manifest, ManifestError
+from export.manifest import Manifest, ManifestError, find_manifest  # noqa: F401 (find_manifest re-exported)
 
 from .attention import AttentionMetadata
 from .backends import make_backend
@@ -56,22 +56,6 @@ class Stats:
     decode_tokens: int = 0
     forward_seconds: float = 0.0
     forms: dict = field(default_factory=dict)
-
-
-def find_manifest(path: str | Path) -> Path:
-    """Accept a manifest, a tp<N> folder, or an export folder holding one tp<N>."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    if (p / MANIFEST).is_file():
-        return p / MANIFEST
-    found = sorted(p.glob(f"tp*/{MANIFEST}")) if p.is_dir() else []
-    if len(found) == 1:
-        return found[0]
-    if found:
-        raise ManifestError(f"{p} holds exports for several TP sizes ({', '.join(f.parent.name for f in found)}); "
-                            "name one")
-    raise ManifestError(f"{p}: no export manifest here; run `make onnx MODEL=<checkpoint>` first")
 
 
 def build_rank(manifest: Manifest, c: EngineConfig, rank: int, comm=None) -> PlanExecutor:
@@ -209,7 +193,7 @@ class Engine:
         logits = self.executor.run(torch.tensor(ids), torch.tensor(positions), meta, torch.tensor(rows))
         self.stats.forward_seconds += time.perf_counter() - t0
         self.stats.steps += 1
-        form = self.executor.last_forms[-1]
+        form = self.executor.last_form
         self.stats.forms[form] = self.stats.forms.get(form, 0) + 1
         tokens = self.sampler.sample(logits.float().cpu(), [s.id for s in batch.seqs], [s.params for s in batch.seqs])
         out = []

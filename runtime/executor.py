@@ -30,7 +30,7 @@ class PlanExecutor:
         self.comm = comm or SingleRank()
         self.crossover = manifest.data["moe_crossover_tokens"]
         self.hidden = manifest.config.hidden_size
-        self.last_forms: list[str] = []
+        self.last_form = ""  # MoE form of the last step (for stats)
         self.decode_graphs = None  # set by enable_decode_graphs on a GPU
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -57,13 +57,12 @@ class PlanExecutor:
 
     def _run(self, ids, positions, meta, logits_rows):
         if self.decode_graphs is not None and self.decode_graphs.can_run(meta.q_lens, meta.block_tables):
-            self.last_forms.append("gather" if self.decode_graphs.bucket(len(meta.q_lens)) <= self.crossover
-                                   else "dense")
+            self.last_form = "gather" if self.decode_graphs.bucket(len(meta.q_lens)) <= self.crossover else "dense"
             return self.decode_graphs.run(ids, positions, meta.slot_mapping, meta.q_lens, meta.context_lens,
                                           meta.block_tables)
         dev = self.backend.device
         meta = AttentionMetadata(meta.slot_mapping.to(dev), meta.q_lens, meta.context_lens, meta.block_tables)
-        self.last_forms.append("gather" if ids.numel() <= self.crossover else "dense")
+        self.last_form = "gather" if ids.numel() <= self.crossover else "dense"
         return self.forward(ids.to(dev), positions.to(dev), logits_rows.to(dev), meta=meta)
 
     def forward(self, ids, positions, logits_rows, meta: AttentionMetadata | None = None, decode=None):
@@ -73,7 +72,6 @@ class PlanExecutor:
         dev = self.backend.device
         env = {"ids": ids, "positions": positions}
         form = "gather" if ids.numel() <= self.crossover else "dense"
-        self.last_forms.append(form)
         for step in self.manifest.steps:
             op = step["op"]
             if op == "subgraph":

@@ -25,8 +25,9 @@ from onnx.reference import ReferenceEvaluator
 
 from export.checkpoint import Checkpoint
 from export.manifest import Manifest, ManifestError
-from export.model import AttnBlock, AttnIn, Embed, Head, Moe, OProj, PostBlock, QkRope
-from export.sharding import Shard, ShardingError
+from export.pieces import build_modules, unit_of
+from export.plan import make_plan
+from export.sharding import ShardingError
 from export.to_onnx import export
 from export.trt_support import check_model
 from tests.reference import bf16_weight_reference
@@ -37,18 +38,11 @@ EXPORTS = [("tiny", 1), ("tiny", 2), ("alt", 1), ("alt", 2)]
 
 
 def torch_piece(ckpt: Checkpoint, sg: dict, rank: int, tp: int, dtype: torch.dtype):
-    cfg = ckpt.config
-    if sg["piece"] == "embed":
-        return Embed(ckpt.globals(torch.bfloat16).embed).to(dtype)
-    if sg["piece"] == "head":
-        g = ckpt.globals(torch.bfloat16)
-        return Head(g.norm, g.lm_head, cfg).to(dtype)
-    w = ckpt.layer(sg["layer"], torch.bfloat16, Shard(tp, rank))
-    make = {"attn": lambda: AttnBlock(w, cfg), "attn_in": lambda: AttnIn(w, cfg), "qk_rope": lambda: QkRope(w, cfg),
-            "o_proj": lambda: OProj(w), "moe": lambda: Moe(w, cfg, sg["form"]),
-            "post": lambda: PostBlock(w, cfg, sg["form"])}
-    m = make[sg["piece"]]()
-    # float32 pieces hold the same BF16-valued weights as the graphs; the router stays float32 in both.
+    """The PyTorch module the subgraph was traced from, with BF16 weights (float32 pieces hold the
+    same BF16-valued weights as the graphs; the router stays float32 in both)."""
+    plan = make_plan(ckpt.config, tp)
+    spec = plan.by_name()[sg["name"]]
+    m = build_modules(ckpt, plan, unit_of(spec), rank, [spec], torch.bfloat16)[spec.name]
     return m.float() if dtype == torch.float32 else m
 
 
