@@ -10,7 +10,7 @@ N      ?= 16
 TP     ?= 1
 OUT    ?=
 
-.PHONY: help setup tiny demo chat generate onnx engines verify-engines test test-gpu clean
+.PHONY: help setup tiny demo chat generate onnx engines verify-engines triton triton-server triton-serve test test-gpu clean
 
 help:
 	@echo "make demo      set up, build the embedded toy model's export, run one chat turn on it"
@@ -22,6 +22,10 @@ help:
 	@echo "               (default: the embedded checkpoint, TP=1, OUT=build/<model>/onnx)"
 	@echo "make engines   MODEL=<checkpoint> TP=<n>: export if needed, then SM80 TensorRT engines (needs TensorRT + GPU)"
 	@echo "make verify-engines MODEL=<checkpoint> TP=<n>: every engine against ONNX Runtime (polygraphy)"
+	@echo "make triton    MODEL=<checkpoint> TP=<n> [REPO=<dir>] [COPY=1]: export if needed, then a Triton model"
+	@echo "               repository hosting the runtime (TensorRT engines if built, else ONNX Runtime)"
+	@echo "               (default REPO=build/<model>/triton; COPY=1 copies the export in instead of referencing it)"
+	@echo "make triton-serve [REPO=<dir>]: serve a repository on 127.0.0.1:8000/8001 with the local tritonserver"
 	@echo "make test-gpu  the GPU-only tests (on a machine with an NVIDIA GPU)"
 
 setup: $(VENV)/.installed
@@ -45,7 +49,6 @@ generate: setup
 onnx: setup $(if $(filter $(MODEL),$(TINY)),$(TINY)/config.json)
 	$(BIN)/python -m export.to_onnx $(MODEL) --tp $(TP) $(if $(OUT),--out $(OUT))
 
-# One scripted chat turn on the embedded model through the runtime (ONNX Runtime, FP32 twins).
 # Checks for TensorRT and an SM80+ GPU first, so that nothing is written on a machine without them.
 engines: setup
 	$(BIN)/python -m engines.build --check-env
@@ -55,6 +58,7 @@ engines: setup
 verify-engines: setup
 	$(BIN)/python -m engines.verify $(BUILD)/$(notdir $(MODEL))/onnx/tp$(TP)
 
+# One scripted chat turn on the embedded model through the runtime (ONNX Runtime, FP32 twins).
 demo: setup
 	$(MAKE) --no-print-directory onnx MODEL=$(TINY) TP=1
 	@echo "(the embedded model has random weights: its text is noise; the pipeline is what runs)"
@@ -63,7 +67,22 @@ demo: setup
 chat: setup
 	$(BIN)/python runtime/chat.py $(if $(filter $(MODEL),$(TINY)),,--model $(MODEL))
 
-test: setup
+REPO ?= $(BUILD)/$(notdir $(MODEL))/triton
+
+# TRITON_FLAGS: more options of `python -m runtime.triton_repo` (--backend, --kv-cache-gb, --engines ...)
+triton: onnx
+	$(BIN)/python -m runtime.triton_repo $(BUILD)/$(notdir $(MODEL))/onnx/tp$(TP) --out $(REPO) $(if $(COPY),--copy) $(TRITON_FLAGS)
+
+# tritonserver with the Python backend, from the nvidia-pytriton wheel (tests and local serving).
+triton-server: $(VENV)/tritonserver/.installed
+
+$(VENV)/tritonserver/.installed: | setup
+	$(BIN)/python -m runtime.triton_server --install
+
+triton-serve: triton-server
+	$(BIN)/python -m runtime.triton_server $(REPO)
+
+test: setup triton-server
 	$(BIN)/python -m pytest -q
 
 test-gpu: setup

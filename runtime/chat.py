@@ -55,12 +55,8 @@ def parse_ids(text: str) -> list[int]:
 
 
 def sampling_from(a, codec) -> SamplingParams:
-    d = codec.generation_defaults
-    return SamplingParams(
-        temperature=a.temperature if a.temperature is not None else d.get("temperature", 1.0),
-        top_p=a.top_p if a.top_p is not None else d.get("top_p", 1.0),
-        top_k=a.top_k if a.top_k is not None else d.get("top_k", 0),
-        max_tokens=a.max_tokens, seed=a.seed, ignore_eos=a.ignore_eos)
+    return SamplingParams.with_defaults(codec.generation_defaults, a.temperature, a.top_p, a.top_k,
+                                        max_tokens=a.max_tokens, seed=a.seed, ignore_eos=a.ignore_eos)
 
 
 def scripted(engine: Engine, a) -> int:

@@ -16,6 +16,14 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # besides the model's end-of-turn token
     ignore_eos: bool = False
 
+    @classmethod
+    def with_defaults(cls, defaults: dict, temperature: float | None = None, top_p: float | None = None,
+                      top_k: int | None = None, **given) -> "SamplingParams":
+        """A request's parameters; what it leaves out comes from the model's generation_config.json."""
+        pick = lambda v, key, d: v if v is not None else defaults.get(key, d)  # noqa: E731
+        return cls(temperature=pick(temperature, "temperature", 1.0), top_p=pick(top_p, "top_p", 1.0),
+                   top_k=pick(top_k, "top_k", 0), **given)
+
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError naming the first impossible parameter."""
         if not (self.temperature >= 0) or self.temperature != self.temperature:

@@ -62,6 +62,13 @@ class Detokenizer:
         self.prefix, self.read = self.read, len(self.ids)
         return text[len(before):]
 
+    def flush(self) -> str:
+        """At the end of a sequence: whatever is held back, incomplete characters included."""
+        before = self.codec.decode(self.ids[self.prefix:self.read])
+        text = self.codec.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(before):]
+
 
 @dataclass
 class StreamSplitter:
