@@ -10,7 +10,7 @@ N      ?= 16
 TP     ?= 1
 OUT    ?=
 
-.PHONY: help setup tiny demo chat generate onnx engines verify-engines triton triton-server triton-serve test test-gpu clean
+.PHONY: help setup tiny demo chat generate onnx engines verify-engines triton triton-server triton-serve bench bench-cpu test test-gpu clean
 
 help:
 	@echo "make demo      set up, build the embedded toy model's export, run one chat turn on it"
@@ -26,6 +26,9 @@ help:
 	@echo "               repository hosting the runtime (TensorRT engines if built, else ONNX Runtime)"
 	@echo "               (default REPO=build/<model>/triton; COPY=1 copies the export in instead of referencing it)"
 	@echo "make triton-serve [REPO=<dir>]: serve a repository on 127.0.0.1:8000/8001 with the local tritonserver"
+	@echo "make bench     all benchmarks (export, MoE forms, GPU decode attention, GPU decode step); JSON lines"
+	@echo "               to stdout and build/bench/results.jsonl (GPU parts need an NVIDIA GPU)"
+	@echo "make bench-cpu the CPU parts (export, MoE forms on ONNX Runtime); last line: one JSON summary"
 	@echo "make test-gpu  the GPU-only tests (on a machine with an NVIDIA GPU)"
 
 setup: $(VENV)/.installed
@@ -81,6 +84,12 @@ $(VENV)/tritonserver/.installed: | setup
 
 triton-serve: triton-server
 	$(BIN)/python -m runtime.triton_server $(REPO)
+
+bench: setup
+	$(BIN)/python -m bench
+
+bench-cpu: setup
+	$(BIN)/python -m bench --cpu
 
 test: setup triton-server
 	$(BIN)/python -m pytest -q

@@ -43,6 +43,22 @@ class ExportError(RuntimeError):
     """A traced graph failed a check."""
 
 
+# Written by `make bench` (bench/moe.py): the measured largest token count at which the gather MoE
+# form beats the dense one, for one expert-shard shape.
+MEASURED_CROSSOVER = Path(__file__).resolve().parents[1] / "build" / "bench" / "moe_crossover.json"
+
+
+def measured_crossover(cfg, tp: int, expert_split: str) -> tuple[int, str] | None:
+    """The benchmark's crossover when it was measured on this model's expert-shard shape."""
+    if not MEASURED_CROSSOVER.is_file() or expert_split != "intermediate":
+        return None
+    d = json.loads(MEASURED_CROSSOVER.read_text())
+    if (d["num_experts"], d["top_k"], d["hidden_size"], d["shard_intermediate"]) != \
+            (cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.intermediate_size // tp):
+        return None
+    return d["moe_crossover_tokens"], f"measured by make bench on {d['measured_on']}"
+
+
 def _code_hash() -> str:
     h = hashlib.sha256()
     for f in sorted(Path(__file__).parent.glob("*.py")):
@@ -118,7 +134,13 @@ def export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1, e
     """Export (or bring up to date) and return the manifest's path."""
     ckpt = Checkpoint(checkpoint)  # validates every tensor before any work
     plan = make_plan(ckpt.config, tp, expert_split)  # a TP that does not divide fails here
-    crossover = moe_crossover if moe_crossover is not None else default_crossover(ckpt.config)
+    measured = measured_crossover(ckpt.config, tp, expert_split)
+    if moe_crossover is not None:
+        crossover, source = moe_crossover, "given (--moe-crossover)"
+    elif measured:
+        crossover, source = measured
+    else:
+        crossover, source = default_crossover(ckpt.config), "default: experts / top_k (not measured for this shape)"
     if crossover < 1 or max_tokens < 1:
         raise ValueError("--moe-crossover and --max-tokens must be at least 1")
     out = Path(out) if out else Path("build") / ckpt.dir.name / "onnx"
@@ -191,6 +213,7 @@ def export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1, e
         "fp32_twins": twins,
         "text_files": text_files,
         "moe_crossover_tokens": crossover,
+        "moe_crossover_source": source,
         "max_tokens": max_tokens,
         "steps": plan.steps,
         "subgraphs": subgraphs,
@@ -212,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-fp32-twins", action="store_true",
                     help="skip the FP32 twins (ONNX Runtime on CPU); the full model's twins take ~900 GB")
     ap.add_argument("--moe-crossover", type=int,
-                    help="largest token count that runs the gather MoE form (default: experts / top-k)")
+                    help="largest token count that runs the gather MoE form (default: what `make bench` "
+                         "measured for this expert-shard shape, else experts / top-k)")
     ap.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                     help=f"largest tokens per step the engines must take (default {DEFAULT_MAX_TOKENS})")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")

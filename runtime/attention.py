@@ -45,13 +45,32 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     return torch.cat(out)
 
 
+def _decode_kernel():
+    """The Triton paged-decode kernel, where it can run (a CUDA device and the triton package)."""
+    try:
+        from .decode_kernel import paged_decode
+    except ImportError:
+        return None
+    return paged_decode
+
+
 def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                            v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                           context_lens: torch.Tensor, scale: float, kernel: bool | None = None) -> torch.Tensor:
     """Decode (one new token per sequence) with every input a tensor of fixed shape, so that the step
     can be captured in a CUDA graph. q [B, Hq, d]; block_tables [B, M]; context_lens [B].
-    Reads M blocks per sequence and masks past each context length."""
+    On a GPU (kernel None or True) the Triton kernel reads only each sequence's own blocks; the
+    PyTorch version below reads M blocks per sequence and masks past each context length."""
     write_kv(k_cache, v_cache, k, v, slot_mapping)
+    if kernel is None:
+        kernel = q.is_cuda
+    if kernel and (paged_decode := _decode_kernel()) is not None:
+        return paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return sdpa_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def sdpa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     B, M = block_tables.shape
     bs = k_cache.shape[1]
     keys = k_cache[block_tables].flatten(1, 2)      # [B, M*bs, Hkv, d]

@@ -43,24 +43,29 @@ class OrtBackend:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, manifest: Manifest, rank: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, manifest: Manifest, rank: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 checkpoint=None):
+        """`checkpoint`: anything with Checkpoint's config/read/layer (benchmarks pass random weights
+        made on the GPU); by default the checkpoint the export came from."""
         from pathlib import Path
 
         from export.checkpoint import Checkpoint, CheckpointError
         from export.pieces import build_modules, unit_of
         from export.plan import make_plan
 
-        # The checkpoint beside the export (moved together) first, else where it was exported from.
-        path = manifest.root / manifest.data.get("checkpoint_relative", manifest.data["checkpoint"])
-        if not path.is_dir():
-            path = Path(manifest.data["checkpoint"])
-        if not path.is_dir():
-            raise ManifestError(f"the torch backend builds its weights from the checkpoint, and {path} "
-                                "(recorded in the manifest) is not there")
-        try:
-            ckpt = Checkpoint(path)
-        except CheckpointError as e:
-            raise ManifestError(f"the torch backend cannot read the export's checkpoint: {e}") from e
+        ckpt = checkpoint
+        if ckpt is None:
+            # The checkpoint beside the export (moved together) first, else where it was exported from.
+            path = manifest.root / manifest.data.get("checkpoint_relative", manifest.data["checkpoint"])
+            if not path.is_dir():
+                path = Path(manifest.data["checkpoint"])
+            if not path.is_dir():
+                raise ManifestError(f"the torch backend builds its weights from the checkpoint, and {path} "
+                                    "(recorded in the manifest) is not there")
+            try:
+                ckpt = Checkpoint(path)
+            except CheckpointError as e:
+                raise ManifestError(f"the torch backend cannot read the export's checkpoint: {e}") from e
         plan = make_plan(ckpt.config, manifest.tp, manifest.data["expert_split"])
         self.dtype, self.device = dtype, torch.device(device)
         self.modules: dict[str, torch.nn.Module] = {}

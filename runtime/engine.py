@@ -58,14 +58,14 @@ class Stats:
     forms: dict = field(default_factory=dict)
 
 
-def build_rank(manifest: Manifest, c: EngineConfig, rank: int, comm=None) -> PlanExecutor:
-    """One rank's backend, KV cache (its KV heads only) and executor. Every rank computes the same
-    block count from the same config, so block tables mean the same everywhere."""
+def build_rank(manifest: Manifest, c: EngineConfig, rank: int, comm=None, backend=None) -> PlanExecutor:
+    """One rank's backend (or the one given), KV cache (its KV heads only) and executor. Every rank
+    computes the same block count from the same config, so block tables mean the same everywhere."""
     cfg = manifest.config
     device = c.device
     if device.startswith("cuda") and ":" not in device and manifest.tp > 1:
         device = f"cuda:{rank}"
-    backend = make_backend(c.backend, manifest, rank, device, c.dtype, c.engines)
+    backend = backend or make_backend(c.backend, manifest, rank, device, c.dtype, c.engines)
     kv_heads = cfg.num_key_value_heads // manifest.tp
     per_block = bytes_per_block(cfg.num_hidden_layers, c.block_size, kv_heads, cfg.head_dim, backend.dtype)
     num_blocks = c.num_blocks or max(1, int(c.kv_cache_gb * 2**30) // per_block)
@@ -87,7 +87,7 @@ class Engine:
     """Rank 0 of a run. With an export for TP > 1, pass the communicator of an already started group
     (runtime/distributed.py starts one: `Engine.start`)."""
 
-    def __init__(self, model: str | Path, config: EngineConfig | None = None, comm=None):
+    def __init__(self, model: str | Path, config: EngineConfig | None = None, comm=None, backend=None):
         self.config = c = config or EngineConfig()
         self.manifest = Manifest.load(find_manifest(model))
         if self.manifest.tp > 1 and (comm is None or comm.world != self.manifest.tp):
@@ -95,7 +95,7 @@ class Engine:
                                 "(one process per rank) or under torchrun")
         self.model_config = cfg = self.manifest.config
         self.codec = TextCodec(self.manifest.root)
-        self.executor = build_rank(self.manifest, c, 0, comm)
+        self.executor = build_rank(self.manifest, c, 0, comm, backend)
         self.backend, self.kv = self.executor.backend, self.executor.kv
         num_blocks = self.executor.usable_blocks
         self.blocks = BlockManager(num_blocks, c.block_size)
@@ -195,7 +195,7 @@ class Engine:
         self.stats.steps += 1
         form = self.executor.last_form
         self.stats.forms[form] = self.stats.forms.get(form, 0) + 1
-        tokens = self.sampler.sample(logits.float().cpu(), [s.id for s in batch.seqs], [s.params for s in batch.seqs])
+        tokens = self.sampler.sample(logits, [s.id for s in batch.seqs], [s.params for s in batch.seqs])
         out = []
         for seq, n, tok in zip(batch.seqs, batch.num_new, tokens):
             seq.num_computed += n

@@ -50,12 +50,16 @@ class Sampler:
         self._generators.pop(seq_id, None)
 
     def sample(self, logits: torch.Tensor, seq_ids: list[int], params: list[SamplingParams]) -> list[int]:
-        """logits [N, V] float32, one row per sequence."""
-        out = []
-        for row, sid, p in zip(logits, seq_ids, params):
-            if p.temperature == 0:
-                out.append(int(row.argmax()))
-                continue
+        """logits [N, V], one row per sequence, on any device. Greedy rows take one batched argmax
+        where the logits are (on a GPU: no [N, V] copy to the host, no per-row CPU argmax over the
+        vocabulary); only the rows that sample are copied to the host."""
+        out = logits.argmax(-1).tolist()
+        sampled = [i for i, p in enumerate(params) if p.temperature != 0]
+        if not sampled:
+            return out
+        rows = logits[sampled].float().cpu()
+        for i, row in zip(sampled, rows):
+            sid, p = seq_ids[i], params[i]
             x = row.float() / p.temperature
             if p.top_k and p.top_k < x.numel():
                 kth = torch.topk(x, p.top_k).values[-1]
@@ -72,5 +76,5 @@ class Sampler:
                 gen = self._generators.get(sid)
                 if gen is None:
                     gen = self._generators[sid] = torch.Generator().manual_seed(p.seed)
-            out.append(int(torch.multinomial(probs.cpu(), 1, generator=gen)))
+            out[i] = int(torch.multinomial(probs, 1, generator=gen))
         return out

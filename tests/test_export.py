@@ -315,3 +315,23 @@ def test_op_support_cli(exported, tmp_path):
     r = subprocess.run([sys.executable, "-m", "export.trt_support", str(bad)], cwd=ROOT, capture_output=True,
                        text=True)
     assert r.returncode == 1 and "node nz (NonZero)" in r.stdout
+
+
+def test_export_uses_the_benchmarks_crossover_only_for_its_shape(tmp_path, monkeypatch):
+    import json as _json
+
+    import export.to_onnx as to_onnx
+    from export.config import parse_hf_config
+    from export.tiny import PRESETS, hf_config
+
+    real = parse_hf_config(hf_config(PRESETS["real"]))
+    f = tmp_path / "moe_crossover.json"
+    monkeypatch.setattr(to_onnx, "MEASURED_CROSSOVER", f)
+    assert to_onnx.measured_crossover(real, 8, "intermediate") is None  # nothing measured yet
+    f.write_text(_json.dumps({"num_experts": 256, "top_k": 8, "hidden_size": 3072, "shard_intermediate": 192,
+                              "moe_crossover_tokens": 15, "measured_on": "gpu: test"}))
+    assert to_onnx.measured_crossover(real, 8, "intermediate") == (15, "measured by make bench on gpu: test")
+    assert to_onnx.measured_crossover(real, 4, "intermediate") is None   # another shard width
+    assert to_onnx.measured_crossover(real, 8, "experts") is None        # another split
+    tiny = parse_hf_config(hf_config(PRESETS["tiny"]))
+    assert to_onnx.measured_crossover(tiny, 1, "intermediate") is None

@@ -1,0 +1,74 @@
+"""python -m bench [--parts export,moe-cpu,moe-gpu,attention,step] [--cpu]
+
+Each measurement is one JSON line (also appended to build/bench/results.jsonl), with the machine and
+date; a short table follows. `--cpu` (make bench-cpu) runs the CPU parts and ends with one JSON
+object: export_time_vs_floor, export_peak_rss_gb, moe_gather_t1_vs_floor, moe_crossover_tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from .common import Results
+
+CPU_PARTS = ["export", "moe-cpu"]
+GPU_PARTS = ["moe-gpu", "attention", "step"]
+
+
+def table(rows: list[dict]) -> None:
+    print("\n| part | measurement |\n| --- | --- |")
+    for r in rows:
+        fields = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("part", "machine", "date") and v is not None)
+        print(f"| {r['part']} | {fields} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", help=f"comma-separated, from {CPU_PARTS + GPU_PARTS} (default: all that can run)")
+    ap.add_argument("--cpu", action="store_true", help="the CPU parts, then the summary JSON line")
+    ap.add_argument("--layers", type=int, default=4, help="layers of the real-width model in the step part")
+    a = ap.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    parts = a.parts.split(",") if a.parts else CPU_PARTS if a.cpu else CPU_PARTS + (GPU_PARTS if gpu else [])
+    unknown = set(parts) - set(CPU_PARTS + GPU_PARTS)
+    if unknown:
+        ap.error(f"unknown parts {sorted(unknown)}")
+    if not gpu and set(parts) & set(GPU_PARTS):
+        ap.error("the GPU parts need an NVIDIA GPU")
+    if not a.parts and not gpu and not a.cpu:
+        print("no GPU here: running the CPU parts only (make bench on a GPU machine runs all four)", file=sys.stderr)
+    res = Results()
+    summary = {}
+    if "export" in parts:
+        from . import export
+        row = export.run(res)
+        summary |= {"export_time_vs_floor": row["time_vs_floor"], "export_peak_rss_gb": row["peak_rss_gb"],
+                    "export_rss_limit_gb": row["rss_limit_gb"]}
+    from . import moe
+    if "moe-gpu" in parts:
+        cross = moe.run_gpu(res)
+        moe.save_crossover(cross, f"gpu: {torch.cuda.get_device_name()}")
+    if "moe-cpu" in parts:
+        cross = moe.run_cpu(res)
+        if not moe.CROSSOVER_FILE.is_file() or "gpu" not in json.loads(moe.CROSSOVER_FILE.read_text())["measured_on"]:
+            moe.save_crossover(cross, "cpu (onnxruntime)")
+        t1 = next(r for r in res.rows if r["part"] == "moe" and r.get("device") == "cpu" and r.get("tokens") == 1)
+        summary |= {"moe_gather_t1_vs_floor": t1["gather_vs_floor"], "moe_crossover_tokens": cross}
+    if "attention" in parts:
+        from . import attention
+        attention.run(res)
+    if "step" in parts:
+        from . import step
+        step.run(res, layers=a.layers)
+    table(res.rows)
+    if a.cpu:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Part 4: the runtime's decode step on the GPU for a model of MiniMax-M2.5's true width with a few
+layers (random bf16 weights made on the GPU: a checkpoint of that size is not worth writing here),
+torch backend, at batch 1, 8 and 32, with and without CUDA graphs. Against the bytes floor: the
+weights the step must read (each layer's attention and router, the distinct experts the batch's tokens
+choose -- the expected count for uniform routing, E(1-(1-k/E)^B) --, the LM head) plus the KV cache,
+over measured copy bandwidth. Host overhead: the engine's wall time per step less the GPU time of the
+same step replayed alone from its CUDA graph.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from export.checkpoint import LayerWeights
+from export.config import parse_hf_config
+from export.manifest import FORMAT_VERSION, MANIFEST, Manifest
+from export.plan import default_crossover, make_plan
+from export.tiny import CHAT_TEMPLATE, PRESETS, build_tokenizer, hf_config
+from runtime.backends import TorchBackend
+from runtime.engine import Engine, EngineConfig
+from runtime.sampling import SamplingParams
+
+from .common import Results, cuda_seconds, gpu_bandwidth
+
+PROMPT = 512
+
+
+class RandomWeights:
+    """Checkpoint's config/read/layer, with random bf16 weights made on the GPU."""
+
+    def __init__(self, cfg, device="cuda", seed=0):
+        self.config, self.device = cfg, device
+        self.g = torch.Generator(device=device).manual_seed(seed)
+
+    def _w(self, *shape, scale=None, dtype=torch.bfloat16):
+        scale = scale if scale is not None else shape[-1] ** -0.5
+        return (torch.randn(*shape, device=self.device, generator=self.g) * scale).to(dtype)
+
+    def read(self, requests):
+        c = self.config
+        make = {"model.embed_tokens.weight": lambda: self._w(c.vocab_size, c.hidden_size, scale=1.0),
+                "model.norm.weight": lambda: torch.ones(c.hidden_size, device=self.device, dtype=torch.bfloat16),
+                "lm_head.weight": lambda: self._w(c.vocab_size, c.hidden_size)}
+        return {name: make[name]() for name in requests}
+
+    def layer(self, n, dtype, shard):
+        c = self.config
+        H, hd = c.hidden_size, c.head_dim
+        nh, nkv = c.num_attention_heads // shard.tp, c.num_key_value_heads // shard.tp
+        E, I = c.num_experts, c.intermediate_size // shard.tp
+        ones = lambda k: torch.ones(k, device=self.device, dtype=dtype)  # noqa: E731
+        return LayerWeights(
+            input_norm=ones(H), post_norm=ones(H), q_proj=self._w(nh * hd, H), k_proj=self._w(nkv * hd, H),
+            v_proj=self._w(nkv * hd, H), o_proj=self._w(H, nh * hd), q_norm=ones(nh * hd), k_norm=ones(nkv * hd),
+            gate=self._w(E, H, dtype=torch.float32), bias=torch.zeros(E, device=self.device),
+            w13=self._w(E, 2 * I, H), w2=self._w(E, H, I))
+
+
+def write_export(cfg, root: Path, max_tokens: int) -> Manifest:
+    """A manifest with no graph files (the torch backend needs only the plan) and a tokenizer."""
+    plan = make_plan(cfg, 1)
+    data = {"format_version": FORMAT_VERSION, "producer": "bench.step (random weights)", "checkpoint": "",
+            "model": cfg.to_dict(), "tp": 1, "expert_split": "intermediate", "fp32_twins": False,
+            "moe_crossover_tokens": default_crossover(cfg), "max_tokens": max_tokens, "steps": plan.steps,
+            "subgraphs": {s.name: s.to_dict() | {"files": {}} for s in plan.subgraphs}, "files": {}}
+    (root / MANIFEST).write_text(json.dumps(data))
+    build_tokenizer(PRESETS["real"], 0).save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(json.dumps({"eos_token": "[e~[", "chat_template": CHAT_TEMPLATE}))
+    return Manifest.load(root)
+
+
+def floor_bytes(cfg, layers: int, batch: int, context: int) -> int:
+    H, hd, E, k = cfg.hidden_size, cfg.head_dim, cfg.num_experts, cfg.top_k
+    attn = (cfg.num_attention_heads * hd * 2 + cfg.num_key_value_heads * hd * 2) * H * 2
+    router = E * H * 4
+    distinct = E * (1 - (1 - k / E) ** batch)
+    experts = distinct * 3 * H * cfg.intermediate_size * 2
+    kv = batch * context * layers * 2 * cfg.num_key_value_heads * hd * 2
+    return int(layers * (attn + router + experts) + cfg.vocab_size * H * 2 + kv)
+
+
+def run(res: Results, layers: int = 4, batches=(1, 8, 32), steps: int = 30) -> None:
+    spec = replace(PRESETS["real"], num_hidden_layers=layers)
+    cfg = parse_hf_config(hf_config(spec))
+    bw = gpu_bandwidth()
+    res.add("step", what="gpu_copy_bandwidth", gb_per_s=round(bw / 1e9, 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = write_export(cfg, Path(tmp), max_tokens=1024)
+        backend = TorchBackend(manifest, 0, "cuda", torch.bfloat16, checkpoint=RandomWeights(cfg))
+        for graphs in (True, False):
+            engine = Engine(tmp, EngineConfig(backend="torch", device="cuda", dtype="bfloat16", kv_cache_gb=4,
+                                              max_num_seqs=max(batches), cuda_graphs=graphs,
+                                              graph_max_context=2048, max_num_batched_tokens=1024),
+                            backend=backend)
+            g = torch.Generator().manual_seed(1)
+            for B in batches:
+                params = SamplingParams(temperature=0, max_tokens=steps + 12, ignore_eos=True)
+                for _ in range(B):
+                    engine.add_request(torch.randint(0, 2000, (PROMPT,), generator=g).tolist(), params)
+                while any(s.num_computed < len(s.prompt) for s in engine.scheduler.running) or engine.scheduler.waiting:
+                    engine.step()  # prefill (and the graph capture at the first decode step)
+                for _ in range(3):
+                    engine.step()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    engine.step()
+                wall = (time.perf_counter() - t0) / steps
+                dg = engine.executor.decode_graphs
+                bucket = dg.bucket(B)
+                gpu = cuda_seconds(dg.graphs[bucket].replay) if graphs else None
+                context = PROMPT + 3 + steps
+                floor = floor_bytes(cfg, layers, B, context) / bw
+                row = dict(layers=layers, batch=B, cuda_graphs=graphs, step_ms=round(wall * 1e3, 3),
+                           floor_ms=round(floor * 1e3, 3), step_vs_floor=round(wall / floor, 2))
+                if gpu is not None:
+                    row |= dict(gpu_ms=round(gpu * 1e3, 3), host_share=round(max(0.0, wall - gpu) / wall, 3),
+                                gpu_vs_floor=round(gpu / floor, 2))
+                res.add("step", **row)
+                while engine.has_unfinished():  # finish this batch before the next size
+                    for s in list(engine.scheduler.running) + list(engine.scheduler.waiting):
+                        engine.abort(s)
+            engine.close()
+        res.add("step", what="gpu_memory", max_allocated_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2))

@@ -1,0 +1,127 @@
+"""Paged decode attention as a Triton kernel (the GPU language, not the inference server): one new
+query token per sequence against its K/V read straight from the paged cache through its block table.
+
+Split-K ("flash-decoding"): the context is cut into partitions (256 to 1024 tokens); one program per
+(sequence, KV head, partition) computes all the query heads that share that KV head (GQA: K/V read
+once per group) with an online softmax, and a second kernel merges the partitions by their
+log-sum-exp. The grid depends only on the batch size and the block-table width, never on the
+context lengths, so a CUDA graph can capture it; partitions past a sequence's end do no reads.
+Plain tl.dot/tl.load on bf16 or float32: runs on SM80 (A100) and newer.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+PARTITIONS = (1024, 512, 256)  # context tokens per program: the largest that still fills the GPU
+BLOCK_N = 128                  # tokens per inner iteration
+NUM_WARPS, NUM_STAGES = 4, 3   # chosen by a sweep on an H100 (bench/attention.py measures the result)
+
+
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    index = index if index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def choose_partition(batch: int, kv_heads: int, max_tokens: int, device: torch.device) -> int:
+    """Large partitions read longer runs per program (fewer merges); small ones give a short batch
+    enough programs to use every SM. Decided by shapes alone, so CUDA-graph replays keep it."""
+    sms = _sm_count(device.index) if device.type == "cuda" else 1
+    for part in PARTITIONS:
+        if batch * kv_heads * triton.cdiv(max_tokens, part) >= 2 * sms:
+            return part
+    return PARTITIONS[-1]
+
+
+@triton.jit
+def _partition_kernel(Q, K, V, Tables, Lens, Out, Lse,
+                      stride_qb, stride_qh, stride_kslot, stride_kh, stride_tb,
+                      stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                      scale_log2e,
+                      BS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                      PART: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+    b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ctx = tl.load(Lens + b)
+    start = s * PART
+    end = tl.minimum(start + PART, ctx)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    heads = h * G + g
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g[:, None] < G, other=0.0)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    for n0 in range(start, end, BN):
+        tok = n0 + tl.arange(0, BN)
+        valid = tok < end
+        page = tl.load(Tables + b * stride_tb + tok // BS, mask=valid, other=0)
+        slot = page.to(tl.int64) * BS + tok % BS
+        kv_off = slot[:, None] * stride_kslot + h * stride_kh + d[None, :]
+        k = tl.load(K + kv_off, mask=valid[:, None], other=0.0)
+        if IEEE:  # float32 caches: exact products, not TF32 (the CPU path must agree token for token)
+            sc = tl.dot(q, tl.trans(k).to(q.dtype), input_precision="ieee") * scale_log2e
+        else:
+            sc = tl.dot(q, tl.trans(k).to(q.dtype)) * scale_log2e      # [GP, BN], log2 units
+        sc = tl.where(valid[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + kv_off, mask=valid[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    mask = g < G
+    tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + s * stride_os + d[None, :], out, mask=mask[:, None])
+    tl.store(Lse + b * stride_lb + heads * stride_lh + s, lse, mask=mask)
+
+
+@triton.jit
+def _merge_kernel(Part, Lse, Out, n_parts, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+                  stride_ob, stride_oh, D: tl.constexpr, SP: tl.constexpr):
+    b, h = tl.program_id(0), tl.program_id(1)
+    s = tl.arange(0, SP)
+    d = tl.arange(0, D)
+    lse = tl.load(Lse + b * stride_lb + h * stride_lh + s, mask=s < n_parts, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))
+    w = w / tl.sum(w, 0)
+    o = tl.load(Part + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
+                mask=s[:, None] < n_parts, other=0.0)
+    tl.store(Out + b * stride_ob + h * stride_oh + d, tl.sum(o * w[:, None], 0).to(Out.dtype.element_ty))
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, scale: float, partition: int | None = None, block_n: int = BLOCK_N,
+                 num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> torch.Tensor:
+    """q [B, Hq, D]; k/v_cache [blocks, block_size, Hkv, D]; block_tables [B, M] (int32/64);
+    context_lens [B] (each >= 1) -> [B, Hq * D] in q's dtype."""
+    B, Hq, D = q.shape
+    _, bs, Hkv, _ = k_cache.shape
+    G = Hq // Hkv
+    partition = partition or choose_partition(B, Hkv, block_tables.shape[1] * bs, q.device)
+    n_parts = triton.cdiv(block_tables.shape[1] * bs, partition)
+    q = q.contiguous()
+    part = torch.empty(B, Hq, n_parts, D, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, Hq, n_parts, dtype=torch.float32, device=q.device)
+    _partition_kernel[(B, Hkv, n_parts)](
+        q, k_cache, v_cache, block_tables, context_lens, part, lse,
+        q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+        scale * 1.4426950408889634,
+        BS=bs, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, PART=partition, BN=min(block_n, partition),
+        IEEE=q.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages)
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    _merge_kernel[(B, Hq)](part, lse, out, n_parts, part.stride(0), part.stride(1), part.stride(2),
+                           lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+                           D=D, SP=max(2, triton.next_power_of_2(n_parts)), num_warps=4)
+    return out.reshape(B, Hq * D)
