@@ -48,7 +48,7 @@ class RandomWeights:
                 "lm_head.weight": lambda: self._w(c.vocab_size, c.hidden_size)}
         return {name: make[name]() for name in requests}
 
-    def layer(self, n, dtype, shard):
+    def layer(self, n, dtype, shard, stream=False):
         c = self.config
         H, hd = c.hidden_size, c.head_dim
         nh, nkv = c.num_attention_heads // shard.tp, c.num_key_value_heads // shard.tp

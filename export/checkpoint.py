@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,9 @@ class LayerWeights:
     w13: torch.Tensor
     w2: torch.Tensor
     expert_offset: int = 0  # global id of this rank's first expert (expert parallelism)
+    # With stream_experts: w13/w2 are meta tensors (shape only) and expert_chunks("w13" | "w2")
+    # yields them one expert at a time, dequantized as it goes (the export writes them so).
+    expert_chunks: Callable[[str], Iterator[torch.Tensor]] | None = None
 
 
 @dataclass
@@ -204,23 +208,26 @@ class Checkpoint:
         return out
 
     def dequantized(self, names_rows_cols: dict[str, tuple[tuple[int, int], tuple[int, int]]],
-                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                    dtype: torch.dtype, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Dequantize FP8 weights (prefix names without '.weight'), each restricted to a row range and
-        a column range; only the FP8 bytes and scale blocks covering that range are read."""
+        a column range; only the FP8 bytes and scale blocks covering that range are read. `out` may
+        give, by name, the tensor each result is written into."""
         br, bc = self.config.fp8_block
         req = {}
         for name, ((r0, r1), (c0, c1)) in names_rows_cols.items():
             req[name + ".weight"] = (slice(r0, r1), slice(c0, c1))
             req[name + ".weight_scale_inv"] = (slice(r0 // br, -(-r1 // br)), slice(c0 // bc, -(-c1 // bc)))
         raw = self.read(req)
-        out = {}
+        result = {}
         for name, ((r0, _), (c0, _)) in names_rows_cols.items():
-            out[name] = fp8.dequantize(raw.pop(name + ".weight"), raw.pop(name + ".weight_scale_inv"),
-                                       self.config.fp8_block, dtype, r0 % br, c0 % bc)
-        return out
+            result[name] = fp8.dequantize(raw.pop(name + ".weight"), raw.pop(name + ".weight_scale_inv"),
+                                          self.config.fp8_block, dtype, r0 % br, c0 % bc, (out or {}).get(name))
+        return result
 
-    def layer(self, n: int, dtype: torch.dtype = torch.bfloat16, shard: Shard = Shard()) -> LayerWeights:
-        """Layer n's weights for one rank, dequantized to `dtype` (router gate and bias stay float32)."""
+    def layer(self, n: int, dtype: torch.dtype = torch.bfloat16, shard: Shard = Shard(),
+              stream_experts: bool = False) -> LayerWeights:
+        """Layer n's weights for one rank, dequantized to `dtype` (router gate and bias stay float32).
+        stream_experts: leave the experts (nearly all of a layer's bytes) to `expert_chunks`."""
         cfg = self.config
         if not 0 <= n < cfg.num_hidden_layers:
             raise IndexError(f"layer {n} is not in 0..{cfg.num_hidden_layers - 1}")
@@ -241,16 +248,31 @@ class Checkpoint:
             p + "self_attn.q_proj": ((q0, q1), (0, H)), p + "self_attn.k_proj": ((k0, k1), (0, H)),
             p + "self_attn.v_proj": ((k0, k1), (0, H)), p + "self_attn.o_proj": ((0, H), (q0, q1)),
         }, dtype)
-        # Stacked in place, one expert at a time: the float32 temporaries stay one expert small and
-        # the stacked tensors are the only full-size copies.
         il = i1 - i0
-        w13 = torch.empty(e1 - e0, 2 * il, H, dtype=dtype)
-        w2 = torch.empty(e1 - e0, H, il, dtype=dtype)
-        for j, e in enumerate(range(e0, e1)):
+
+        def expert(e: int, which: str, w13_out=None, w2_out=None) -> torch.Tensor:
             x = p + f"block_sparse_moe.experts.{e}."
-            d = self.dequantized({x + "w1": ((i0, i1), (0, H)), x + "w3": ((i0, i1), (0, H)),
-                                  x + "w2": ((0, H), (i0, i1))}, dtype)
-            w13[j, :il], w13[j, il:], w2[j] = d[x + "w1"], d[x + "w3"], d[x + "w2"]
+            if which == "w13":
+                w13_out = w13_out if w13_out is not None else torch.empty(2 * il, H, dtype=dtype)
+                self.dequantized({x + "w1": ((i0, i1), (0, H)), x + "w3": ((i0, i1), (0, H))}, dtype,
+                                 out={x + "w1": w13_out[:il], x + "w3": w13_out[il:]})
+                return w13_out
+            w2_out = w2_out if w2_out is not None else torch.empty(H, il, dtype=dtype)
+            return self.dequantized({x + "w2": ((0, H), (i0, i1))}, dtype, out={x + "w2": w2_out})[x + "w2"]
+
+        if stream_experts:
+            w13 = torch.empty(e1 - e0, 2 * il, H, dtype=dtype, device="meta")
+            w2 = torch.empty(e1 - e0, H, il, dtype=dtype, device="meta")
+            chunks = lambda which: (expert(e, which) for e in range(e0, e1))  # noqa: E731
+        else:
+            # Dequantized straight into the stacked tensors, one expert at a time: the float32
+            # temporaries stay one expert small and the stacked tensors are the only full-size copies.
+            w13 = torch.empty(e1 - e0, 2 * il, H, dtype=dtype)
+            w2 = torch.empty(e1 - e0, H, il, dtype=dtype)
+            for j, e in enumerate(range(e0, e1)):
+                expert(e, "w13", w13_out=w13[j])
+                expert(e, "w2", w2_out=w2[j])
+            chunks = None
         return LayerWeights(
             input_norm=plain[p + "input_layernorm.weight"].to(dtype),
             post_norm=plain[p + "post_attention_layernorm.weight"].to(dtype),
@@ -260,7 +282,7 @@ class Checkpoint:
             k_norm=plain[p + "self_attn.k_norm.weight"].to(dtype),
             gate=plain[p + "block_sparse_moe.gate.weight"].float(),
             bias=plain[p + "block_sparse_moe.e_score_correction_bias"].float(),
-            w13=w13, w2=w2, expert_offset=e0,
+            w13=w13, w2=w2, expert_offset=e0, expert_chunks=chunks,
         )
 
     def globals(self, dtype: torch.dtype = torch.bfloat16) -> GlobalWeights:

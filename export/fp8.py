@@ -15,9 +15,11 @@ def scale_grid(rows: int, cols: int, block: tuple[int, int]) -> tuple[int, int]:
 
 
 def dequantize(fp8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
-               dtype: torch.dtype = torch.bfloat16, row_offset: int = 0, col_offset: int = 0) -> torch.Tensor:
+               dtype: torch.dtype = torch.bfloat16, row_offset: int = 0, col_offset: int = 0,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantize `fp8`, which may be a slice starting at (row_offset, col_offset) of the full weight
-    whose scale grid is `scale_inv`. Multiplies in float32 and rounds once to `dtype`."""
+    whose scale grid is `scale_inv`. Multiplies in float32 and rounds once to `dtype`. With `out`
+    (contiguous, of that dtype and shape) the result is written there, with no intermediate copy."""
     if fp8.dtype != torch.float8_e4m3fn:
         raise TypeError(f"expected float8_e4m3fn weights, got {fp8.dtype}")
     if fp8.dim() != 2 or scale_inv.dim() != 2:
@@ -32,14 +34,32 @@ def dequantize(fp8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int
         if s.shape != (gr, gc):
             raise ValueError(f"scale grid {tuple(scale_inv.shape)} does not cover weight rows "
                              f"{row_offset}..{row_offset + rows} x cols {col_offset}..{col_offset + cols}")
-        return (fp8.float().view(gr, br, gc, bc) * s[:, None, :, None]).view(rows, cols).to(dtype)
+        if out is None:
+            out = torch.empty(rows, cols, dtype=dtype)
+        torch.mul(fp8.float().view(gr, br, gc, bc), s[:, None, :, None], out=out.view(gr, br, gc, bc))
+        return out
     ri = torch.arange(row_offset, row_offset + rows) // block[0]
     ci = torch.arange(col_offset, col_offset + cols) // block[1]
     if rows and int(ri[-1]) >= scale_inv.shape[0] or cols and int(ci[-1]) >= scale_inv.shape[1]:
         raise ValueError(f"scale grid {tuple(scale_inv.shape)} does not cover weight rows "
                          f"{row_offset}..{row_offset + rows} x cols {col_offset}..{col_offset + cols}")
+    if out is None:
+        out = torch.empty(rows, cols, dtype=dtype)
+    # One dimension in whole blocks (a TP slice whose other dimension starts or ends inside a block):
+    # expand the scale grid along the partial dimension only and broadcast it over the whole one.
+    if not (col_offset % bc or cols % bc):
+        gc, c0 = cols // bc, col_offset // bc
+        s = scale_inv[:, c0:c0 + gc].float().index_select(0, ri)                      # [rows, gc]
+        torch.mul(fp8.float().view(rows, gc, bc), s[:, :, None], out=out.view(rows, gc, bc))
+        return out
+    if not (row_offset % br or rows % br):
+        gr, r0 = rows // br, row_offset // br
+        s = scale_inv[r0:r0 + gr].float().index_select(1, ci)                          # [gr, cols]
+        torch.mul(fp8.float().view(gr, br, cols), s[:, None, :], out=out.view(gr, br, cols))
+        return out
     s = scale_inv.float().index_select(0, ri).index_select(1, ci)
-    return (fp8.float() * s).to(dtype)
+    torch.mul(fp8.float(), s, out=out)
+    return out
 
 
 def quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -84,14 +84,19 @@ def unit_key(ckpt: Checkpoint, plan: ExportPlan, unit: str, rank: int, twins: bo
 
 
 def export_unit(ckpt: Checkpoint, plan: ExportPlan, unit: str, rank: int, specs: list[SubgraphSpec],
-                rank_dir: Path, twins: bool, traces: dict) -> dict[str, dict]:
+                rank_dir: Path, twins: bool, traces: dict, modules: dict | None = None
+                ) -> tuple[dict[str, dict], dict[str, str]]:
     """Write one unit's graphs into a fresh temporary folder, check them, then move them into place.
-    Returns {subgraph: {"bf16": {"onnx", "weights"}, "fp32": {...}}} with paths relative to rank_dir."""
+    Returns ({subgraph: {"bf16": {"onnx", "weights"}, "fp32": {...}}}, {weights file: sha256}) with
+    paths relative to rank_dir. `modules`: the unit's modules if already built (with streamed
+    experts once their pieces are traced)."""
     tmp = rank_dir / f".tmp-{unit}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    modules = build_modules(ckpt, plan, unit, rank, specs, DTYPE)
+    if modules is None:
+        modules = build_modules(ckpt, plan, unit, rank, specs, DTYPE)
     files: dict[str, dict] = defaultdict(dict)
+    digests: dict[str, str] = {}
     by_group: dict[str, list[SubgraphSpec]] = defaultdict(list)
     for s in specs:
         by_group[s.weights_group].append(s)
@@ -107,6 +112,7 @@ def export_unit(ckpt: Checkpoint, plan: ExportPlan, unit: str, rank: int, specs:
                 traces[key] = surgery.trace(module, s, plan.cfg)
             protos[s.name] = surgery.tidy(surgery.to_proto(traces[key], module, weights), s)
         weights.close()
+        digests[weights.path.name] = weights.sha256
         twin_weights = surgery.WeightsFile(tmp / f"{group}.fp32.weights") if twins else None
         for name, proto in protos.items():
             problems = check_model(proto)
@@ -119,13 +125,14 @@ def export_unit(ckpt: Checkpoint, plan: ExportPlan, unit: str, rank: int, specs:
                 files[name]["fp32"] = {"onnx": f"{name}.fp32.onnx", "weights": twin_weights.path.name}
         if twins:
             twin_weights.close()
+            digests[twin_weights.path.name] = twin_weights.sha256
     for f in tmp.iterdir():  # weights first, graphs after: a graph never points at missing weights
         if f.suffix == ".weights":
             os.replace(f, rank_dir / f.name)
     for f in tmp.iterdir():
         os.replace(f, rank_dir / f.name)
     tmp.rmdir()
-    return dict(files)
+    return dict(files), digests
 
 
 def export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1, expert_split: str = "intermediate",
@@ -157,25 +164,38 @@ def export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1, e
         from tqdm import tqdm
         bar = tqdm(total=len(units), desc=f"export tp{tp}", unit="layer-rank")
     stamps, timings, traces = {}, [], {}
+    todo = []
     for (unit, rank), specs in units.items():
         rank_dir = root / f"rank{rank}"
         rank_dir.mkdir(exist_ok=True)
         stamp_path = rank_dir / ".stamps" / f"{unit}.json"
         key = unit_key(ckpt, plan, unit, rank, twins, code)
         stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else None
-        if not (stamp and stamp["key"] == key and all(
+        if stamp and stamp["key"] == key and all(
                 (rank_dir / f).is_file() and (rank_dir / f).stat().st_size == m["bytes"]
-                for f, m in stamp["files"].items())):
+                for f, m in stamp["files"].items()):
+            stamps[(unit, rank)] = stamp
             if bar:
-                bar.set_postfix_str(f"{unit} rank {rank}")
-            t0 = time.perf_counter()
-            graphs = export_unit(ckpt, plan, unit, rank, specs, rank_dir, twins, traces)
-            rels = {p for g in graphs.values() for kind in g.values() for p in kind.values()}
-            stamp = {"key": key, "graphs": graphs, "seconds": round(time.perf_counter() - t0, 3),
-                     "files": {f: {"bytes": (rank_dir / f).stat().st_size, "sha256": sha256_file(rank_dir / f)}
-                               for f in sorted(rels)}}
-            write_json_atomic(stamp_path, stamp)
-            timings.append((unit, rank, stamp["seconds"]))
+                bar.update()
+        else:
+            todo.append((unit, rank, specs, rank_dir, stamp_path, key))
+
+    # Units stream their big weights (experts, embedding, LM head): read and dequantized slice by
+    # slice by a background thread while the file writes and the hashing go on (all outside the
+    # GIL), never whole in memory.
+    for unit, rank, specs, rank_dir, stamp_path, key in todo:
+        if bar:
+            bar.set_postfix_str(f"{unit} rank {rank}")
+        t0 = time.perf_counter()
+        modules = build_modules(ckpt, plan, unit, rank, specs, DTYPE, stream=True)
+        graphs, digests = export_unit(ckpt, plan, unit, rank, specs, rank_dir, twins, traces, modules)
+        del modules
+        rels = {p for g in graphs.values() for kind in g.values() for p in kind.values()}
+        stamp = {"key": key, "graphs": graphs, "seconds": round(time.perf_counter() - t0, 3),
+                 "files": {f: {"bytes": (rank_dir / f).stat().st_size,
+                               "sha256": digests.get(f) or sha256_file(rank_dir / f)} for f in sorted(rels)}}
+        write_json_atomic(stamp_path, stamp)
+        timings.append((unit, rank, stamp["seconds"]))
         stamps[(unit, rank)] = stamp
         if bar:
             bar.update()

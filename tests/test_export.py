@@ -335,3 +335,35 @@ def test_export_uses_the_benchmarks_crossover_only_for_its_shape(tmp_path, monke
     assert to_onnx.measured_crossover(real, 8, "experts") is None        # another split
     tiny = parse_hf_config(hf_config(PRESETS["tiny"]))
     assert to_onnx.measured_crossover(tiny, 1, "intermediate") is None
+
+
+def test_streamed_weights_are_the_same_bytes_and_hash_and_fail_loudly(tmp_path):
+    import hashlib as _hashlib
+
+    from onnx import TensorProto
+
+    from export import surgery
+
+    a = torch.randn(10, 4, 8).to(torch.bfloat16)
+    whole, streamed = surgery.WeightsFile(tmp_path / "a"), surgery.WeightsFile(tmp_path / "b")
+    whole.add("pad", surgery._numpy(torch.ones(3, dtype=torch.bfloat16)), TensorProto.BFLOAT16)
+    streamed.add("pad", surgery._numpy(torch.ones(3, dtype=torch.bfloat16)), TensorProto.BFLOAT16)
+    t1 = whole.add("x", surgery._numpy(a), TensorProto.BFLOAT16)
+    t2 = streamed.add_chunks("x", a.shape, TensorProto.BFLOAT16, iter(a))   # one row at a time
+    whole.close()
+    streamed.close()
+    where = lambda t: [(e.key, e.value) for e in t.external_data if e.key != "location"]  # noqa: E731
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes() and where(t1) == where(t2)
+    assert whole.sha256 == streamed.sha256 == _hashlib.sha256((tmp_path / "a").read_bytes()).hexdigest()
+
+    bad = surgery.WeightsFile(tmp_path / "c")
+    with pytest.raises(ValueError, match="chunks gave 288 elements"):
+        bad.add_chunks("y", a.shape, TensorProto.BFLOAT16, iter(a[:9]))
+
+    def broken():
+        yield a[0]
+        raise OSError("shard vanished")
+
+    with pytest.raises(OSError, match="shard vanished"):
+        bad.add_chunks("z", a.shape, TensorProto.BFLOAT16, broken())
+    bad.close()
