@@ -43,5 +43,4 @@ def run(res: Results, batches=(1, 4, 16, 64), contexts=(1024, 4096, 16384, 32768
             res.add("attention", batch=B, context=L, paged_us=round(paged * 1e6, 1), sdpa_us=round(sdpa * 1e6, 1),
                     floor_us=round(floor * 1e6, 1), paged_bandwidth_share=round(floor / paged, 3),
                     paged_vs_sdpa=round(paged / sdpa, 3), max_abs_diff=float((ours - ref).abs().max()))
-            del k_cache, v_cache, k, v
             torch.cuda.empty_cache()

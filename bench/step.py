@@ -99,7 +99,9 @@ def run(res: Results, layers: int = 4, batches=(1, 8, 32), steps: int = 30) -> N
                             backend=backend)
             g = torch.Generator().manual_seed(1)
             for B in batches:
-                params = SamplingParams(temperature=0, max_tokens=steps + 12, ignore_eos=True)
+                # long enough that no sequence ends inside the timed steps (a smaller batch would
+                # capture a new bucket's graph there); the batch is aborted afterwards
+                params = SamplingParams(temperature=0, max_tokens=4096, ignore_eos=True)
                 for _ in range(B):
                     engine.add_request(torch.randint(0, 2000, (PROMPT,), generator=g).tolist(), params)
                 while any(s.num_computed < len(s.prompt) for s in engine.scheduler.running) or engine.scheduler.waiting:
@@ -114,9 +116,11 @@ def run(res: Results, layers: int = 4, batches=(1, 8, 32), steps: int = 30) -> N
                 dg = engine.executor.decode_graphs
                 bucket = dg.bucket(B)
                 gpu = cuda_seconds(dg.graphs[bucket].replay) if graphs else None
-                context = PROMPT + 3 + steps
+                context = max(len(s) for s in engine.scheduler.running)
                 floor = floor_bytes(cfg, layers, B, context) / bw
-                row = dict(layers=layers, batch=B, cuda_graphs=graphs, step_ms=round(wall * 1e3, 3),
+                if len(engine.scheduler.running) != B:
+                    raise RuntimeError(f"{len(engine.scheduler.running)} sequences running, not {B}: timings invalid")
+                row = dict(layers=layers, batch=B, cuda_graphs=graphs, context=context, step_ms=round(wall * 1e3, 3),
                            floor_ms=round(floor * 1e3, 3), step_vs_floor=round(wall / floor, 2))
                 if gpu is not None:
                     row |= dict(gpu_ms=round(gpu * 1e3, 3), host_share=round(max(0.0, wall - gpu) / wall, 3),

@@ -132,6 +132,10 @@ class Moe(nn.Module):
       expert once; costs E/k times the useful FLOPs; the form for many tokens (prefill).
     """
 
+    # The runtime may set a fused kernel for the gather form (runtime/moe_kernel.py on GPUs):
+    # f(x, local_expert_ids, weights, w13, w2) -> [T, H] float32. Never set when exporting.
+    gather_kernel = None
+
     def __init__(self, w: LayerWeights, cfg: ModelConfig, form: str = "gather"):
         super().__init__()
         if form not in MOE_FORMS:
@@ -162,6 +166,8 @@ class Moe(nn.Module):
                 mine = (local >= 0) & (local < n_local)
                 weights = weights * mine.float()
                 local = torch.where(mine, local, torch.zeros_like(local))
+            if self.gather_kernel is not None:
+                return h, self.gather_kernel(x, local, weights, self.w13, self.w2).to(h.dtype)
             flat = local.reshape(-1)  # a plain Gather on axis 0 of the stacked experts
             w13 = self.w13.index_select(0, flat).reshape(*local.shape, *self.w13.shape[1:])  # [T, k, 2I, H]
             y = (w13 @ x[:, None, :, None]).squeeze(-1)             # [T, k, 2I]

@@ -87,6 +87,11 @@ PRESETS = {
     "alt": ToySpec(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=8,
                    num_key_value_heads=2, head_dim=64, rotary_dim=32, num_local_experts=8,
                    num_experts_per_tok=2, n_regular_tokens=448, vocab_size=512),
+    # 8 KV heads like the real model, so TP=8 gives one KV head per rank (and QK-norm sums over
+    # eight ranks); every dimension a multiple of 128 or below it (transformers loads it itself).
+    "kv8": ToySpec(num_hidden_layers=2, hidden_size=256, intermediate_size=256, num_attention_heads=16,
+                   num_key_value_heads=8, head_dim=32, rotary_dim=16, num_local_experts=16,
+                   num_experts_per_tok=4, n_regular_tokens=896, vocab_size=960),
     # MiniMax-M2.5's true widths (hidden 3072, 48/8 heads of 128, 256 experts of 1536, top-8,
     # vocabulary 200064) with one layer by default: for export and GPU benchmarks, not for CI.
     "real": ToySpec(num_hidden_layers=1, hidden_size=3072, intermediate_size=1536, num_attention_heads=48,

@@ -50,6 +50,7 @@ class TorchBackend:
         from pathlib import Path
 
         from export.checkpoint import Checkpoint, CheckpointError
+        from export.model import Moe
         from export.pieces import build_modules, unit_of
         from export.plan import make_plan
 
@@ -77,9 +78,24 @@ class TorchBackend:
                 by_unit.setdefault(unit_of(s), []).append(s)
                 self.inputs[s.name] = [t.name for t in s.inputs]
                 self.outputs[s.name] = [t.name for t in s.outputs]
+        kernel = self._gather_kernel()
         for unit, specs in by_unit.items():
             for name, m in build_modules(ckpt, plan, unit, rank, specs, dtype).items():
                 self.modules[name] = m.to(self.device).eval()
+                for sub in m.modules():
+                    if isinstance(sub, Moe):
+                        sub.gather_kernel = kernel
+
+    def _gather_kernel(self):
+        """The fused gather-MoE kernel on a GPU in bfloat16 (float32 runs keep the PyTorch form, which
+        the CPU path computes the same way)."""
+        if self.device.type != "cuda" or self.dtype != torch.bfloat16:
+            return None
+        try:
+            from .moe_kernel import gather_moe
+        except ImportError:
+            return None
+        return gather_moe
 
     @torch.no_grad()
     def run(self, name: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ def choose_partition(batch: int, kv_heads: int, max_tokens: int, device: torch.d
     enough programs to use every SM. Decided by shapes alone, so CUDA-graph replays keep it."""
     sms = _sm_count(device.index) if device.type == "cuda" else 1
     for part in PARTITIONS:
-        if batch * kv_heads * triton.cdiv(max_tokens, part) >= 2 * sms:
+        if batch * kv_heads * triton.cdiv(max_tokens, part) >= sms:
             return part
     return PARTITIONS[-1]
 

@@ -17,7 +17,7 @@ class Status(Enum):
 _ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's `in` / remove on lists must not compare token lists
 class Sequence:
     prompt: list[int]
     params: SamplingParams

@@ -12,7 +12,7 @@ from export.tiny import PRESETS, write_checkpoint
 
 # The embedded default, and a second shape that differs in every way the issue names (layers,
 # experts, top-k, heads-to-KV ratio, rotary dim, vocabulary).
-CONFIGS = ["tiny", "alt"]
+CONFIGS = ["tiny", "alt", "kv8"]  # kv8: 8 KV heads, for TP=8 (one KV head per rank)
 
 
 @pytest.fixture(scope="session")

@@ -49,6 +49,23 @@ def test_tp2_equals_tp1_and_transformers(name, backend, exported, hf_model):
     assert not workers_of(exported(name, 2).root)  # clean shutdown: no rank left running
 
 
+@pytest.mark.slow
+def test_tp8_eight_gloo_ranks_equal_tp1_and_transformers(exported, hf_model):
+    """The user's configuration on the CPU: 8 KV heads, TP=8 -- one KV head per rank, QK-norm sums of
+    squares all-reduced over eight ranks, intermediate slices of 32 rows (inside FP8 blocks)."""
+    ref_model = bf16_weight_reference(hf_model("kv8"))
+    prompts = [[1, 5, 9], list(range(40, 57))]
+    want = [greedy(ref_model, p, 16) for p in prompts]
+    for tp in (1, 8):
+        man = exported("kv8", tp)
+        assert man.config.num_key_value_heads // man.tp == (8 // tp)
+        r = chat("--model", man.root, *ids_args(prompts), "--max-tokens", 16, "--temperature", 0, "--ignore-eos",
+                 "--json", timeout=600)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout.strip().splitlines()[-1])["outputs"] == want, tp
+    assert not workers_of(exported("kv8", 8).root)
+
+
 def test_tp_export_needs_its_ranks(exported):
     with pytest.raises(ManifestError, match="this export is for TP=2"):
         Engine(exported("tiny", 2).root, EngineConfig())

@@ -1,0 +1,83 @@
+"""The gather MoE form for few tokens as two Triton kernels (the GPU language), reading each chosen
+expert's weights in place: no gathered copies of the experts (the PyTorch form copies the T*k chosen
+experts with index_select, then multiplies), no intermediate rounding (float32 accumulation).
+
+- up:   per (token, choice) pair and block of intermediate rows: a = silu(W1 x) * (W3 x)
+- down: per token and block of hidden rows: out = sum_j weight_j * W2[e_j] a_j
+
+GEMVs on CUDA cores (tl.sum of products): memory-bound at decode sizes, which is the point. Used by
+the runtime's torch backend on GPUs in bfloat16 (runtime/backends.py); the export keeps the ONNX form.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _up_kernel(X, Idx, W13, A, stride_we, stride_wr, H: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr,
+               BI: tl.constexpr, BH: tl.constexpr):
+    pair, ib = tl.program_id(0), tl.program_id(1)
+    t = pair // K
+    e = tl.load(Idx + pair).to(tl.int64)
+    rows = ib * BI + tl.arange(0, BI)
+    rmask = rows < INTER
+    base = W13 + e * stride_we
+    acc1 = tl.zeros([BI], tl.float32)
+    acc3 = tl.zeros([BI], tl.float32)
+    for h0 in range(0, H, BH):
+        hs = h0 + tl.arange(0, BH)
+        hmask = hs < H
+        x = tl.load(X + t * H + hs, mask=hmask, other=0.0).to(tl.float32)
+        m = rmask[:, None] & hmask[None, :]
+        w1 = tl.load(base + rows[:, None] * stride_wr + hs[None, :], mask=m, other=0.0).to(tl.float32)
+        w3 = tl.load(base + (rows + INTER)[:, None] * stride_wr + hs[None, :], mask=m, other=0.0).to(tl.float32)
+        acc1 += tl.sum(w1 * x[None, :], 1)
+        acc3 += tl.sum(w3 * x[None, :], 1)
+    a = acc1 * tl.sigmoid(acc1) * acc3
+    tl.store(A + pair * INTER + rows, a, mask=rmask)
+
+
+@triton.jit
+def _down_kernel(A, Idx, Wt, W2, Out, stride_we, stride_wr, H: tl.constexpr, INTER: tl.constexpr,
+                 K: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
+    t, ob = tl.program_id(0), tl.program_id(1)
+    rows = ob * BO + tl.arange(0, BO)
+    rmask = rows < H
+    acc = tl.zeros([BO], tl.float32)
+    for j in tl.static_range(K):
+        pair = t * K + j
+        e = tl.load(Idx + pair).to(tl.int64)
+        weight = tl.load(Wt + pair)
+        part = tl.zeros([BO], tl.float32)
+        for i0 in range(0, INTER, BI):
+            cols = i0 + tl.arange(0, BI)
+            cmask = cols < INTER
+            a = tl.load(A + pair * INTER + cols, mask=cmask, other=0.0)
+            w = tl.load(W2 + e * stride_we + rows[:, None] * stride_wr + cols[None, :],
+                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            part += tl.sum(w * a[None, :], 1)
+        acc += weight * part
+    tl.store(Out + t * H + rows, acc.to(Out.dtype.element_ty), mask=rmask)
+
+
+def gather_moe(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+               w2: torch.Tensor) -> torch.Tensor:
+    """x [T, H]; experts [T, k] local expert ids; weights [T, k] float32 (zero for experts not on
+    this rank); w13 [E, 2I, H], w2 [E, H, I] -> [T, H] float32, the weighted sum of the experts."""
+    T, H = x.shape
+    k = experts.shape[1]
+    inter = w2.shape[2]
+    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    idx = experts.reshape(-1).contiguous()
+    a = torch.empty(T * k, inter, dtype=torch.float32, device=x.device)
+    # Small row blocks: at T=1 the grid must still give every SM loads in flight (memory-bound GEMV).
+    BI = 4 if T * k * inter <= 8 * 512 else 16
+    _up_kernel[(T * k, triton.cdiv(inter, BI))](x, idx, w13, a, w13.stride(0), w13.stride(1), H=H, INTER=inter, K=k,
+                                                BI=BI, BH=512, num_warps=4)
+    out = torch.empty(T, H, dtype=torch.float32, device=x.device)
+    BO = 8 if T <= 4 else 32
+    _down_kernel[(T, triton.cdiv(H, BO))](a, idx, weights.reshape(-1).float().contiguous(), w2, out, w2.stride(0),
+                                          w2.stride(1), H=H, INTER=inter, K=k, BO=BO, BI=256, num_warps=4)
+    return out
