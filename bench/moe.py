@@ -49,6 +49,19 @@ def floor_bytes(m: Moe, distinct: int, elem: int) -> int:
     return distinct * per_expert + m.gate.numel() * 4
 
 
+def record_row(res: Results, device: str, T: int, m: Moe, h, a, seconds: dict, bw: float, elem: int) -> None:
+    """One JSON line: each form's time (None: skipped) in us and against its floor."""
+    floors = {"gather": floor_bytes(m, distinct_experts(m, h, a), elem) / bw,
+              "dense": floor_bytes(m, m.w13.shape[0], elem) / bw}
+    row = {"tokens": T, "distinct_experts": distinct_experts(m, h, a),
+           "gather_floor_us": round(floors["gather"] * 1e6, 1), "dense_floor_us": round(floors["dense"] * 1e6, 1)}
+    for form, t in seconds.items():
+        floor = floors["dense" if form == "dense" else "gather"]
+        row[f"{form}_us"] = None if t is None else round(t * 1e6, 1)
+        row[f"{form}_vs_floor"] = None if t is None else round(t / floor, 2)
+    res.add("moe", device=device, **row)
+
+
 def _crossover(times: dict[int, tuple[float | None, float]], measure) -> int:
     """Largest T where gather is faster; bisected between the grid points around the switch."""
     grid = sorted(times)
@@ -88,16 +101,7 @@ def run_gpu(res: Results, tokens=TOKENS, gather_limit_gb: float = 12.0) -> int:
             replay = graphed(lambda: m(h, a))
             out[form] = cuda_seconds(replay, reps=20)
         if record:
-            d = distinct_experts(mods["gather"], h, a)
-            floor = floor_bytes(mods["gather"], d, 2) / bw
-            dense_floor = floor_bytes(mods["gather"], 256, 2) / bw
-            res.add("moe", device="gpu", tokens=T, distinct_experts=d,
-                    gather_us=None if out["gather"] is None else round(out["gather"] * 1e6, 1),
-                    fused_gather_us=round(out["fused"] * 1e6, 1), fused_gather_vs_floor=round(out["fused"] / floor, 2),
-                    dense_us=round(out["dense"] * 1e6, 1), gather_floor_us=round(floor * 1e6, 1),
-                    dense_floor_us=round(dense_floor * 1e6, 1),
-                    gather_vs_floor=None if out["gather"] is None else round(out["gather"] / floor, 2),
-                    dense_vs_floor=round(out["dense"] / dense_floor, 2))
+            record_row(res, "gpu", T, mods["gather"], h, a, out, bw, 2)
         torch.cuda.empty_cache()
         return out["fused"], out["dense"]  # the crossover is for what the runtime runs
 
@@ -153,15 +157,7 @@ def run_cpu(res: Results, tokens=TOKENS, gather_limit_gb: float = 4.0) -> int:
                 reps = 5 if T <= 64 else 2
                 out[form] = cpu_seconds(lambda: s.run(None, feed), reps=reps)
             if record:
-                d = distinct_experts(mods["gather"], h, a)
-                floor = floor_bytes(mods["gather"], d, 4) / bw
-                dense_floor = floor_bytes(mods["gather"], 256, 4) / bw
-                res.add("moe", device="cpu", tokens=T, distinct_experts=d,
-                        gather_us=None if out["gather"] is None else round(out["gather"] * 1e6, 1),
-                        dense_us=round(out["dense"] * 1e6, 1), gather_floor_us=round(floor * 1e6, 1),
-                        dense_floor_us=round(dense_floor * 1e6, 1),
-                        gather_vs_floor=None if out["gather"] is None else round(out["gather"] / floor, 2),
-                        dense_vs_floor=round(out["dense"] / dense_floor, 2))
+                record_row(res, "cpu", T, mods["gather"], h, a, out, bw, 4)
             return out["gather"], out["dense"]
 
         times = {T: measure(T, record=True) for T in tokens}
