@@ -109,3 +109,17 @@ def greedy(model, ids: list[int], n: int) -> list[int]:
     out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                          eos_token_id=None, pad_token_id=0, use_mtp=False)
     return out[0, len(ids):].tolist()
+
+
+def run_interpreted(module: str, function: str = "check_interpreted") -> str:
+    """Run tests.<module>.<function>() in a fresh process under Triton's CPU interpreter (which must
+    be chosen before triton is first imported); returns its stdout, failing with its output."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", f"from tests.{module} import {function} as f; f()"], cwd=root,
+                       env=os.environ | {"TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout

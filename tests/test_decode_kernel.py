@@ -8,14 +8,12 @@ of magnitude <= ~1, since the kernel, like flash attention, rounds the softmax w
 the P @ V product (relative error ~2^-8 per term).
 """
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+from tests.reference import run_interpreted
+
 if importlib.util.find_spec("triton") is None:
     pytest.skip("the triton package is not installed", allow_module_level=True)
 CASES = [
@@ -65,11 +63,7 @@ def check_interpreted() -> None:
 
 
 def test_interpreted_kernel_matches_reference():
-    r = subprocess.run([sys.executable, "-c", "from tests.test_decode_kernel import check_interpreted as c; c()"],
-                       cwd=ROOT, env=os.environ | {"TRITON_INTERPRET": "1"}, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count(": ok") == len(CASES)
+    assert run_interpreted("test_decode_kernel").count(": ok") == len(CASES)
 
 
 @pytest.mark.gpu

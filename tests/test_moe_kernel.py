@@ -7,15 +7,13 @@ Tolerances: against float64, 1e-4 relative to the output's scale (the kernel acc
 against the PyTorch bf16 form, 2e-2 (that form rounds y, silu(y1)*y3 and each expert's output to bf16).
 """
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+from tests.reference import run_interpreted
+
 if importlib.util.find_spec("triton") is None:
     pytest.skip("the triton package is not installed", allow_module_level=True)
 
@@ -54,11 +52,7 @@ def check_interpreted() -> None:
 
 
 def test_interpreted_kernels_match_reference():
-    r = subprocess.run([sys.executable, "-c", "from tests.test_moe_kernel import check_interpreted as c; c()"],
-                       cwd=ROOT, env=os.environ | {"TRITON_INTERPRET": "1"}, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count(": ok") == 2
+    assert run_interpreted("test_moe_kernel").count(": ok") == 2
 
 
 @pytest.mark.gpu
