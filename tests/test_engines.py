@@ -22,7 +22,8 @@ from export.manifest import ManifestError
 from runtime import trt_backend
 
 ROOT = Path(__file__).resolve().parents[1]
-IDENTIFIERS = ROOT.parent / "shared" / "reference" / "tensorrt-11.4-python-identifiers.txt"
+# A copy of the steering repository's shared/reference list, kept here so a clean clone can run it.
+IDENTIFIERS = ROOT / "tests" / "data" / "tensorrt-11.4-python-identifiers.txt"
 # Named in shared/reference/tensorrt-11.md (TensorRT's own API docs) but absent from the identifier
 # list, which was read out of the bindings' strings, and from the runtime-only lean module.
 DOCUMENTED = {"Builder", "num_errors", "desc"}
