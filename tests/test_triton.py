@@ -284,3 +284,23 @@ def test_stop_strings_end_the_text_and_are_not_shown(served):
         s.close()
     assert r["reason"] == "stop" and r["text"] == text[:cut]
     assert r["ids"] == full[:len(r["ids"])] and len(r["ids"]) < len(full)
+
+
+def test_repository_writer_refuses_what_cannot_serve(exported, tmp_path):
+    """Without engines there is no TensorRT model; without FP32 twins no ONNX Runtime one; the torch
+    backend reads the checkpoint, so it cannot be copied in. Nothing is left behind by a refusal."""
+    from runtime.triton_repo import RepoError
+
+    man = exported("tiny", 1)
+    with pytest.raises(RepoError, match="no engines.json"):
+        write_repository(man.root, tmp_path / "repo", backend="trt")
+    with pytest.raises(RepoError, match="reads the checkpoint"):
+        write_repository(man.root, tmp_path / "repo", backend="torch", copy=True)
+    assert not any(tmp_path.iterdir())  # refused before writing anything
+    # a rewrite replaces the model folder whole and keeps the other models
+    write_repository(man.root, tmp_path / "repo", "a", kv_cache_gb=0.05)
+    write_repository(man.root, tmp_path / "repo", "b", kv_cache_gb=0.05)
+    write_repository(man.root, tmp_path / "repo", "a", kv_cache_gb=0.1)
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["a", "b"]
+    assert 'string_value: "0.1"' in (tmp_path / "repo" / "a" / "config.pbtxt").read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["repo"]  # no staging folder left beside it
