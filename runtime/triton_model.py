@@ -231,7 +231,6 @@ class TritonPythonModel:
             pb_utils.Logger.log_warn(f"minimax: could not send an error ({message}): {e}")
 
     def finalize(self):
-        pb_utils.Logger.log_info("minimax: finalize")
         self.stopping.set()
         self.thread.join(timeout=60)
         for job in list(self.jobs.values()):
@@ -239,4 +238,4 @@ class TritonPythonModel:
         while not self.inbox.empty():
             self._fail(self.inbox.get_nowait().sender, "the model is unloading")
         self.engine.close()
-        pb_utils.Logger.log_info("minimax: finalized")
+        pb_utils.Logger.log_info("minimax: unloaded (engine closed)")
