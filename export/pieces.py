@@ -38,13 +38,15 @@ def build_modules(ckpt: Checkpoint, plan: ExportPlan, unit: str, rank: int, spec
             m = Embed(big)
         else:
             m = Head(ckpt.read({"model.norm.weight": all_})["model.norm.weight"].to(dtype), big, cfg)
-        m.weight_chunks = lambda param: _row_chunks(ckpt, name, V, dtype)
+        if stream:
+            m.weight_chunks = lambda param: _row_chunks(ckpt, name, V, dtype)
         return {specs[0].name: m}
     w = ckpt.layer(specs[0].layer, dtype, Shard(plan.tp, rank, plan.expert_split), stream)
     make = {"attn": lambda s: AttnBlock(w, cfg), "attn_in": lambda s: AttnIn(w, cfg),
             "qk_rope": lambda s: QkRope(w, cfg), "o_proj": lambda s: OProj(w),
             "moe": lambda s: Moe(w, cfg, s.form), "post": lambda s: PostBlock(w, cfg, s.form)}
     modules = {s.name: make[s.piece](s) for s in specs}
-    for m in modules.values():
-        m.weight_chunks = lambda param: w.expert_chunks(param.rsplit(".", 1)[-1])
+    if stream:
+        for m in modules.values():
+            m.weight_chunks = lambda param: w.expert_chunks(param.rsplit(".", 1)[-1])
     return modules

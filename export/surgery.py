@@ -45,7 +45,7 @@ class WeightsFile:
         self._f = open(path, "wb", buffering=0)
         self._protos: dict[str, TensorProto] = {}
         self.sha256: str | None = None
-        # Hashing (~0.7 GB/s) runs on its own thread beside the writes and the dequantization.
+        # Hashing (sha256, ~1.4 GB/s here) runs on its own thread beside the writes and the dequantization.
         self._hash = hashlib.sha256()
         self._to_hash: queue.Queue = queue.Queue(maxsize=16)
         self._hasher = threading.Thread(target=self._hash_loop, daemon=True)

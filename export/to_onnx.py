@@ -84,17 +84,16 @@ def unit_key(ckpt: Checkpoint, plan: ExportPlan, unit: str, rank: int, twins: bo
 
 
 def export_unit(ckpt: Checkpoint, plan: ExportPlan, unit: str, rank: int, specs: list[SubgraphSpec],
-                rank_dir: Path, twins: bool, traces: dict, modules: dict | None = None
-                ) -> tuple[dict[str, dict], dict[str, str]]:
+                rank_dir: Path, twins: bool, traces: dict) -> tuple[dict[str, dict], dict[str, str]]:
     """Write one unit's graphs into a fresh temporary folder, check them, then move them into place.
     Returns ({subgraph: {"bf16": {"onnx", "weights"}, "fp32": {...}}}, {weights file: sha256}) with
-    paths relative to rank_dir. `modules`: the unit's modules if already built (with streamed
-    experts once their pieces are traced)."""
+    paths relative to rank_dir. The big weights are streamed (export/pieces.py, stream=True): read
+    and dequantized slice by slice by a background thread while the file writes and the hashing go
+    on (all outside the GIL), never whole in memory."""
     tmp = rank_dir / f".tmp-{unit}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if modules is None:
-        modules = build_modules(ckpt, plan, unit, rank, specs, DTYPE)
+    modules = build_modules(ckpt, plan, unit, rank, specs, DTYPE, stream=True)
     files: dict[str, dict] = defaultdict(dict)
     digests: dict[str, str] = {}
     by_group: dict[str, list[SubgraphSpec]] = defaultdict(list)
@@ -180,16 +179,11 @@ def export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1, e
         else:
             todo.append((unit, rank, specs, rank_dir, stamp_path, key))
 
-    # Units stream their big weights (experts, embedding, LM head): read and dequantized slice by
-    # slice by a background thread while the file writes and the hashing go on (all outside the
-    # GIL), never whole in memory.
     for unit, rank, specs, rank_dir, stamp_path, key in todo:
         if bar:
             bar.set_postfix_str(f"{unit} rank {rank}")
         t0 = time.perf_counter()
-        modules = build_modules(ckpt, plan, unit, rank, specs, DTYPE, stream=True)
-        graphs, digests = export_unit(ckpt, plan, unit, rank, specs, rank_dir, twins, traces, modules)
-        del modules
+        graphs, digests = export_unit(ckpt, plan, unit, rank, specs, rank_dir, twins, traces)
         rels = {p for g in graphs.values() for kind in g.values() for p in kind.values()}
         stamp = {"key": key, "graphs": graphs, "seconds": round(time.perf_counter() - t0, 3),
                  "files": {f: {"bytes": (rank_dir / f).stat().st_size,

@@ -56,15 +56,13 @@ def _decode_kernel():
 
 def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                            v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float, kernel: bool | None = None) -> torch.Tensor:
+                           context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """Decode (one new token per sequence) with every input a tensor of fixed shape, so that the step
     can be captured in a CUDA graph. q [B, Hq, d]; block_tables [B, M]; context_lens [B].
-    On a GPU (kernel None or True) the Triton kernel reads only each sequence's own blocks; the
+    On a GPU the Triton kernel reads only each sequence's own blocks; the
     PyTorch version below reads M blocks per sequence and masks past each context length."""
     write_kv(k_cache, v_cache, k, v, slot_mapping)
-    if kernel is None:
-        kernel = q.is_cuda
-    if kernel and (paged_decode := _decode_kernel()) is not None:
+    if q.is_cuda and (paged_decode := _decode_kernel()) is not None:
         return paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
     return sdpa_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
 
