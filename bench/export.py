@@ -7,7 +7,6 @@ export process's peak RSS against 1.5 x one layer-rank's BF16 weights + 1 GiB.
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -51,10 +50,15 @@ def run(res: Results) -> dict:
     read_seconds(shards)  # warm the page cache, as a previous step would have
     t_read = read_seconds(shards)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "export.to_onnx", str(ckpt), "--tp", "8", "--out", str(out),
-                    "--no-fp32-twins", "--quiet"], check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "export.to_onnx", str(ckpt), "--tp", "8", "--out", str(out),
+                             "--no-fp32-twins", "--quiet"])
+    # wait4: this one child's peak RSS (RUSAGE_CHILDREN would also count the checkpoint writer above).
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, proc.args)
+    peak = usage.ru_maxrss * 1024
     files = [f for f in out.rglob("*") if f.is_file()]
     written = sum(f.stat().st_size for f in files)
     layer_rank = max(sum(f.stat().st_size for f in (out / "tp8" / f"rank{r}").glob("layers.0.*")) for r in range(8))

@@ -20,7 +20,7 @@ from export.checkpoint import LayerWeights
 from export.config import parse_hf_config
 from export.manifest import FORMAT_VERSION, MANIFEST, Manifest
 from export.plan import default_crossover, make_plan
-from export.tiny import CHAT_TEMPLATE, PRESETS, build_tokenizer, hf_config
+from export.tiny import PRESETS, hf_config, write_text_files
 from runtime.backends import TorchBackend
 from runtime.engine import Engine, EngineConfig
 from runtime.sampling import SamplingParams
@@ -69,8 +69,7 @@ def write_export(cfg, root: Path, max_tokens: int) -> Manifest:
             "moe_crossover_tokens": default_crossover(cfg), "max_tokens": max_tokens, "steps": plan.steps,
             "subgraphs": {s.name: s.to_dict() | {"files": {}} for s in plan.subgraphs}, "files": {}}
     (root / MANIFEST).write_text(json.dumps(data))
-    build_tokenizer(PRESETS["real"], 0).save(str(root / "tokenizer.json"))
-    (root / "tokenizer_config.json").write_text(json.dumps({"eos_token": "[e~[", "chat_template": CHAT_TEMPLATE}))
+    write_text_files(root, PRESETS["real"], 0)
     return Manifest.load(root)
 
 

@@ -110,6 +110,24 @@ def is_mtp_tensor(name: str, cfg: ModelConfig) -> bool:
     return bool(m and int(m.group(1)) >= cfg.num_hidden_layers) or ".mtp" in name or name.startswith("mtp")
 
 
+def check_names(weight_map: dict[str, str], cfg: ModelConfig,
+                specs: dict[str, TensorSpec] | None = None) -> None:
+    """The index names every tensor the config requires and nothing else (MTP heads aside). Shard
+    file names are whatever the index says: the published "-of-N" count does not match the files."""
+    specs = specs if specs is not None else expected_tensors(cfg)
+    names = set(weight_map)
+    for name in sorted(names - set(specs)):
+        if not is_mtp_tensor(name, cfg):
+            raise CheckpointError(f"{name} (in {weight_map[name]}): unexpected tensor for a MiniMax-M2 "
+                                  f"checkpoint with this config.json")
+    missing = sorted(set(specs) - names)
+    if missing:
+        what = ("its block scale, needed to dequantize " + missing[0][: -len("_scale_inv")]
+                if missing[0].endswith("_scale_inv") else "a tensor the config requires")
+        raise CheckpointError(f"{missing[0]}: missing from the checkpoint ({what}); "
+                              f"{len(missing)} expected tensors are missing in all")
+
+
 class Checkpoint:
     """A MiniMax-M2 checkpoint directory: config.json, shards, and their index."""
 
@@ -155,18 +173,7 @@ class Checkpoint:
 
     def validate(self) -> None:
         """Check every tensor's presence, name, shape and dtype against the config (headers only)."""
-        cfg = self.config
-        names = set(self.weight_map)
-        for name in sorted(names - set(self.specs)):
-            if not is_mtp_tensor(name, cfg):
-                raise CheckpointError(f"{name} (in {self.weight_map[name]}): unexpected tensor for a MiniMax-M2 "
-                                      f"checkpoint with this config.json")
-        missing = sorted(set(self.specs) - names)
-        if missing:
-            what = ("its block scale, needed to dequantize " + missing[0][: -len("_scale_inv")]
-                    if missing[0].endswith("_scale_inv") else "a tensor the config requires")
-            raise CheckpointError(f"{missing[0]}: missing from the checkpoint ({what}); "
-                                  f"{len(missing)} expected tensors are missing in all")
+        check_names(self.weight_map, self.config, self.specs)
         by_shard: dict[str, list[str]] = defaultdict(list)
         for name in self.specs:
             by_shard[self.weight_map[name]].append(name)

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+from .text_config import TextConfigError, special_ids
 
 
 class ConfigError(ValueError):
@@ -25,10 +28,12 @@ class ModelConfig:
     rope_theta: float
     rotary_dim: int
     max_position_embeddings: int
-    bos_token_id: int | None
-    eos_token_id: int
     fp8_block: tuple[int, int]  # (rows, cols) of one weight_scale_inv block
     num_mtp_modules: int = 0
+    # From the checkpoint's folder (export/text_config.py), not from config.json alone: the
+    # published config.json has no bos/eos. No eos ids: generation has no end-of-sequence stop.
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
 
     @property
     def q_size(self) -> int:
@@ -47,6 +52,7 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> "ModelConfig":
         d = dict(d)
         d["fp8_block"] = tuple(d["fp8_block"])
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
         return cls(**d)
 
     @classmethod
@@ -58,7 +64,24 @@ class ModelConfig:
             raw = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path}: cannot be parsed as JSON ({e})") from e
-        return parse_hf_config(raw, source=str(path))
+        cfg = parse_hf_config(raw, source=str(path))
+        try:
+            ids = special_ids(path.parent, cfg.vocab_size)
+        except TextConfigError as e:
+            raise ConfigError(str(e)) from e
+        return replace(cfg, bos_token_id=ids.bos_token_id, eos_token_ids=ids.eos_token_ids)
+
+
+_told_no_eos = False
+
+
+def note_missing_eos(cfg: ModelConfig) -> None:
+    """Say once per process that generation will not stop at an end-of-sequence token."""
+    global _told_no_eos
+    if not cfg.eos_token_ids and not _told_no_eos:
+        _told_no_eos = True
+        print("note: no end-of-sequence token in generation_config.json, tokenizer_config.json or config.json; "
+              "generation stops only at max tokens, stop strings or stop token ids", file=sys.stderr)
 
 
 def _require(raw: dict, key: str, source: str):
@@ -77,7 +100,9 @@ def _positive_int(raw: dict, key: str, source: str) -> int:
 def parse_hf_config(raw: dict, source: str = "config.json") -> ModelConfig:
     """Validate a HuggingFace MiniMax-M2 config.json and return the fields the project uses.
 
-    Every check here is one that, if it failed silently, would produce wrong numbers later.
+    Every check here is one that, if it failed silently, would produce wrong numbers later. The
+    special token ids are not taken from here: `ModelConfig.from_checkpoint` reads them from the
+    folder's files in their published order (export/text_config.py).
     """
     model_type = raw.get("model_type")
     if model_type != "minimax_m2":
@@ -149,18 +174,11 @@ def parse_hf_config(raw: dict, source: str = "config.json") -> ModelConfig:
         raise ConfigError(f"{source}: quantization_config.weight_block_size must be two positive integers, "
                           f"got {block!r}")
 
-    eos = raw.get("eos_token_id")
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
-    if not isinstance(eos, int) or not (0 <= eos < vocab):
-        raise ConfigError(f"{source}: eos_token_id {raw.get('eos_token_id')!r} is not a token id below vocab_size")
-    bos = raw.get("bos_token_id")
-
     mtp = raw.get("num_mtp_modules", 0) if raw.get("use_mtp", False) else 0
     return ModelConfig(
         hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
         num_experts=experts, top_k=top_k, vocab_size=vocab, rms_norm_eps=float(eps),
         rope_theta=float(rope_theta), rotary_dim=rotary_dim, max_position_embeddings=max_pos,
-        bos_token_id=bos, eos_token_id=eos, fp8_block=(block[0], block[1]), num_mtp_modules=int(mtp or 0),
+        fp8_block=(block[0], block[1]), num_mtp_modules=int(mtp or 0),
     )

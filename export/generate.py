@@ -16,7 +16,7 @@ import time
 import torch
 
 from .checkpoint import Checkpoint, CheckpointError
-from .config import ConfigError
+from .config import ConfigError, note_missing_eos
 from .model import MOE_FORMS, Model
 from .sharding import EXPERT_SPLITS, ShardingError
 
@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(a.ids) + a.max_new_tokens > ckpt.config.max_position_embeddings:
             ap.error(f"prompt ({len(a.ids)}) + new tokens ({a.max_new_tokens}) exceed the context "
                      f"({ckpt.config.max_position_embeddings})")
+        if not a.ignore_eos:
+            note_missing_eos(ckpt.config)
         t0 = time.perf_counter()
         model = Model(ckpt, DTYPES[a.dtype], a.moe, tp=a.tp, expert_split=a.expert_split, progress=True)
         t1 = time.perf_counter()

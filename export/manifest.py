@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .config import ModelConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: special ids from the checkpoint's text files (model.eos_token_ids)
 MANIFEST = "manifest.json"
 
 

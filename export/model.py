@@ -286,6 +286,6 @@ class Model:
             nxt = int(self.logits(torch.tensor(seq))[-1].argmax())
             out.append(nxt)
             seq.append(nxt)
-            if stop_at_eos and nxt == self.cfg.eos_token_id:
+            if stop_at_eos and nxt in self.cfg.eos_token_ids:
                 break
         return out

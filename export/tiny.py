@@ -3,8 +3,9 @@
 Same architecture and file layout as MiniMaxAI/MiniMax-M2.5 (float8_e4m3fn weights with float32
 128x128 `weight_scale_inv` blocks, per-expert w1/w2/w3, float32 router gate and bias, bf16 norms,
 embeddings and lm_head, several shards and an index, config.json with quantization_config, a
-byte-level BPE tokenizer with the MiniMax special tokens and a MiniMax-style chat template), at a
-size that runs on a CPU in seconds. Random weights from a fixed seed: the same seed gives the same
+byte-level BPE tokenizer with the MiniMax special tokens, tokenizer_config.json without a template
+and a separate chat_template.jinja, generation_config.json holding the special ids and sampling
+defaults, config.json with exactly the published keys), at a size that runs on a CPU in seconds. Random weights from a fixed seed: the same seed gives the same
 bytes.
 
     python -m export.tiny build/tiny-minimax-m2            # the embedded default
@@ -18,7 +19,7 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,32 +29,91 @@ from . import fp8
 
 BLOCK = (128, 128)
 NUM_SPECIAL = 54  # ids n_regular .. n_regular+53, as 200000..200053 in the published tokenizer
+BPE_TRAINED = 4096  # regular tokens learned from the toy corpus; the rest are unreachable fillers
 
 # Offsets (from the first special id) of the special tokens whose meaning is published.
 SPECIAL_TOKENS = {
-    19: "]~b]",        # turn start
+    0: "]!p~[",
+    19: "]~b]",        # turn start (generation_config.json's bos)
     20: "[e~[",        # end of turn: the stop token
-    21: "]!d~[",
-    34: "]~!b[",       # begin of text
+    21: "]!d~[",       # unk
+    34: "]~!b[",       # begin of text (tokenizer_config.json's bos)
     50: "<think>",
     51: "</think>",
     52: "<minimax:tool_call>",
     53: "</minimax:tool_call>",
 }
 NOT_SKIPPED = {"<think>", "</think>", "<minimax:tool_call>", "</minimax:tool_call>"}  # kept when decoding
+DEFAULT_SYSTEM = "You are a helpful assistant. Your name is MiniMax-M2.5 and is built by MiniMax."
 
-CHAT_TEMPLATE = (  # one line, so no whitespace control is needed (it would eat the turns' newlines)
-    "{% set ns = namespace(system='You are a helpful assistant.') %}"
-    "{% for m in messages if m['role'] == 'system' %}{% set ns.system = m['content'] %}{% endfor %}"
-    "]~!b[]~b]system\n{{ ns.system }}[e~[\n"
-    "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}]~b]user\n{{ m['content'] }}[e~[\n"
-    "{% elif m['role'] == 'assistant' %}]~b]ai\n{{ m['content'] }}[e~[\n"
-    "{% elif m['role'] != 'system' %}{{ raise_exception('unknown role: ' ~ m['role']) }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}]~b]ai\n<think>\n{% endif %}"
-)
+# Written for this project; renders what the published chat_template.jinja renders: the begin-of-text
+# token and system header (with a default identity), tool definitions in <tools>, assistant turns
+# with <think> reasoning (kept only after the last user turn) and <minimax:tool_call> blocks,
+# consecutive tool results grouped in one ]~b]tool turn as <response>s, and a generation prompt that
+# opens the thinking block.
+CHAT_TEMPLATE = r"""{#- MiniMax-M2 chat format -#}
+{%- macro visible(content) -%}
+{%- if content is string -%}{{ content }}
+{%- elif content is iterable and content is not mapping -%}
+{%- for part in content -%}
+{%- if part is mapping and part.type == 'text' -%}{{ part.text }}{%- elif part is string -%}{{ part }}{%- endif -%}
+{%- endfor -%}
+{%- elif content is not none -%}{{ content }}
+{%- endif -%}
+{%- endmacro -%}
+{%- set conv = messages -%}
+{%- set system = '""" + DEFAULT_SYSTEM + r"""' -%}
+{%- if messages and messages[0].role == 'system' -%}
+{%- set system = visible(messages[0].content) -%}
+{%- set conv = messages[1:] -%}
+{%- endif -%}
+{%- set ns = namespace(last_user=-1, called=false) -%}
+{%- for m in conv -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}
+{{- ']~!b[]~b]system\n' ~ system -}}
+{%- if tools -%}
+{{- '\n\n# Tools\nYou may call one or more tools to assist with the user query.\nHere are the tools available in JSONSchema format:\n\n<tools>\n' -}}
+{%- for t in tools -%}{{- '<tool>' ~ ((t.function if t.function is defined else t) | tojson) ~ '</tool>\n' -}}{%- endfor -%}
+{{- '</tools>\n\nWhen making tool calls, use XML format to invoke tools and pass parameters:\n\n<minimax:tool_call>\n<invoke name="tool-name-1">\n<parameter name="param-key-1">param-value-1</parameter>\n<parameter name="param-key-2">param-value-2</parameter>\n...\n</invoke>\n</minimax:tool_call>' -}}
+{%- endif -%}
+{{- '[e~[\n' -}}
+{%- for m in conv -%}
+{%- if m.role == 'user' -%}
+{{- ']~b]user\n' ~ visible(m.content) ~ '[e~[\n' -}}
+{%- elif m.role == 'assistant' -%}
+{%- set content = visible(m.content) -%}
+{%- set reasoning = m.reasoning_content if m.reasoning_content is string else '' -%}
+{%- if '</think>' in content -%}
+{%- if not reasoning -%}{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') -%}{%- endif -%}
+{%- set content = content.split('</think>')[-1].strip('\n') -%}
+{%- endif -%}
+{{- ']~b]ai\n' -}}
+{%- if reasoning and loop.index0 > ns.last_user -%}{{- '<think>\n' ~ reasoning ~ '\n</think>\n\n' -}}{%- endif -%}
+{{- content -}}
+{%- if m.tool_calls -%}
+{{- '\n<minimax:tool_call>\n' -}}
+{%- for call in m.tool_calls -%}
+{%- set f = call.function if call.function is defined else call -%}
+{{- '<invoke name="' ~ f.name ~ '">\n' -}}
+{%- for k, v in f.arguments.items() -%}
+{{- '<parameter name="' ~ k ~ '">' ~ (v if v is string else v | tojson) ~ '</parameter>\n' -}}
+{%- endfor -%}
+{{- '</invoke>\n' -}}
+{%- endfor -%}
+{{- '</minimax:tool_call>' -}}
+{%- set ns.called = true -%}
+{%- endif -%}
+{{- '[e~[\n' -}}
+{%- elif m.role == 'tool' -%}
+{%- if not ns.called -%}{{- raise_exception('a tool message must follow an assistant message with tool calls') -}}{%- endif -%}
+{%- if loop.first or conv[loop.index0 - 1].role != 'tool' -%}{{- ']~b]tool' -}}{%- endif -%}
+{{- '\n<response>' ~ visible(m.content) ~ '</response>' -}}
+{%- if loop.last or conv[loop.index0 + 1].role != 'tool' -%}{{- '[e~[\n' -}}{%- endif -%}
+{%- elif m.role != 'system' -%}
+{{- raise_exception('unknown role: ' ~ m.role) -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- ']~b]ai\n<think>\n' -}}{%- endif -%}
+"""
 
 
 @dataclass(frozen=True)
@@ -69,7 +129,7 @@ class ToySpec:
     num_experts_per_tok: int
     n_regular_tokens: int
     vocab_size: int
-    num_mtp_modules: int = 1
+    num_mtp_modules: int = 3  # declared (use_mtp true) as published; no MTP tensors are written
     max_position_embeddings: int = 4096
 
     @property
@@ -96,51 +156,58 @@ PRESETS = {
     # vocabulary 200064) with one layer by default: for export and GPU benchmarks, not for CI.
     "real": ToySpec(num_hidden_layers=1, hidden_size=3072, intermediate_size=1536, num_attention_heads=48,
                     num_key_value_heads=8, head_dim=128, rotary_dim=64, num_local_experts=256,
-                    num_experts_per_tok=8, n_regular_tokens=2000, vocab_size=200064, num_mtp_modules=0,
+                    num_experts_per_tok=8, n_regular_tokens=200000, vocab_size=200064,
                     max_position_embeddings=196608),
 }
 
 
 def hf_config(spec: ToySpec) -> dict:
-    bos, eos = spec.first_special + 34, spec.first_special + 20
+    """config.json with exactly the published keys: no bos/eos (they live in generation_config.json),
+    use_mtp true with no MTP tensors, no torch_dtype."""
     return {
         "architectures": ["MiniMaxM2ForCausalLM"],
-        "model_type": "minimax_m2",
         "attn_type_list": [1] * spec.num_hidden_layers,
+        "auto_map": {"AutoConfig": "configuration_minimax_m2.MiniMaxM2Config",
+                     "AutoModelForCausalLM": "modeling_minimax_m2.MiniMaxM2ForCausalLM"},
+        "head_dim": spec.head_dim,
+        "hidden_act": "silu",
         "hidden_size": spec.hidden_size,
         "intermediate_size": spec.intermediate_size,
-        "num_hidden_layers": spec.num_hidden_layers,
-        "num_attention_heads": spec.num_attention_heads,
-        "num_key_value_heads": spec.num_key_value_heads,
-        "head_dim": spec.head_dim,
-        "num_local_experts": spec.num_local_experts,
-        "num_experts_per_tok": spec.num_experts_per_tok,
-        "vocab_size": spec.vocab_size,
-        "hidden_act": "silu",
-        "rms_norm_eps": 1e-06,
-        "rope_theta": 5000000,
-        "rotary_dim": spec.rotary_dim,
         "max_position_embeddings": spec.max_position_embeddings,
-        "use_qk_norm": True,
-        "qk_norm_type": "per_layer",
-        "scoring_func": "sigmoid",
-        "use_routing_bias": True,
-        "shared_intermediate_size": 0,
-        "tie_word_embeddings": False,
-        "use_mtp": spec.num_mtp_modules > 0,
-        "num_mtp_modules": spec.num_mtp_modules,
+        "model_type": "minimax_m2",
         "mtp_transformer_layers": 1,
-        "bos_token_id": bos,
-        "eos_token_id": eos,
-        "torch_dtype": "bfloat16",
+        "num_attention_heads": spec.num_attention_heads,
+        "num_experts_per_tok": spec.num_experts_per_tok,
+        "num_hidden_layers": spec.num_hidden_layers,
+        "num_key_value_heads": spec.num_key_value_heads,
+        "num_local_experts": spec.num_local_experts,
+        "num_mtp_modules": spec.num_mtp_modules,
+        "qk_norm_type": "per_layer",
         "quantization_config": {
-            "quant_method": "fp8",
-            "fmt": "float8_e4m3fn",
             "activation_scheme": "dynamic",
+            "fmt": "float8_e4m3fn",
+            "quant_method": "fp8",
             "weight_block_size": list(BLOCK),
             "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"],
         },
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 5000000,
+        "rotary_dim": spec.rotary_dim,
+        "scoring_func": "sigmoid",
+        "shared_intermediate_size": 0,
+        "tie_word_embeddings": False,
+        "transformers_version": "4.46.1",
+        "use_cache": True,
+        "use_mtp": spec.num_mtp_modules > 0,
+        "use_qk_norm": True,
+        "use_routing_bias": True,
+        "vocab_size": spec.vocab_size,
     }
+
+
+def generation_config(spec: ToySpec) -> dict:
+    return {"bos_token_id": spec.first_special + 19, "eos_token_id": spec.first_special + 20, "do_sample": True,
+            "temperature": 1.0, "top_p": 0.95, "top_k": 40}
 
 
 class _Weights:
@@ -223,7 +290,8 @@ class _ShardWriter:
 
     def close(self) -> None:
         self.flush()
-        names = [f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors" for i in range(len(self.files))]
+        # As published: numbered from 0, and the "-of-N" count one more than the files there are.
+        names = [f"model-{i:05d}-of-{len(self.files) + 1:05d}.safetensors" for i in range(len(self.files))]
         for f, n in zip(self.files, names):
             f.rename(self.d / n)
         weight_map = {k: names[i] for k, i in sorted(self.where.items())}
@@ -257,22 +325,67 @@ def _corpus(seed: int, words: int = 30000) -> list[str]:
     return lines
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte-level BPE alphabet: printable bytes stand for themselves, the rest for chr(256 + n)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    out, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + n)
+            n += 1
+    return out
+
+
+def _filler(i: int, alphabet: dict[int, str]) -> str:
+    """A vocabulary entry no merge can produce (control bytes never occur in the corpus): pads the
+    regular vocabulary to its published size without training that many merges."""
+    digits = alphabet[0]
+    while True:
+        digits += alphabet[1 + i % 16]
+        i //= 16
+        if not i:
+            return digits
+
+
 def build_tokenizer(spec: ToySpec, seed: int):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=spec.n_regular_tokens, show_progress=False,
+    trained = min(spec.n_regular_tokens, BPE_TRAINED)
+    trainer = trainers.BpeTrainer(vocab_size=trained, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_corpus(seed), trainer)
-    if tok.get_vocab_size() != spec.n_regular_tokens:
-        raise RuntimeError(f"BPE training gave {tok.get_vocab_size()} tokens, wanted {spec.n_regular_tokens}")
+    if tok.get_vocab_size() != trained:
+        raise RuntimeError(f"BPE training gave {tok.get_vocab_size()} tokens, wanted {trained}")
+    if trained < spec.n_regular_tokens:
+        data = json.loads(tok.to_str())
+        alphabet = _bytes_to_unicode()
+        vocab = data["model"]["vocab"]
+        for i in range(trained, spec.n_regular_tokens):
+            vocab[_filler(i, alphabet)] = i
+        tok = Tokenizer.from_str(json.dumps(data))
     names = [SPECIAL_TOKENS.get(i, f"<minimax:reserved_{i}>") for i in range(NUM_SPECIAL)]
     tok.add_special_tokens([AddedToken(n, special=n not in NOT_SKIPPED, normalized=False) for n in names])
     for i, n in enumerate(names):
         assert tok.token_to_id(n) == spec.first_special + i, n
     return tok
+
+
+def write_text_files(d: Path, spec: ToySpec, seed: int) -> None:
+    """tokenizer.json, tokenizer_config.json (no chat_template key, as published),
+    chat_template.jinja and generation_config.json."""
+    (d / "generation_config.json").write_text(json.dumps(generation_config(spec), indent=2))
+    build_tokenizer(spec, seed).save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "]~!b[", "eos_token": "[e~[", "unk_token": "]!d~[",
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "model_max_length": spec.max_position_embeddings}, indent=2))
+    (d / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
 
 def write_checkpoint(out: str | Path, spec: ToySpec = PRESETS["tiny"], seed: int = 0) -> Path:
@@ -305,26 +418,9 @@ def _write(d: Path, spec: ToySpec, seed: int) -> None:
     shards.flush()
     shards.add("model.norm.weight", w.norm(H))
     shards.add("lm_head.weight", w.bf16(V, H, 3.0 / H ** 0.5))
-    for m in range(spec.num_mtp_modules):  # stand-ins for the speculative heads, which readers skip
-        p = f"model.layers.{spec.num_hidden_layers + m}."
-        shards.add(p + "enorm.weight", w.norm(H))
-        for name, t in w.quantized(p + "self_attn.q_proj", spec.num_attention_heads * spec.head_dim, H):
-            shards.add(name, t)
     shards.close()
-
-    cfg = hf_config(spec)
-    (d / "config.json").write_text(json.dumps(cfg, indent=2))
-    (d / "generation_config.json").write_text(json.dumps({
-        "bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": True,
-        "temperature": 1.0, "top_p": 0.95, "top_k": 40}, indent=2))
-    tok = build_tokenizer(spec, seed)
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "]~!b[", "eos_token": "[e~[", "unk_token": "]!d~[",
-        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-        "model_max_length": spec.max_position_embeddings, "chat_template": CHAT_TEMPLATE}, indent=2))
-    (d / "toy_spec.json").write_text(json.dumps({"seed": seed, **asdict(spec)}, indent=2))
+    (d / "config.json").write_text(json.dumps(hf_config(spec), indent=2))
+    write_text_files(d, spec, seed)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,10 +32,10 @@ from .manifest import FORMAT_VERSION, MANIFEST, sha256_file, write_json_atomic
 from .pieces import build_modules, unit_of
 from .plan import ExportPlan, SubgraphSpec, default_crossover, make_plan
 from .sharding import EXPERT_SPLITS, ShardingError
+from .text_config import TEXT_FILES
 from .trt_support import check_model
 
 DTYPE = torch.bfloat16
-TEXT_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json")
 DEFAULT_MAX_TOKENS = 8192  # largest token count per step the engines' profiles must cover
 
 

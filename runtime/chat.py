@@ -28,7 +28,8 @@ from export.manifest import ManifestError  # noqa: E402
 from runtime.distributed import RankLost  # noqa: E402
 from runtime.engine import Engine, EngineConfig, RequestError  # noqa: E402
 from runtime.sampling import SamplingParams  # noqa: E402
-from runtime.text import Conversation, StreamSplitter  # noqa: E402
+from runtime.output_text import OutputText  # noqa: E402
+from runtime.text import Conversation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "build" / "tiny-minimax-m2"
@@ -54,15 +55,23 @@ def parse_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None
 
 
-def sampling_from(a, codec) -> SamplingParams:
-    return SamplingParams.with_defaults(codec.generation_defaults, a.temperature, a.top_p, a.top_k,
-                                        max_tokens=a.max_tokens, seed=a.seed, ignore_eos=a.ignore_eos)
+def sampling_from(a, engine: Engine) -> SamplingParams:
+    return engine.sampling_params(a.temperature, a.top_p, a.top_k, max_tokens=a.max_tokens, seed=a.seed,
+                                  ignore_eos=a.ignore_eos)
+
+
+NO_TOKENIZER = ("this export has no tokenizer.json (the checkpoint had none): text needs a tokenizer; "
+                "give prompts as token ids (--prompt-ids)")
 
 
 def scripted(engine: Engine, a) -> int:
     prompts = [list(p) for p in a.prompt_ids or []]
-    prompts += [engine.codec.encode_chat([{"role": "user", "content": t}]) for t in a.prompt or []]
-    params = sampling_from(a, engine.codec)
+    if a.prompt and engine.codec is None:
+        print(f"error: {NO_TOKENIZER}", file=sys.stderr)
+        return 2
+    prompts += [engine.codec.encode_chat([{"role": "user", "content": t}], thinking=not a.no_thinking)
+                for t in a.prompt or []]
+    params = sampling_from(a, engine)
     seqs, errors = [], {}
     for i, p in enumerate(prompts):
         try:
@@ -80,7 +89,7 @@ def scripted(engine: Engine, a) -> int:
         for p, s, o in zip(prompts, seqs, outputs):
             if s is None:
                 continue
-            text = engine.codec.tok.decode(o, skip_special_tokens=False)
+            text = engine.codec.tok.decode(o, skip_special_tokens=False) if engine.codec else o
             print(f"prompt ({len(p)} tokens) -> {len(o)} tokens, {s.finish_reason}: {text!r}")
     for i, e in errors.items():
         print(f"error in prompt {i}: {e}", file=sys.stderr)
@@ -97,8 +106,11 @@ def scripted(engine: Engine, a) -> int:
 
 def interactive(engine: Engine, a) -> int:
     codec = engine.codec
-    params = sampling_from(a, codec)
-    conv = Conversation(codec, a.system)
+    if codec is None:
+        print(f"error: {NO_TOKENIZER}", file=sys.stderr)
+        return 2
+    params = sampling_from(a, engine)
+    conv = Conversation(codec, a.system, thinking=not a.no_thinking)
     print(f"MiniMax-M2 chat ({engine.manifest.root}, backend {engine.backend.name}, TP {engine.manifest.tp}). "
           "/reset, /system TEXT, /quit; Ctrl-C stops an answer.")
     while True:
@@ -113,32 +125,39 @@ def interactive(engine: Engine, a) -> int:
             return 0
         if user == "/reset":
             conv = Conversation(codec, conv.messages[0]["content"] if conv.messages[:1] and
-                                conv.messages[0]["role"] == "system" else None)
+                                conv.messages[0]["role"] == "system" else None, conv.thinking)
             print("(conversation reset)")
             continue
         if user.startswith("/system"):
-            conv = Conversation(codec, user[len("/system"):].strip() or None)
+            conv = Conversation(codec, user[len("/system"):].strip() or None, conv.thinking)
             print("(system prompt set; conversation reset)")
             continue
-        prompt = conv.prompt(user)
         try:
+            prompt = conv.prompt(user)
             seq = engine.add_request(prompt, params)
-        except RequestError as e:
+        except (RequestError, ValueError) as e:
             print(f"error: {e}")
             continue
-        split = StreamSplitter(codec)
+        text_out = OutputText(codec, thinking=codec.in_thinking(prompt))
         t0, first, channel = time.perf_counter(), None, None
+
+        def show(delta) -> None:
+            nonlocal channel
+            for ch, text in (("thinking", delta.reasoning), ("answer", delta.content)):
+                if text:
+                    if ch != channel:
+                        print(RESET + ("\n" if channel else "") + (DIM if ch == "thinking" else ""), end="")
+                        channel = ch
+                    print(text, end="", flush=True)
+
         try:
             while engine.has_unfinished():
                 for out in engine.step():
                     if out.seq is not seq or out.token < 0:
                         continue
                     first = first or time.perf_counter()
-                    ch, text = split.feed(out.token)
-                    if ch != channel:
-                        print(RESET + ("\n" if channel else "") + (DIM if ch == "thinking" else ""), end="")
-                        channel = ch
-                    print(text, end="", flush=True)
+                    show(text_out.feed(out.token))
+            show(text_out.finish())
         except KeyboardInterrupt:
             engine.abort(seq)
             print(RESET + " [stopped]", end="")
@@ -163,16 +182,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engines", help="trt backend: engines folder (default build/<model>/engines/tp<N>)")
     ap.add_argument("--device", default="cpu", help="torch backend device, e.g. cuda (default cpu)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="torch backend dtype (default: bf16 on GPU)")
-    ap.add_argument("--prompt-ids", type=parse_ids, action="append", help="a prompt as token ids (repeatable)")
+    ap.add_argument("--prompt-ids", type=parse_ids, action="append",
+                    help="a prompt as token ids (repeatable); needs no tokenizer")
     ap.add_argument("--prompt", action="append", help="a user message, through the chat template (repeatable)")
     ap.add_argument("--json", action="store_true", help="scripted mode: print only the JSON result on stdout")
     ap.add_argument("--system", help="system prompt (interactive)")
     ap.add_argument("--max-tokens", type=int, default=512, help="tokens per answer (default 512)")
-    ap.add_argument("--temperature", type=float, help="0 for greedy (default: the model's, 1.0)")
-    ap.add_argument("--top-p", type=float, help="nucleus sampling (default: the model's, 0.95)")
-    ap.add_argument("--top-k", type=int, help="top-k sampling, 0 off (default: the model's, 40)")
+    ap.add_argument("--temperature", type=float, help="0 for greedy (default: generation_config.json's; published 1.0)")
+    ap.add_argument("--top-p", type=float, help="nucleus sampling (default: generation_config.json's; published 0.95)")
+    ap.add_argument("--top-k", type=int, help="top-k sampling, 0 off (default: generation_config.json's; published 40)")
     ap.add_argument("--seed", type=int, help="sampling seed")
     ap.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-turn token")
+    ap.add_argument("--no-thinking", action="store_true",
+                    help="skip the thinking block: the prompt closes it (<think></think>) so the answer starts at once")
     ap.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache size (default 1 GiB)")
     ap.add_argument("--num-blocks", type=int, help="KV cache size in blocks (overrides --kv-cache-gb)")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block, a power of two (default 16)")

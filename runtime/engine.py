@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
+from export.config import note_missing_eos
 from export.manifest import Manifest, ManifestError, find_manifest  # noqa: F401 (find_manifest re-exported)
+from export.text_config import GenerationDefaults
 
 from .attention import AttentionMetadata
 from .backends import make_backend
@@ -94,7 +96,9 @@ class Engine:
             raise ManifestError(f"this export is for TP={self.manifest.tp}; start it with Engine.start "
                                 "(one process per rank) or under torchrun")
         self.model_config = cfg = self.manifest.config
-        self.codec = TextCodec(self.manifest.root)
+        self.codec = TextCodec.load(self.manifest.root)  # None without tokenizer.json: ids in, ids out
+        self.generation_defaults = GenerationDefaults.read(self.manifest.root)
+        note_missing_eos(cfg)
         self.executor = build_rank(self.manifest, c, 0, comm, backend)
         self.backend, self.kv = self.executor.backend, self.executor.kv
         num_blocks = self.executor.usable_blocks
@@ -130,9 +134,15 @@ class Engine:
             self.executor.close()
 
     # ---- requests -----------------------------------------------------------------------------
+    def sampling_params(self, temperature: float | None = None, top_p: float | None = None,
+                        top_k: int | None = None, **given) -> SamplingParams:
+        """Parameters for a request: what it leaves unset comes from the model's generation_config.json."""
+        return SamplingParams.with_defaults(self.generation_defaults, temperature, top_p, top_k, **given)
+
     def add_request(self, prompt: list[int], params: SamplingParams | None = None) -> Sequence:
-        """Validate and queue one request; a bad one raises RequestError and changes nothing."""
-        params = params or SamplingParams()
+        """Validate and queue one request (params None: the model's defaults); a bad one raises
+        RequestError and changes nothing."""
+        params = params or self.sampling_params()
         vocab = self.model_config.vocab_size
         if not prompt:
             raise RequestError("the prompt is empty")
@@ -210,7 +220,7 @@ class Engine:
 
     def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
         p = seq.params
-        if not p.ignore_eos and (tok == self.model_config.eos_token_id or tok in p.stop_token_ids):
+        if not p.ignore_eos and (tok in self.model_config.eos_token_ids or tok in p.stop_token_ids):
             return "stop"
         if len(seq.output) >= p.max_tokens:
             return "length"
@@ -222,7 +232,7 @@ class Engine:
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[Sequence]:
         """Run prompts as one continuous batch to completion; outputs in prompt order."""
-        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        params = params if isinstance(params, list) else [params or self.sampling_params()] * len(prompts)
         seqs = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
         while self.has_unfinished():
             self.step()

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from export.text_config import GenerationDefaults
+
 
 @dataclass
 class SamplingParams:
@@ -17,12 +19,15 @@ class SamplingParams:
     ignore_eos: bool = False
 
     @classmethod
-    def with_defaults(cls, defaults: dict, temperature: float | None = None, top_p: float | None = None,
-                      top_k: int | None = None, **given) -> "SamplingParams":
-        """A request's parameters; what it leaves out comes from the model's generation_config.json."""
-        pick = lambda v, key, d: v if v is not None else defaults.get(key, d)  # noqa: E731
-        return cls(temperature=pick(temperature, "temperature", 1.0), top_p=pick(top_p, "top_p", 1.0),
-                   top_k=pick(top_k, "top_k", 0), **given)
+    def with_defaults(cls, defaults: GenerationDefaults, temperature: float | None = None,
+                      top_p: float | None = None, top_k: int | None = None, **given) -> "SamplingParams":
+        """A request's parameters; what it leaves out comes from the model's generation_config.json
+        (do_sample false there means greedy unless a temperature is given)."""
+        if temperature is None:
+            temperature = 0.0 if defaults.do_sample is False else defaults.temperature
+        pick = lambda v, d, neutral: v if v is not None else (d if d is not None else neutral)  # noqa: E731
+        return cls(temperature=pick(temperature, None, 1.0), top_p=pick(top_p, defaults.top_p, 1.0),
+                   top_k=pick(top_k, defaults.top_k, 0), **given)
 
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError naming the first impossible parameter."""

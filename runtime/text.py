@@ -3,45 +3,76 @@ jinja2, incremental detokenization for streaming, and the thinking block kept ap
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
 import jinja2.sandbox
 from tokenizers import Tokenizer
 
+from export.text_config import TOKENIZER, TOKENIZER_CONFIG, chat_template, read_json
+
 THINK_START, THINK_END = "<think>", "</think>"
 
 
 class TextCodec:
+    """tokenizer.json and the chat template of an export (or checkpoint) folder. A folder without
+    tokenizer.json has no codec: ids in, ids out (`TextCodec.load` returns None)."""
+
     def __init__(self, folder: str | Path):
         folder = Path(folder)
-        if not (folder / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{folder / 'tokenizer.json'}: not found (the export copies it from the checkpoint)")
-        self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        cfg = json.loads((folder / "tokenizer_config.json").read_text())
-        self.eos_text = cfg["eos_token"]
-        self.eos_id = self.tok.token_to_id(self.eos_text)
+        if not (folder / TOKENIZER).is_file():
+            raise FileNotFoundError(f"{folder / TOKENIZER}: not found (the export copies it from the checkpoint)")
+        self.tok = Tokenizer.from_file(str(folder / TOKENIZER))
+        tc = read_json(folder / TOKENIZER_CONFIG) or {}
+        eos = tc.get("eos_token")
+        self.eos_text = eos.get("content") if isinstance(eos, dict) else eos
+        self.eos_id = self.tok.token_to_id(self.eos_text) if self.eos_text else None
         self.think_start = self.tok.token_to_id(THINK_START)
         self.think_end = self.tok.token_to_id(THINK_END)
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                         extensions=["jinja2.ext.loopcontrols"])
 
         def raise_exception(msg):
             raise jinja2.exceptions.TemplateError(msg)
 
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            # As transformers renders chat templates: no HTML escaping, keys in the given order.
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
         env.globals["raise_exception"] = raise_exception
-        self.template = env.from_string(cfg["chat_template"])
-        gen = folder / "generation_config.json"
-        self.generation_defaults = json.loads(gen.read_text()) if gen.is_file() else {}
+        env.filters["tojson"] = tojson
+        source = chat_template(folder)
+        self.template = env.from_string(source) if source else None
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "TextCodec | None":
+        return cls(folder) if (Path(folder) / TOKENIZER).is_file() else None
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, thinking: bool = True,
+               **extra) -> str:
+        """The chat template's text. thinking=False closes the thinking block the published generation
+        prompt opens (`<think>\n` + `</think>\n\n`), so the answer starts at once."""
+        if self.template is None:
+            raise ValueError("this model has no chat template (neither tokenizer_config.json's chat_template "
+                             "nor chat_template.jinja): send token ids or raw text")
+        text = self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+        if add_generation_prompt and not thinking and text.rfind(THINK_START) > text.rfind(THINK_END):
+            text += THINK_END + "\n\n"
+        return text
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return self.encode(self.render(messages, True))
+    def encode_chat(self, messages: list[dict], thinking: bool = True, **extra) -> list[int]:
+        return self.encode(self.render(messages, True, thinking, **extra))
+
+    def in_thinking(self, prompt: list[int]) -> bool:
+        """Whether output after this prompt starts inside a thinking block: the prompt's last <think>
+        comes after its last </think> (the published generation prompt ends with `<think>\n`)."""
+        if self.think_start is None:
+            return False
+        last = lambda t: max((i for i, x in enumerate(prompt) if x == t), default=-1)  # noqa: E731
+        return last(self.think_start) > last(self.think_end)
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
@@ -70,50 +101,32 @@ class Detokenizer:
         return text[len(before):]
 
 
-@dataclass
-class StreamSplitter:
-    """Routes generated tokens to ("thinking", text) or ("answer", text). The generation prompt opens
-    a thinking block, so output starts in it; </think> ends it and is not shown."""
-    codec: TextCodec
-    thinking: bool = True
-    _detok: dict = field(default_factory=dict)
-
-    def feed(self, token: int) -> tuple[str, str]:
-        if token == self.codec.think_end:
-            self.thinking = False
-            return "answer", ""
-        if token == self.codec.think_start:
-            self.thinking = True
-            return "thinking", ""
-        channel = "thinking" if self.thinking else "answer"
-        d = self._detok.setdefault(channel, Detokenizer(self.codec))
-        return channel, d.feed(token)
-
-
 class Conversation:
     """A multi-turn chat held as token ids, so the next turn's prompt starts with exactly the tokens
     already in the KV cache (prefix caching then prefills only the new turn)."""
 
-    def __init__(self, codec: TextCodec, system: str | None = None):
-        self.codec = codec
+    def __init__(self, codec: TextCodec, system: str | None = None, thinking: bool = True):
+        self.codec, self.thinking = codec, thinking
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.ids: list[int] = []
 
     def prompt(self, user: str) -> list[int]:
         msgs = self.messages + [{"role": "user", "content": user}]
-        if not self.ids:
-            return self.codec.encode_chat(msgs)
-        full = self.codec.render(msgs, True)
+        eos = self.codec.eos_text
+        if not self.ids or not eos:
+            return self.codec.encode_chat(msgs, self.thinking)
+        full = self.codec.render(msgs, True, self.thinking)
         before = self.codec.render(self.messages, False)
-        cut = before.rfind(self.codec.eos_text) + len(self.codec.eos_text)  # end of the last turn
-        if cut < len(self.codec.eos_text) or not full.startswith(before[:cut]):
-            return self.codec.encode_chat(msgs)  # template does not extend: tokenize it all again
+        cut = before.rfind(eos) + len(eos)  # end of the last turn
+        if cut < len(eos) or not full.startswith(before[:cut]):
+            return self.codec.encode_chat(msgs, self.thinking)  # template does not extend: tokenize it all again
         return self.ids + self.codec.encode(full[cut:])
 
     def commit(self, user: str, prompt_ids: list[int], output_ids: list[int]) -> None:
         out = list(output_ids)
-        if not out or out[-1] != self.codec.eos_id:
-            out.append(self.codec.eos_id)  # a turn cut short still ends as a turn
+        eos = self.codec.eos_id
+        if eos is not None and (not out or out[-1] != eos):
+            out.append(eos)  # a turn cut short still ends as a turn
         self.ids = prompt_ids + out
-        reply = self.codec.tok.decode(out[:-1], skip_special_tokens=False)
+        reply = self.codec.tok.decode(out[:-1] if eos is not None else out, skip_special_tokens=False)
         self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]

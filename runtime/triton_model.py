@@ -21,7 +21,7 @@ import triton_python_backend_utils as pb_utils
 from .engine import Engine, EngineConfig, RequestError
 from .sampling import SamplingParams
 from .sequence import Sequence
-from .text import Detokenizer
+from .output_text import Delta, OutputText
 
 DEFAULT_MAX_TOKENS = 512
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -33,13 +33,11 @@ class Job:
     sender: object
     prompt: list[int]
     params: SamplingParams
-    stops: list[str]
-    detok: Detokenizer
+    text: OutputText | None        # None: the export has no tokenizer (ids only)
     stream: bool = True            # else one response at the end with all tokens and text
     seq: Sequence | None = None
     ids: list[int] = field(default_factory=list)   # not yet sent (stream=False)
-    text: str = ""                                  # not yet sent (stream=False)
-    held: str = ""                 # decoded text that may be the start of a stop string
+    unsent: Delta = field(default_factory=Delta)   # text not yet sent (stream=False)
     finish_reason: str | None = None
 
 
@@ -105,18 +103,25 @@ class TritonPythonModel:
         text, ids = _scalar(request, "text_input"), _list(request, "input_ids")
         if (text is None) == (not ids):
             raise RequestError("give exactly one of text_input (a string) or input_ids (token ids)")
-        if text is not None:
-            if _scalar(request, "chat_template", True):
-                ids = self.codec.encode_chat([{"role": "user", "content": text}])
-            else:
-                ids = self.codec.encode(text)
-        params = SamplingParams.with_defaults(
-            self.codec.generation_defaults, _scalar(request, "temperature"), _scalar(request, "top_p"),
-            _scalar(request, "top_k"), max_tokens=_scalar(request, "max_tokens", DEFAULT_MAX_TOKENS),
-            seed=_scalar(request, "seed"), stop_token_ids=_list(request, "stop_token_ids"),
-            ignore_eos=bool(_scalar(request, "ignore_eos", False)))
         stops = [s for s in _list(request, "stop") if s]
-        return Job(sender, ids, params, stops, Detokenizer(self.codec), bool(_scalar(request, "stream", True)))
+        if self.codec is None and (text is not None or stops):
+            raise RequestError("this export has no tokenizer.json: text_input and stop strings need one; "
+                               "send input_ids")
+        if text is not None:
+            try:
+                if _scalar(request, "chat_template", True):
+                    ids = self.codec.encode_chat([{"role": "user", "content": text}],
+                                                 thinking=bool(_scalar(request, "thinking", True)))
+                else:
+                    ids = self.codec.encode(text)
+            except ValueError as e:
+                raise RequestError(str(e)) from None
+        params = self.engine.sampling_params(
+            _scalar(request, "temperature"), _scalar(request, "top_p"), _scalar(request, "top_k"),
+            max_tokens=_scalar(request, "max_tokens", DEFAULT_MAX_TOKENS), seed=_scalar(request, "seed"),
+            stop_token_ids=_list(request, "stop_token_ids"), ignore_eos=bool(_scalar(request, "ignore_eos", False)))
+        out = OutputText(self.codec, self.codec.in_thinking(ids), stops) if self.codec else None
+        return Job(sender, ids, params, out, bool(_scalar(request, "stream", True)))
 
     # ---- the serving thread ---------------------------------------------------------------------
     def _serve(self) -> None:
@@ -166,22 +171,24 @@ class TritonPythonModel:
             self.jobs.pop(seq.id, None)
             self._fail(job.sender, f"request failed: {seq.finish_reason}")
             return
-        text = self._text(job, token)
-        if job.finish_reason == "stop" and not finished:  # a stop string ended it
-            self.engine.abort(seq)
-            finished = True
+        delta = job.text.feed(token) if job.text else Delta()
+        if job.text and job.text.stopped:  # a stop string ended it
+            job.finish_reason = "stop"
+            if not finished:
+                self.engine.abort(seq)
+                finished = True
         if finished:
-            if job.finish_reason != "stop":
-                text += job.held + job.detok.flush()
-            job.held = ""
+            if job.text:
+                delta += job.text.finish()
             job.finish_reason = job.finish_reason or seq.finish_reason
             self.jobs.pop(seq.id, None)
         job.ids.append(token)
-        job.text += text
+        job.unsent += delta
         if not (job.stream or finished):
             return
         outputs = [
-            pb_utils.Tensor("text_output", _string([job.text])),
+            pb_utils.Tensor("text_output", _string([job.unsent.content])),
+            pb_utils.Tensor("reasoning_output", _string([job.unsent.reasoning])),
             pb_utils.Tensor("output_ids", np.array(job.ids, dtype=np.int64)),
             pb_utils.Tensor("finish_reason", _string([job.finish_reason or "" if finished else ""])),
             pb_utils.Tensor("prompt_tokens", np.array([len(seq.prompt)], dtype=np.int32)),
@@ -189,28 +196,13 @@ class TritonPythonModel:
             pb_utils.Tensor("cached_tokens", np.array([seq.num_cached_prompt], dtype=np.int32)),
             pb_utils.Tensor("batch_size", np.array([batch], dtype=np.int32)),
         ]
-        job.ids, job.text = [], ""
+        job.ids, job.unsent = [], Delta()
         try:
             job.sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if finished else 0)
         except Exception as e:  # the client went away
             pb_utils.Logger.log_warn(f"minimax: dropping request {seq.id}: {e}")
             self.engine.abort(seq)
             self.jobs.pop(seq.id, None)
-
-    def _text(self, job: Job, token: int) -> str:
-        """This token's text, less what may begin a stop string (held until it is decided)."""
-        job.held += job.detok.feed(token)
-        if not job.stops:
-            text, job.held = job.held, ""
-            return text
-        hits = [i for i in (job.held.find(s) for s in job.stops) if i >= 0]
-        if hits:
-            job.finish_reason = "stop"
-            text, job.held = job.held[:min(hits)], ""
-            return text
-        keep = max((n for s in job.stops for n in range(len(s) - 1, 0, -1) if job.held.endswith(s[:n])), default=0)
-        text, job.held = job.held[:len(job.held) - keep], job.held[len(job.held) - keep:]
-        return text
 
     def _drop_cancelled(self) -> None:
         for job in list(self.jobs.values()):

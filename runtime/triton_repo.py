@@ -42,6 +42,7 @@ INPUTS = [
     ("text_input", "TYPE_STRING", [1]),        # a user message (chat template applied) or raw text
     ("input_ids", "TYPE_INT64", [-1]),         # a prompt as token ids, used as given
     ("chat_template", "TYPE_BOOL", [1]),       # text_input through the chat template (default true)
+    ("thinking", "TYPE_BOOL", [1]),            # false: the prompt closes the thinking block (default true)
     ("max_tokens", "TYPE_INT32", [1]),
     ("temperature", "TYPE_FP32", [1]),         # 0: greedy
     ("top_p", "TYPE_FP32", [1]),
@@ -55,7 +56,8 @@ INPUTS = [
 # One response per generated token (stream=false: one in all); the last carries finish_reason and
 # the final flag.
 OUTPUTS = [
-    ("text_output", "TYPE_STRING", [1]),       # text this token completes (may be empty)
+    ("text_output", "TYPE_STRING", [1]),       # answer text this token completes (may be empty)
+    ("reasoning_output", "TYPE_STRING", [1]),  # thinking text (output up to </think> when the prompt opened it)
     ("output_ids", "TYPE_INT64", [-1]),        # the token(s) of this response
     ("finish_reason", "TYPE_STRING", [1]),     # "" until the end: stop | length | abort
     ("prompt_tokens", "TYPE_INT32", [1]),

@@ -116,7 +116,7 @@ class LocalServer:
     def start(self, timeout: float = 240.0) -> "LocalServer":
         if not installed(self.home):
             raise ServerError(f"no tritonserver in {self.home}: run `python -m runtime.triton_server --install` "
-                              "(`make setup` does)")
+                              "(`make triton-server` does)")
         out = open(self.log, "ab") if self.log else None
         self.proc = subprocess.Popen(self.command(), env=self.environment(), stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)

@@ -31,7 +31,7 @@ def test_generate_prints_tokens(tiny_ckpt, hf_model, moe, dtype):
 
 def test_generate_stops_at_eos(tiny_ckpt):
     """Without --ignore-eos the output ends at the first end-of-turn token."""
-    eos = json.loads((tiny_ckpt / "config.json").read_text())["eos_token_id"]
+    eos = json.loads((tiny_ckpt / "generation_config.json").read_text())["eos_token_id"]
     full = json.loads(run(tiny_ckpt, "--ids", "1,5,9", "--max-new-tokens", 16, "--ignore-eos")
                       .stdout.splitlines()[-1])["tokens"]
     r = run(tiny_ckpt, "--ids", "1,5,9", "--max-new-tokens", 16)

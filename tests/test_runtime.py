@@ -6,6 +6,7 @@ gate float32): the same function the twins compute, so greedy tokens must be ide
 """
 import json
 import random
+import shutil
 import subprocess
 import sys
 
@@ -16,7 +17,8 @@ from runtime.block_manager import BlockManager
 from runtime.engine import Engine, EngineConfig, RequestError
 from runtime.sampling import SamplingParams
 from runtime.sequence import Sequence
-from runtime.text import Conversation, Detokenizer, StreamSplitter, TextCodec
+from runtime.output_text import Delta, OutputText
+from runtime.text import Conversation, Detokenizer, TextCodec
 from tests.reference import bf16_weight_reference, greedy
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -187,10 +189,16 @@ def test_sampling_is_seeded_and_filters(exported):
                       )[0].output == g
 
 
+def _published_eos(man) -> int:
+    """The end-of-turn id as generation_config.json gives it (config.json has none, as published)."""
+    return json.loads((man.root / "generation_config.json").read_text())["eos_token_id"]
+
+
 def test_stops_at_end_of_turn(exported, reference):
     man = exported("tiny", 1)
     e = engine(man)
-    eos = man.config.eos_token_id
+    eos = _published_eos(man)
+    assert man.config.eos_token_ids == (eos,)
     for p in prompts(man.config.vocab_size):
         want = reference("tiny", tuple(p))
         s = e.generate([p], SamplingParams(temperature=0, max_tokens=N_NEW))[0]
@@ -204,12 +212,45 @@ def test_streaming_text(exported):
     ids = codec.encode("hello model, the tensor engine: 7 + 3 = 10! ünïcödé ✓")
     d = Detokenizer(codec)
     assert "".join(d.feed(t) for t in ids) == codec.decode(ids)
-    split = StreamSplitter(codec)
-    out = {"thinking": "", "answer": ""}
-    for t in codec.encode("let me think") + [codec.think_end] + codec.encode("the answer"):
-        ch, text = split.feed(t)
-        out[ch] += text
-    assert out == {"thinking": "let me think", "answer": "the answer"}
+    think = codec.encode("let me think") + [codec.think_end] + codec.encode("\n\nthe answer")
+
+    def run(out, tokens):
+        got = Delta()
+        for t in tokens:
+            got += out.feed(t)
+        got += out.finish()
+        return got
+
+    # After the published generation prompt the output starts inside the thinking block.
+    prompt = codec.encode_chat([{"role": "user", "content": "hi"}])
+    assert codec.in_thinking(prompt)
+    assert run(OutputText(codec, codec.in_thinking(prompt)), think) == Delta("let me think", "\n\nthe answer")
+    # Thinking closed in the prompt (--no-thinking): everything is the answer.
+    closed = codec.encode_chat([{"role": "user", "content": "hi"}], thinking=False)
+    assert closed[:len(prompt)] == prompt and codec.decode(closed[len(prompt):]) == "\n\n"
+    assert closed[len(prompt)] == codec.think_end and not codec.in_thinking(closed)
+    assert run(OutputText(codec, False), codec.encode("the answer")) == Delta("", "the answer")
+    # A stop string ends the text; it and anything after it are never shown.
+    stopped = OutputText(codec, True, stops=["answ"])
+    assert run(stopped, think) == Delta("let me think", "\n\nthe ") and stopped.stopped
+    held = OutputText(codec, False, stops=["the answer!"])
+    assert run(held, codec.encode("so the answer")) == Delta("", "so the answer") and not held.stopped
+
+
+def test_sampling_defaults_from_generation_config(exported, tmp_path):
+    """A request that leaves sampling unset gets generation_config.json's values; do_sample false
+    there means greedy; an explicit temperature 0 stays greedy."""
+    man = exported("tiny", 1)
+    gen = json.loads((man.root / "generation_config.json").read_text())
+    e = engine(man)
+    s = e.add_request([1, 2, 3])
+    assert (s.params.temperature, s.params.top_p, s.params.top_k) == (gen["temperature"], gen["top_p"], gen["top_k"])
+    assert e.sampling_params(temperature=0).temperature == 0 and e.sampling_params(top_k=5).top_p == gen["top_p"]
+    d = tmp_path / "export"
+    shutil.copytree(man.root, d)
+    (d / "generation_config.json").write_text(json.dumps(gen | {"do_sample": False}))
+    greedy_default = Engine(d, EngineConfig()).sampling_params()
+    assert greedy_default.temperature == 0 and Engine(d, EngineConfig()).sampling_params(temperature=0.7).temperature == 0.7
 
 
 def run_chat(*args):
@@ -228,7 +269,7 @@ def test_chat_scripted_contract(exported, reference):
     codec = TextCodec(man.root)
     want = reference("tiny", tuple(codec.encode_chat([{"role": "user", "content": "hello"}])))[:8]
     got = json.loads(text.stdout.strip().splitlines()[-1])["outputs"][0]
-    eos = man.config.eos_token_id
+    eos = _published_eos(man)
     assert got == (want[: want.index(eos) + 1] if eos in want else want)
 
 
@@ -239,6 +280,22 @@ def test_chat_reports_bad_input(exported, tmp_path):
     assert json.loads(r.stdout.strip().splitlines()[-1])["outputs"] == [None]
     r = run_chat("--model", tmp_path)
     assert r.returncode == 2 and "no export manifest here" in r.stderr
+
+
+def test_ids_without_a_tokenizer(exported, reference, tmp_path):
+    """An export of a checkpoint with no tokenizer: ids in, ids out; text says what it needs."""
+    man = exported("tiny", 1)
+    d = tmp_path / "export"
+    shutil.copytree(man.root, d)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (d / name).unlink()
+    p = prompts(man.config.vocab_size)[0]
+    r = run_chat("--model", d, "--prompt-ids", ",".join(map(str, p)), "--max-tokens", N_NEW, "--temperature", 0,
+                 "--ignore-eos", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["outputs"] == [reference("tiny", tuple(p))]
+    r = run_chat("--model", d, "--prompt", "hello", "--json")
+    assert r.returncode == 2 and "no tokenizer.json" in r.stderr and "--prompt-ids" in r.stderr
 
 
 @pytest.mark.parametrize("backend", ["ort", "torch"])

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 def served(exported, tmp_path_factory):
     """One server, three models: the export referenced in place (TP=1), copied in, and TP=2."""
     if not installed():
-        pytest.fail("no tritonserver: run `python -m runtime.triton_server --install` (`make setup` does)")
+        pytest.fail("no tritonserver: run `python -m runtime.triton_server --install` (`make triton-server` does)")
     tmp = tmp_path_factory.mktemp("triton")
     man = exported("tiny", 1)
     kw = dict(kv_cache_gb=0.05, max_num_seqs=32)
@@ -53,6 +53,21 @@ def chat_cli(man, ids=(), texts=(), n=N_NEW) -> list[list[int]]:
         cmd += ["--prompt", t]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])["outputs"]
+
+
+def expected_text(codec, prompt_ids, output) -> tuple[str, str]:
+    """(reasoning, answer) of an output, worked out here: it starts in thinking when the prompt's last
+    <think> comes after its last </think>; the think tokens switch channels and are not text."""
+    opens = [i for i, t in enumerate(prompt_ids) if t == codec.think_start]
+    closes = [i for i, t in enumerate(prompt_ids) if t == codec.think_end]
+    channel = "r" if opens and (not closes or opens[-1] > closes[-1]) else "a"
+    ids = {"r": [], "a": []}
+    for t in output:
+        if t in (codec.think_start, codec.think_end):
+            channel = "r" if t == codec.think_start else "a"
+        else:
+            ids[channel].append(t)
+    return codec.decode(ids["r"]), codec.decode(ids["a"])
 
 
 def grpc_inputs(prompt, **extra):
@@ -97,9 +112,10 @@ class Stream:
                 done += 1
                 continue
             resp = result.get_response()
-            r = got.setdefault(resp.id, {"ids": [], "text": "", "reason": "", "batch": []})
+            r = got.setdefault(resp.id, {"ids": [], "text": "", "reasoning": "", "reason": "", "batch": []})
             r["ids"] += result.as_numpy("output_ids").tolist()
             r["text"] += result.as_numpy("text_output")[0].decode()
+            r["reasoning"] += result.as_numpy("reasoning_output")[0].decode()
             r["batch"].append(int(result.as_numpy("batch_size")[0]))
             reason = result.as_numpy("finish_reason")[0].decode()
             if reason:
@@ -156,11 +172,14 @@ def test_grpc_stream_and_http_give_chat_cli_tokens(served):
     finally:
         s.close()
     assert "errors" not in got
+    prompt_ids = ID_PROMPTS + [codec.encode_chat([{"role": "user", "content": t}]) for t in TEXT_PROMPTS]
+    assert [codec.in_thinking(p) for p in prompt_ids] == [False] * len(ID_PROMPTS) + [True] * len(TEXT_PROMPTS)
     for i, w in enumerate(want):
         r = got[f"r{i}"]
         assert r["ids"] == w
-        assert r["reason"] == ("stop" if w[-1] == codec.eos_id else "length")
-        assert r["text"] == codec.decode(w)  # streamed pieces add up to the whole decode
+        assert r["reason"] == ("stop" if w[-1] in man.config.eos_token_ids else "length")
+        # streamed pieces add up to the whole decode, split at </think>
+        assert (r["reasoning"], r["text"]) == expected_text(codec, prompt_ids[i], w)
     # HTTP: generate_stream (server-sent events) and generate (one response, stream=false)
     for i, p in enumerate(prompts):
         prompt = {"input_ids": p} if isinstance(p, list) else {"text_input": p}
@@ -170,7 +189,7 @@ def test_grpc_stream_and_http_give_chat_cli_tokens(served):
         assert ids == want[i] and events[-1]["finish_reason"] and len(events) == len(want[i])
         one = http(server.http_url, "minimax_m2", "generate", body | {"stream": False})
         assert len(one) == 1 and one[0]["output_ids"] == want[i] and one[0]["completion_tokens"] == len(want[i])
-        assert one[0]["text_output"] == codec.decode(want[i])
+        assert (one[0]["reasoning_output"], one[0]["text_output"]) == expected_text(codec, prompt_ids[i], want[i])
 
 
 def test_copied_and_tp2_models_serve_the_same_tokens(served):
@@ -272,7 +291,7 @@ def test_stop_strings_end_the_text_and_are_not_shown(served):
     server, man = served
     codec = TextCodec(man.root)
     full = chat_cli(man, [ID_PROMPTS[2]], n=N_NEW)[0]
-    text = codec.decode(full)
+    text = expected_text(codec, ID_PROMPTS[2], full)[1]
     stop = text[len(text) // 2:len(text) // 2 + 3]
     assert stop.strip() and stop in text
     cut = text.index(stop)
