@@ -9,6 +9,11 @@ IDS    ?= 1,5,9
 N      ?= 16
 TP     ?= 1
 OUT    ?=
+# One spelling of the build layout (export/paths.py has the same): build/<model>/{onnx,engines,triton}.
+MODEL_BUILD := $(BUILD)/$(notdir $(abspath $(MODEL)))
+EXPORT_DIR  := $(if $(OUT),$(OUT),$(MODEL_BUILD)/onnx)
+EXPORT      := $(EXPORT_DIR)/tp$(TP)
+CROSSOVER   := $(BUILD)/bench/moe_crossover.json
 
 .PHONY: help setup tiny demo chat generate onnx engines verify-engines triton triton-server triton-serve bench bench-cpu test test-gpu clean
 
@@ -20,8 +25,9 @@ help:
 	@echo "make generate  MODEL=<checkpoint> IDS=1,5,9 N=16: greedy tokens from the PyTorch model"
 	@echo "make onnx      MODEL=<checkpoint> TP=<n> [OUT=<dir>]: per-layer ONNX subgraphs + manifest"
 	@echo "               (default: the embedded checkpoint, TP=1, OUT=build/<model>/onnx)"
-	@echo "make engines   MODEL=<checkpoint> TP=<n>: export if needed, then SM80 TensorRT engines (needs TensorRT + GPU)"
-	@echo "make verify-engines MODEL=<checkpoint> TP=<n>: every engine against ONNX Runtime (polygraphy)"
+	@echo "make engines   MODEL=<checkpoint> TP=<n> [OUT=<export dir>]: export if needed, then SM80 TensorRT engines"
+	@echo "               (needs TensorRT + GPU)"
+	@echo "make verify-engines MODEL=<checkpoint> TP=<n> [OUT=<export dir>]: every engine against ONNX Runtime (polygraphy)"
 	@echo "make triton    MODEL=<checkpoint> TP=<n> [REPO=<dir>] [COPY=1]: export if needed, then a Triton model"
 	@echo "               repository hosting the runtime (TensorRT engines if built, else ONNX Runtime)"
 	@echo "               (default REPO=build/<model>/triton; COPY=1 copies the export in instead of referencing it)"
@@ -33,11 +39,10 @@ help:
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 tiny: $(TINY)/config.json
@@ -49,41 +54,44 @@ generate: setup
 	$(BIN)/python -m export.generate $(MODEL) --ids $(IDS) --max-new-tokens $(N)
 
 # The embedded checkpoint is written first when it is the one asked for.
+# The MoE crossover `make bench` measured is an explicit input (used when it fits the model's shape).
 onnx: setup $(if $(filter $(MODEL),$(TINY)),$(TINY)/config.json)
-	$(BIN)/python -m export.to_onnx $(MODEL) --tp $(TP) $(if $(OUT),--out $(OUT))
+	$(BIN)/python -m export.to_onnx $(MODEL) --tp $(TP) --out $(EXPORT_DIR) \
+		$(if $(wildcard $(CROSSOVER)),--moe-crossover-file $(CROSSOVER)) $(EXPORT_FLAGS)
 
-# Checks for TensorRT and an SM80+ GPU first, so that nothing is written on a machine without them.
+# Checks for TensorRT and an SM80+ GPU first, so that nothing is written on a machine without them;
+# then the export (up-to-date parts are skipped), then the engines.
 engines: setup
 	$(BIN)/python -m engines.build --check-env
-	$(if $(filter $(MODEL),$(TINY)),$(MAKE) --no-print-directory tiny)
-	$(BIN)/python -m engines.build $(MODEL) --tp $(TP) $(ENGINE_FLAGS)
+	$(MAKE) --no-print-directory onnx
+	$(BIN)/python -m engines.build $(EXPORT) $(ENGINE_FLAGS)
 
 verify-engines: setup
-	$(BIN)/python -m engines.verify $(BUILD)/$(notdir $(MODEL))/onnx/tp$(TP)
+	$(BIN)/python -m engines.verify $(EXPORT)
 
 # One scripted chat turn on the embedded model through the runtime (ONNX Runtime, FP32 twins).
 demo: setup
 	$(MAKE) --no-print-directory onnx MODEL=$(TINY) TP=1
 	@echo "(the embedded model has random weights: its text is noise; the pipeline is what runs)"
-	$(BIN)/python runtime/chat.py --model $(TINY)/onnx/tp1 --prompt "Hello! What is 2 + 3?" --max-tokens 48 --temperature 0
+	$(BIN)/python runtime/chat.py --model $(BUILD)/tiny-minimax-m2/onnx/tp1 --prompt "Hello! What is 2 + 3?" --max-tokens 48 --temperature 0
 
 chat: setup
-	$(BIN)/python runtime/chat.py $(if $(filter $(MODEL),$(TINY)),,--model $(MODEL))
+	$(BIN)/python runtime/chat.py $(if $(filter $(MODEL),$(TINY)),,--model $(EXPORT))
 
-REPO ?= $(BUILD)/$(notdir $(MODEL))/triton
+REPO ?= $(MODEL_BUILD)/triton
 
-# TRITON_FLAGS: more options of `python -m runtime.triton_repo` (--backend, --kv-cache-gb, --engines ...)
+# TRITON_FLAGS: more options of `python -m runtime.serving.triton_repo` (--backend, --kv-cache-gb, --engines ...)
 triton: onnx
-	$(BIN)/python -m runtime.triton_repo $(BUILD)/$(notdir $(MODEL))/onnx/tp$(TP) --out $(REPO) $(if $(COPY),--copy) $(TRITON_FLAGS)
+	$(BIN)/python -m runtime.serving.triton_repo $(EXPORT) --out $(REPO) $(if $(COPY),--copy) $(TRITON_FLAGS)
 
 # tritonserver with the Python backend, from the nvidia-pytriton wheel (tests and local serving).
 triton-server: $(VENV)/tritonserver/.installed
 
 $(VENV)/tritonserver/.installed: | setup
-	$(BIN)/python -m runtime.triton_server --install
+	$(BIN)/python -m runtime.serving.triton_server --install
 
 triton-serve: triton-server
-	$(BIN)/python -m runtime.triton_server $(REPO)
+	$(BIN)/python -m runtime.serving.triton_server $(REPO)
 
 bench: setup
 	$(BIN)/python -m bench

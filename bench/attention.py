@@ -1,4 +1,4 @@
-"""Part 3: GPU decode attention. The Triton paged kernel (runtime/decode_kernel.py) reading K/V
+"""Part 3: GPU decode attention. The Triton paged kernel (runtime/kernels/paged_decode.py) reading K/V
 through scattered block tables, against PyTorch's SDPA (flash) on a contiguous cache holding the same
 data, and against the floor: the KV bytes over the GPU's measured copy bandwidth.
 MiniMax-M2.5's attention at TP=1: 48 query heads, 8 KV heads of 128, bf16, blocks of 16 tokens."""
@@ -13,7 +13,7 @@ HQ, HKV, D, BS = 48, 8, 128, 16
 
 
 def run(res: Results, batches=(1, 4, 16, 64), contexts=(1024, 4096, 16384, 32768)) -> None:
-    from runtime.decode_kernel import paged_decode
+    from runtime.kernels.paged_decode import paged_decode
 
     bw = gpu_bandwidth()
     res.add("attention", what="gpu_copy_bandwidth", gb_per_s=round(bw / 1e9, 1))

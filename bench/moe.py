@@ -4,7 +4,7 @@ dense form (every expert on every token), against the floor of the distinct chos
 (plus the router) over measured memory bandwidth. On ONNX Runtime's CPU provider (the FP32 twins
 the export writes, traced the same way) and on the GPU (the same PyTorch module in bf16, replayed
 from a CUDA graph as the runtime's decode steps are). The measured crossover, the largest T at which
-the gather form is faster, goes to build/bench/moe_crossover.json, which the export reads.
+the gather form is faster, goes to build/bench/moe_crossover.json, which `make onnx` passes to the export (--moe-crossover-file).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from export.checkpoint import LayerWeights
 from export.config import parse_hf_config
 from export.model import Moe, rms_norm
-from export.plan import make_plan
+from export.layout import make_layout
 from export.tiny import PRESETS, hf_config
 
 from .common import OUT, Results, cpu_bandwidth, cpu_seconds, cuda_seconds, gpu_bandwidth, graphed
@@ -80,7 +80,7 @@ def _crossover(times: dict[int, tuple[float | None, float]], measure) -> int:
 def run_gpu(res: Results, tokens=TOKENS, gather_limit_gb: float = 12.0) -> int:
     bw = gpu_bandwidth()
     res.add("moe", device="gpu", what="gpu_copy_bandwidth", gb_per_s=round(bw / 1e9, 1))
-    from runtime.moe_kernel import gather_moe
+    from runtime.kernels.fused_moe import gather_moe
 
     mods = {f: shard_module(f, torch.bfloat16, "cuda")[0] for f in ("gather", "dense")}
     mods["dense"].w13, mods["dense"].w2 = mods["gather"].w13, mods["gather"].w2  # one copy of the experts
@@ -121,7 +121,7 @@ def _ort_sessions(tmp: Path):
     protos = {}
     for form in ("gather", "dense"):
         m, cfg = shard_module(form, torch.bfloat16, "cpu")
-        spec = next(s for s in make_plan(cfg, TP).subgraphs if s.name == f"layers.0.moe_{form}")
+        spec = next(s for s in make_layout(cfg, TP).subgraphs if s.name == f"layers.0.moe_{form}")
         protos[form] = surgery.tidy(surgery.to_proto(surgery.trace(m, spec, cfg), m, bf16), spec)
         mods[form] = m
     bf16.close()

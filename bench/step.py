@@ -8,7 +8,6 @@ same step replayed alone from its CUDA graph.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from dataclasses import replace
@@ -18,11 +17,12 @@ import torch
 
 from export.checkpoint import LayerWeights
 from export.config import parse_hf_config
-from export.manifest import FORMAT_VERSION, MANIFEST, Manifest
-from export.plan import default_crossover, make_plan
+from export.layout import default_crossover, make_layout
+from export.manifest import Manifest
 from export.tiny import PRESETS, hf_config, write_text_files
-from runtime.backends import TorchBackend
-from runtime.engine import Engine, EngineConfig
+from runtime.backends.pytorch import TorchBackend
+from runtime.config import EngineConfig
+from runtime.llm_engine import LLMEngine
 from runtime.sampling import SamplingParams
 
 from .common import Results, cuda_seconds, gpu_bandwidth
@@ -62,13 +62,13 @@ class RandomWeights:
 
 
 def write_export(cfg, root: Path, max_tokens: int) -> Manifest:
-    """A manifest with no graph files (the torch backend needs only the plan) and a tokenizer."""
-    plan = make_plan(cfg, 1)
-    data = {"format_version": FORMAT_VERSION, "producer": "bench.step (random weights)", "checkpoint": "",
-            "model": cfg.to_dict(), "tp": 1, "expert_split": "intermediate", "fp32_twins": False,
-            "moe_crossover_tokens": default_crossover(cfg), "max_tokens": max_tokens, "steps": plan.steps,
-            "subgraphs": {s.name: s.to_dict() | {"files": {}} for s in plan.subgraphs}, "files": {}}
-    (root / MANIFEST).write_text(json.dumps(data))
+    """A manifest with no graph files (the torch backend needs only the layout) and a tokenizer."""
+    layout = make_layout(cfg, 1)
+    man = Manifest(config=cfg, tp=1, expert_split="intermediate", opset=0, fp32_twins=False,
+                   moe_crossover_tokens=default_crossover(cfg), moe_crossover_source="default", max_tokens=max_tokens,
+                   steps=layout.steps, subgraphs={s.name: s for s in layout.subgraphs}, files={},
+                   producer="bench.step (random weights)")
+    man.save(root)
     write_text_files(root, PRESETS["real"], 0)
     return Manifest.load(root)
 
@@ -92,7 +92,7 @@ def run(res: Results, layers: int = 4, batches=(1, 8, 32), steps: int = 30) -> N
         manifest = write_export(cfg, Path(tmp), max_tokens=1024)
         backend = TorchBackend(manifest, 0, "cuda", torch.bfloat16, checkpoint=RandomWeights(cfg))
         for graphs in (True, False):
-            engine = Engine(tmp, EngineConfig(backend="torch", device="cuda", dtype="bfloat16", kv_cache_gb=4,
+            engine = LLMEngine(tmp, EngineConfig(backend="torch", device="cuda", dtype="bfloat16", kv_cache_gb=4,
                                               max_num_seqs=max(batches), cuda_graphs=graphs,
                                               graph_max_context=2048, max_num_batched_tokens=1024),
                             backend=backend)

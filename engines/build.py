@@ -1,8 +1,7 @@
 """Build SM80 TensorRT 11 engines from an export: one per subgraph per tensor-parallel rank.
 
-    python -m engines.build build/<model>/onnx/tp8            # from an export
-    python -m engines.build /path/to/MiniMax-M2.5 --tp 8      # export first (skipping what is up to date)
-    python -m engines.build EXPORT --dry-run                  # print the plan; needs no TensorRT
+    python -m engines.build build/<model>/onnx/tp8            # from an export (`make engines` exports first)
+    python -m engines.build EXPORT --dry-run                  # print the build plan; needs no TensorRT
 
 TensorRT 11 networks are strongly typed: the BF16 ONNX graph is the engine's precision (there are no
 FP16/BF16 builder flags). `--hardware same` builds for the GPU it runs on (build on the A100 itself);
@@ -16,7 +15,6 @@ Nothing is written unless TensorRT and an NVIDIA GPU of compute capability 8.0 o
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -24,12 +22,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from export.manifest import (Manifest, ManifestError, engines_dir, find_manifest, write_bytes_atomic,
-                             write_json_atomic)
+from export.atomic import write_bytes_atomic
+from export.manifest import TOKENS, EnginesIndex, Manifest, ManifestError, find_manifest
+from export.paths import engines_dir
 
 from .plan import HARDWARE, BuildPlan, BuildSettings, EngineJob, make_build_plan
 
-ENGINES_JSON = "engines.json"
 TIMING_CACHE = "timing.cache"
 
 
@@ -64,10 +62,6 @@ def check_environment() -> tuple[object, list[int]]:
         raise BuildEnvironmentError("no NVIDIA GPU of compute capability 8.0 (A100) or newer is visible"
                                     + (f" (found {caps})" if caps else ""))
     return trt, gpus
-
-
-def _tokens(shape: list, t: int) -> tuple[int, ...]:
-    return tuple(t if d == "T" else d for d in shape)
 
 
 class _Progress:
@@ -119,17 +113,16 @@ def build_engine(trt, onnx_path: Path, job: EngineJob, settings: BuildSettings,
     cache = config.create_timing_cache(timing_cache)
     config.set_timing_cache(cache, False)
     config.progress_monitor = _Progress(trt, f"gpu {job.gpu}: {job.engine}").monitor
-    for prof in job.profiles:
+    for prof in job.record.profiles:
         p = builder.create_optimization_profile()
-        for spec in job.inputs:
-            if "T" in spec["shape"]:
-                p.set_shape(spec["name"], _tokens(spec["shape"], prof.min), _tokens(spec["shape"], prof.opt),
-                            _tokens(spec["shape"], prof.max))
+        for spec in job.record.inputs:
+            if TOKENS in spec.shape:
+                p.set_shape(spec.name, spec.concrete(prof.min), spec.concrete(prof.opt), spec.concrete(prof.max))
         config.add_optimization_profile(p)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
         raise BuildError(f"{onnx_path}: TensorRT could not build an engine (see its log above)")
-    return bytes(plan), bytes(config.get_timing_cache().serialize())
+    return bytes(engine), bytes(config.get_timing_cache().serialize())
 
 
 def _gpu_worker(gpu: int, jobs: list[EngineJob], manifest_root: str, out: str, settings: BuildSettings,
@@ -141,11 +134,11 @@ def _gpu_worker(gpu: int, jobs: list[EngineJob], manifest_root: str, out: str, s
     for job in jobs:
         t0 = time.perf_counter()
         try:
-            plan, cache = build_engine(trt, Path(manifest_root) / job.onnx, job, settings, cache)
+            engine, cache = build_engine(trt, Path(manifest_root) / job.record.onnx, job, settings, cache)
         except Exception as e:
             result_q.put(("error", job.engine, str(e)))
             return
-        write_bytes_atomic(Path(out) / job.engine, plan)
+        write_bytes_atomic(Path(out) / job.engine, engine)
         result_q.put(("built", job.engine, time.perf_counter() - t0))
     write_bytes_atomic(Path(out) / f".timing-gpu{gpu}.cache", cache)
     result_q.put(("done", gpu, None))
@@ -156,8 +149,7 @@ def run_build(trt, manifest: Manifest, plan: BuildPlan, out: Path, settings: Bui
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
-    records_path = out / ENGINES_JSON
-    old = json.loads(records_path.read_text()) if records_path.is_file() else {"engines": {}}
+    index = EnginesIndex.load(out, missing_ok=True)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_gpu_worker, args=(g, jobs, str(manifest.root), str(out), settings,
@@ -167,13 +159,12 @@ def run_build(trt, manifest: Manifest, plan: BuildPlan, out: Path, settings: Bui
         p.start()
     done, errors = 0, []
     jobs = {j.engine: j for j in plan.jobs}
-    records = dict(old["engines"])
     with tqdm(total=len(plan.to_build), desc="engines", unit="engine") as bar:
         while done < len(procs):
             kind, what, detail = q.get()
             if kind == "built":
-                records[what] = jobs[what].record()
-                records[what]["build_seconds"] = round(detail, 1)
+                index.engines[what] = jobs[what].record
+                index.engines[what].build_seconds = round(detail, 1)
                 bar.update()
             elif kind == "error":
                 errors.append(f"{what}: {detail}")
@@ -190,23 +181,18 @@ def run_build(trt, manifest: Manifest, plan: BuildPlan, out: Path, settings: Bui
         cache.combine(cfg.create_timing_cache(f.read_bytes()), True)
         f.unlink()
     write_bytes_atomic(out / TIMING_CACHE, bytes(cache.serialize()))
-    write_json_atomic(records_path, {"tensorrt_version": trt.__version__, "settings": asdict(settings),
-                                     "manifest_sha256": _manifest_digest(manifest), "engines": records})
+    index.tensorrt_version, index.settings = trt.__version__, asdict(settings)
+    index.manifest_sha256 = manifest.files_digest()
+    index.save(out)
     if errors:
         raise BuildError("\n".join(errors))
-
-
-def _manifest_digest(manifest: Manifest) -> str:
-    import hashlib
-    return hashlib.sha256(json.dumps(manifest.data["files"], sort_keys=True).encode()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engines.build", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", nargs="?", help="an export (folder or manifest.json), or a checkpoint to export first")
+    ap.add_argument("model", nargs="?", help="an export (folder or manifest.json); `make engines` exports first")
     ap.add_argument("--check-env", action="store_true", help="only check for TensorRT and an SM80+ GPU")
-    ap.add_argument("--tp", type=int, default=1, help="tensor parallelism, when exporting a checkpoint")
     ap.add_argument("--out", help="engines folder (default build/<model>/engines/tp<N>)")
     ap.add_argument("--hardware", choices=HARDWARE, default="same",
                     help="same: for the GPU building (build on A100s); ampere_plus: run on SM80+ when built newer")
@@ -236,22 +222,20 @@ def main(argv: list[str] | None = None) -> int:
         model = Path(a.model)
         if (model / "config.json").is_file() and not (model / "manifest.json").is_file() \
                 and not list(model.glob("tp*/manifest.json")):
-            from export.to_onnx import export  # a checkpoint: export it (up-to-date parts are skipped)
-            manifest_path = export(model, None, a.tp)
-        else:
-            manifest_path = find_manifest(model)
-        manifest = Manifest.load(manifest_path)
-        out = Path(a.out) if a.out else engines_dir(manifest)
-        records = json.loads((out / ENGINES_JSON).read_text())["engines"] if (out / ENGINES_JSON).is_file() else {}
-        existing = {str(p.relative_to(out)) for p in out.glob("rank*/*.plan")} if out.is_dir() else set()
+            raise ManifestError(f"{model} is a checkpoint: export it first (`make onnx MODEL={model} TP=N`, or "
+                                f"`make engines MODEL={model} TP=N`, which does both)")
+        manifest = Manifest.load(find_manifest(model))
+        out = Path(a.out) if a.out else engines_dir(manifest.root)
+        records = EnginesIndex.load(out, missing_ok=True).engines
+        existing = {str(p.relative_to(out)) for p in out.glob("rank*/*.engine")} if out.is_dir() else set()
         version = trt.__version__ if trt else "dry-run"
         plan = make_build_plan(manifest, settings, version, gpus, records, existing)
     except (BuildEnvironmentError, ManifestError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for j in plan.jobs:
-        prof = ", ".join(f"{p.name} T={p.min}..{p.max}" for p in j.profiles)
-        print(f"{'skip ' if j.skip else f'gpu {j.gpu}'}  {j.engine}  [{prof}]  {j.weight_bytes / 2**20:.1f} MiB")
+        prof = ", ".join(f"{p.name} T={p.min}..{p.max}" for p in j.record.profiles)
+        print(f"{'skip ' if j.skip else f'gpu {j.gpu}'}  {j.engine}  [{prof}]  {j.record.weight_bytes / 2**20:.1f} MiB")
     print(f"{len(plan.to_build)} to build, {len(plan.jobs) - len(plan.to_build)} up to date; "
           f"{'dry run' if a.dry_run else f'out: {out}'}")
     if a.dry_run or not plan.to_build:

@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-from export.manifest import Manifest
+from export.manifest import EngineRecord, Manifest, Profile, engine_file
 
 HARDWARE = ("same", "ampere_plus")
 
@@ -35,33 +35,15 @@ class BuildSettings:
             raise ValueError("workspace and decode_max must be positive")
 
 
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    min: int
-    opt: int
-    max: int
-
-
 @dataclass
 class EngineJob:
-    subgraph: str
-    rank: int
-    onnx: str                 # relative to the manifest's folder
-    engine: str               # relative to the engines folder
-    onnx_sha256: str
-    weight_bytes: int
-    profiles: list[Profile]
-    inputs: list[dict]        # the manifest's input specs (names, dtypes, shapes with "T")
-    key: str = ""
+    record: EngineRecord      # what engines.json will hold for it
     gpu: int = 0
-    skip: bool = False
+    skip: bool = False        # up to date: built before with the same key
 
-    def record(self) -> dict:
-        d = asdict(self)
-        d.pop("skip")
-        d.pop("gpu")
-        return d
+    @property
+    def engine(self) -> str:
+        return self.record.engine
 
 
 @dataclass
@@ -80,12 +62,11 @@ class BuildPlan:
 
 
 def profiles_for(manifest: Manifest, name: str, settings: BuildSettings) -> list[Profile]:
-    max_tokens = manifest.data["max_tokens"]
-    cross = manifest.data["moe_crossover_tokens"]
+    max_tokens, cross = manifest.max_tokens, manifest.moe_crossover_tokens
     sg = manifest.subgraphs[name]
-    if sg.get("form") == "gather":
+    if sg.form == "gather":
         return [Profile("gather", 1, min(8, cross), cross)]
-    if sg.get("form") == "dense":
+    if sg.form == "dense":
         lo = min(cross + 1, max_tokens)
         return [Profile("dense", lo, min(max(lo, 1024), max_tokens), max_tokens)]
     decode_max = min(settings.decode_max, max_tokens)
@@ -95,14 +76,14 @@ def profiles_for(manifest: Manifest, name: str, settings: BuildSettings) -> list
     return profiles
 
 
-def job_key(job: EngineJob, settings: BuildSettings, trt_version: str) -> str:
-    blob = json.dumps([job.onnx_sha256, asdict(settings), trt_version, [asdict(p) for p in job.profiles]],
+def job_key(record: EngineRecord, settings: BuildSettings, trt_version: str) -> str:
+    blob = json.dumps([record.onnx_sha256, asdict(settings), trt_version, [asdict(p) for p in record.profiles]],
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def make_build_plan(manifest: Manifest, settings: BuildSettings, trt_version: str, gpus: list[int],
-                    built: dict[str, dict] | None = None, existing: set[str] | None = None) -> BuildPlan:
+                    built: dict[str, EngineRecord] | None = None, existing: set[str] | None = None) -> BuildPlan:
     """`built`: the records of the last build (engines.json), by engine path; `existing`: engine files
     present now. An engine is skipped when its file exists and its recorded key is the current one."""
     settings.check()
@@ -111,17 +92,17 @@ def make_build_plan(manifest: Manifest, settings: BuildSettings, trt_version: st
     built, existing = built or {}, existing or set()
     plan = BuildPlan()
     for name, sg in manifest.subgraphs.items():
-        for rank in sg["ranks"]:
-            files = sg["files"][str(rank)]["bf16"]
-            job = EngineJob(subgraph=name, rank=rank, onnx=files["onnx"], engine=f"rank{rank}/{name}.plan",
-                            onnx_sha256=manifest.data["files"][files["onnx"]]["sha256"],
-                            weight_bytes=manifest.data["files"][files["weights"]]["bytes"],
-                            profiles=profiles_for(manifest, name, settings), inputs=sg["inputs"])
-            job.key = job_key(job, settings, trt_version)
-            job.skip = job.engine in existing and built.get(job.engine, {}).get("key") == job.key
-            plan.jobs.append(job)
+        for rank in sg.ranks:
+            files = manifest.graph_files(name, rank, "bf16")
+            rec = EngineRecord(subgraph=name, rank=rank, onnx=files.onnx, engine=engine_file(name, rank),
+                               onnx_sha256=manifest.files[files.onnx].sha256,
+                               weight_bytes=manifest.files[files.weights].bytes,
+                               profiles=profiles_for(manifest, name, settings), inputs=list(sg.inputs))
+            rec.key = job_key(rec, settings, trt_version)
+            old = built.get(rec.engine)
+            plan.jobs.append(EngineJob(rec, skip=rec.engine in existing and old is not None and old.key == rec.key))
     load = {g: 0 for g in gpus}
-    for job in sorted(plan.to_build, key=lambda j: (-j.weight_bytes, j.engine)):
+    for job in sorted(plan.to_build, key=lambda j: (-j.record.weight_bytes, j.engine)):
         job.gpu = min(load, key=lambda g: (load[g], g))
-        load[job.gpu] += job.weight_bytes + 1
+        load[job.gpu] += job.record.weight_bytes + 1
     return plan

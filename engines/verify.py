@@ -9,12 +9,12 @@ output's scale: a few BF16 roundings through a layer).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from export.layout import random_inputs
 from export.manifest import Manifest
 
 
@@ -26,40 +26,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", default="1,7,300", help="token counts to try (default 1,7,300)")
     a = ap.parse_args(argv)
     from engines.build import BuildEnvironmentError, check_environment
-    from export.manifest import engines_dir, find_manifest
+    from export.manifest import EnginesIndex, find_manifest
+    from export.paths import engines_dir
     try:
         check_environment()
     except BuildEnvironmentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    import torch
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
     from polygraphy.comparator import CompareFunc, Comparator, RunResults
 
     man = Manifest.load(find_manifest(a.export))
-    out = Path(a.engines) if a.engines else engines_dir(man)
-    records = json.loads((out / "engines.json").read_text())["engines"]
+    out = Path(a.engines) if a.engines else engines_dir(man.root)
+    records = EnginesIndex.load(out).engines
     failures = 0
     for engine_rel, rec in sorted(records.items()):
-        sg = man.subgraphs[rec["subgraph"]]
-        twin = man.path(rec["subgraph"], rec["rank"], "fp32")
+        sg = man.subgraphs[rec.subgraph]
+        twin = man.path(rec.subgraph, rec.rank, "fp32")
         for t in (int(x) for x in a.tokens.split(",")):
-            if not any(p["min"] <= t <= p["max"] for p in rec["profiles"]):
+            if not any(p.min <= t <= p.max for p in rec.profiles):
                 continue
-            g = torch.Generator().manual_seed(t)
-            feed = {}
-            for spec in sg["inputs"]:
-                shape = [t if d == "T" else d for d in spec["shape"]]
-                if spec["dtype"] == "int64":
-                    hi = man.config.vocab_size if spec["name"] == "ids" else t
-                    feed[spec["name"]] = torch.randint(0, hi, shape, generator=g)
-                else:
-                    feed[spec["name"]] = torch.randn(shape, generator=g) + (2.0 if spec["name"].endswith("_ssq") else 0)
+            feed = random_inputs(sg.inputs, t, man.config.vocab_size, seed=t)
             results = RunResults()
             with TrtRunner(EngineFromBytes((out / engine_rel).read_bytes())) as trt_runner:
-                trt_in = {k: (v.bfloat16().cuda() if s["dtype"] == "bfloat16" else v.cuda())
-                          for (k, v), s in zip(feed.items(), sg["inputs"])}
+                trt_in = {k: (v.bfloat16().cuda() if s.dtype == "bfloat16" else v.cuda())
+                          for (k, v), s in zip(feed.items(), sg.inputs)}
                 trt_out = trt_runner.infer(trt_in)
                 results.append((trt_runner.name, [{k: np.asarray(v.float().cpu()) for k, v in trt_out.items()}]))
             with OnnxrtRunner(SessionFromOnnx(str(twin))) as ort_runner:

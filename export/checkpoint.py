@@ -36,7 +36,7 @@ class CheckpointError(ValueError):
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class WeightSpec:
     shape: tuple[int, ...]
     kind: str  # "fp8" (with a scale tensor), "scale" (float32), "float" (bf16/fp16/fp32)
 
@@ -70,30 +70,30 @@ class GlobalWeights:
     lm_head: torch.Tensor  # [V, H]
 
 
-def expected_tensors(cfg: ModelConfig) -> dict[str, TensorSpec]:
+def expected_tensors(cfg: ModelConfig) -> dict[str, WeightSpec]:
     """Every tensor name the published layout has for this config, with its shape and kind."""
     H, I, E, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.vocab_size
-    specs: dict[str, TensorSpec] = {}
+    specs: dict[str, WeightSpec] = {}
 
     def quantized(name: str, rows: int, cols: int) -> None:
-        specs[name + ".weight"] = TensorSpec((rows, cols), "fp8")
-        specs[name + ".weight_scale_inv"] = TensorSpec(fp8.scale_grid(rows, cols, cfg.fp8_block), "scale")
+        specs[name + ".weight"] = WeightSpec((rows, cols), "fp8")
+        specs[name + ".weight_scale_inv"] = WeightSpec(fp8.scale_grid(rows, cols, cfg.fp8_block), "scale")
 
-    specs["model.embed_tokens.weight"] = TensorSpec((V, H), "float")
-    specs["model.norm.weight"] = TensorSpec((H,), "float")
-    specs["lm_head.weight"] = TensorSpec((V, H), "float")
+    specs["model.embed_tokens.weight"] = WeightSpec((V, H), "float")
+    specs["model.norm.weight"] = WeightSpec((H,), "float")
+    specs["lm_head.weight"] = WeightSpec((V, H), "float")
     for n in range(cfg.num_hidden_layers):
         p = f"model.layers.{n}."
-        specs[p + "input_layernorm.weight"] = TensorSpec((H,), "float")
-        specs[p + "post_attention_layernorm.weight"] = TensorSpec((H,), "float")
+        specs[p + "input_layernorm.weight"] = WeightSpec((H,), "float")
+        specs[p + "post_attention_layernorm.weight"] = WeightSpec((H,), "float")
         quantized(p + "self_attn.q_proj", cfg.q_size, H)
         quantized(p + "self_attn.k_proj", cfg.kv_size, H)
         quantized(p + "self_attn.v_proj", cfg.kv_size, H)
         quantized(p + "self_attn.o_proj", H, cfg.q_size)
-        specs[p + "self_attn.q_norm.weight"] = TensorSpec((cfg.q_size,), "float")
-        specs[p + "self_attn.k_norm.weight"] = TensorSpec((cfg.kv_size,), "float")
-        specs[p + "block_sparse_moe.gate.weight"] = TensorSpec((E, H), "float")
-        specs[p + "block_sparse_moe.e_score_correction_bias"] = TensorSpec((E,), "float")
+        specs[p + "self_attn.q_norm.weight"] = WeightSpec((cfg.q_size,), "float")
+        specs[p + "self_attn.k_norm.weight"] = WeightSpec((cfg.kv_size,), "float")
+        specs[p + "block_sparse_moe.gate.weight"] = WeightSpec((E, H), "float")
+        specs[p + "block_sparse_moe.e_score_correction_bias"] = WeightSpec((E,), "float")
         for e in range(E):
             quantized(p + f"block_sparse_moe.experts.{e}.w1", I, H)
             quantized(p + f"block_sparse_moe.experts.{e}.w3", I, H)
@@ -111,7 +111,7 @@ def is_mtp_tensor(name: str, cfg: ModelConfig) -> bool:
 
 
 def check_names(weight_map: dict[str, str], cfg: ModelConfig,
-                specs: dict[str, TensorSpec] | None = None) -> None:
+                specs: dict[str, WeightSpec] | None = None) -> None:
     """The index names every tensor the config requires and nothing else (MTP heads aside). Shard
     file names are whatever the index says: the published "-of-N" count does not match the files."""
     specs = specs if specs is not None else expected_tensors(cfg)

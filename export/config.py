@@ -46,6 +46,7 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["fp8_block"] = list(self.fp8_block)
+        d["eos_token_ids"] = list(self.eos_token_ids)
         return d
 
     @classmethod

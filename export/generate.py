@@ -19,18 +19,9 @@ from .checkpoint import Checkpoint, CheckpointError
 from .config import ConfigError, note_missing_eos
 from .model import MOE_FORMS, Model
 from .sharding import EXPERT_SPLITS, ShardingError
+from .token_ids import parse_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def parse_ids(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--ids must be comma-separated integers, got {text!r}") from None
-    if not ids:
-        raise argparse.ArgumentTypeError("--ids is empty")
-    return ids
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,12 +132,11 @@ class Moe(nn.Module):
       expert once; costs E/k times the useful FLOPs; the form for many tokens (prefill).
     """
 
-    # The runtime may set a fused kernel for the gather form (runtime/moe_kernel.py on GPUs):
-    # f(x, local_expert_ids, weights, w13, w2) -> [T, H] float32. Never set when exporting.
-    gather_kernel = None
-
-    def __init__(self, w: LayerWeights, cfg: ModelConfig, form: str = "gather"):
+    def __init__(self, w: LayerWeights, cfg: ModelConfig, form: str = "gather", gather_kernel=None):
+        """gather_kernel: a fused kernel for the gather form, f(x, local_expert_ids, weights, w13, w2)
+        -> [T, H] float32 (the runtime's GPU path passes one); never given when exporting."""
         super().__init__()
+        self.gather_kernel = gather_kernel
         if form not in MOE_FORMS:
             raise ValueError(f"MoE form {form!r} is not one of {MOE_FORMS}")
         self.form, self.eps, self.top_k = form, cfg.rms_norm_eps, cfg.top_k
@@ -215,9 +214,9 @@ class AttnBlock(nn.Module):
 class PostBlock(nn.Module):
     """TP=1: OProj and Moe in one graph."""
 
-    def __init__(self, w: LayerWeights, cfg: ModelConfig, form: str):
+    def __init__(self, w: LayerWeights, cfg: ModelConfig, form: str, gather_kernel=None):
         super().__init__()
-        self.o_proj, self.moe = OProj(w), Moe(w, cfg, form)
+        self.o_proj, self.moe = OProj(w), Moe(w, cfg, form, gather_kernel)
 
     def forward(self, h, attn):
         return self.moe(h, self.o_proj(attn))

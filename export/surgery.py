@@ -24,7 +24,8 @@ import onnx_graphsurgeon as gs
 import torch
 from onnx import TensorProto, numpy_helper
 
-from .plan import TOKENS, SubgraphSpec
+from .layout import random_inputs
+from .manifest import TOKENS, SubgraphSpec
 
 OPSET = 18  # TensorRT 11's parser takes 9..24; ONNX Runtime and the reference evaluator run 18 fully
 INLINE_BYTES = 1024  # smaller initializers stay inside the .onnx file
@@ -146,16 +147,8 @@ def prefetched(items, depth: int):
 
 
 def sample_inputs(spec: SubgraphSpec, cfg) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for t in spec.inputs:
-        shape = [SAMPLE_TOKENS if d == TOKENS else d for d in t.shape]
-        if t.dtype == "int64":
-            hi = cfg.vocab_size if t.name == "ids" else SAMPLE_TOKENS
-            out.append(torch.randint(0, hi, shape, generator=g))
-        else:
-            out.append(torch.randn(shape, generator=g).to(_TORCH_DTYPES[t.dtype]))
-    return tuple(out)
+    x = random_inputs(spec.inputs, SAMPLE_TOKENS, cfg.vocab_size, seed=0)
+    return tuple(x[t.name].to(_TORCH_DTYPES[t.dtype]) for t in spec.inputs)
 
 
 @dataclass
@@ -217,9 +210,9 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-def to_proto(traced: Traced, module: torch.nn.Module, weights: WeightsFile) -> onnx.ModelProto:
+def to_proto(traced: Traced, module: torch.nn.Module, weights: WeightsFile, chunks=None) -> onnx.ModelProto:
     """The traced graph with this module's weights, large ones written to `weights`. Meta weights
-    (streamed) come from the module's `weight_chunks`."""
+    (streamed) come from `chunks(parameter name)`, slice by slice."""
     proto = onnx.ModelProto()
     proto.CopyFrom(traced.proto)
     params = dict(module.named_parameters())
@@ -227,7 +220,7 @@ def to_proto(traced: Traced, module: torch.nn.Module, weights: WeightsFile) -> o
         if params[name].is_meta:
             if tuple(params[name].shape) != shape:
                 raise RuntimeError(f"{name}: shape {tuple(params[name].shape)} differs from the traced {shape}")
-            proto.graph.initializer.append(weights.add_chunks(name, shape, dtype, module.weight_chunks(name)))
+            proto.graph.initializer.append(weights.add_chunks(name, shape, dtype, chunks(name)))
             continue
         array = _numpy(params[name])
         if tuple(array.shape) != shape:

@@ -44,76 +44,13 @@ SPECIAL_TOKENS = {
     53: "</minimax:tool_call>",
 }
 NOT_SKIPPED = {"<think>", "</think>", "<minimax:tool_call>", "</minimax:tool_call>"}  # kept when decoding
-DEFAULT_SYSTEM = "You are a helpful assistant. Your name is MiniMax-M2.5 and is built by MiniMax."
 
 # Written for this project; renders what the published chat_template.jinja renders: the begin-of-text
 # token and system header (with a default identity), tool definitions in <tools>, assistant turns
 # with <think> reasoning (kept only after the last user turn) and <minimax:tool_call> blocks,
 # consecutive tool results grouped in one ]~b]tool turn as <response>s, and a generation prompt that
 # opens the thinking block.
-CHAT_TEMPLATE = r"""{#- MiniMax-M2 chat format -#}
-{%- macro visible(content) -%}
-{%- if content is string -%}{{ content }}
-{%- elif content is iterable and content is not mapping -%}
-{%- for part in content -%}
-{%- if part is mapping and part.type == 'text' -%}{{ part.text }}{%- elif part is string -%}{{ part }}{%- endif -%}
-{%- endfor -%}
-{%- elif content is not none -%}{{ content }}
-{%- endif -%}
-{%- endmacro -%}
-{%- set conv = messages -%}
-{%- set system = '""" + DEFAULT_SYSTEM + r"""' -%}
-{%- if messages and messages[0].role == 'system' -%}
-{%- set system = visible(messages[0].content) -%}
-{%- set conv = messages[1:] -%}
-{%- endif -%}
-{%- set ns = namespace(last_user=-1, called=false) -%}
-{%- for m in conv -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}
-{{- ']~!b[]~b]system\n' ~ system -}}
-{%- if tools -%}
-{{- '\n\n# Tools\nYou may call one or more tools to assist with the user query.\nHere are the tools available in JSONSchema format:\n\n<tools>\n' -}}
-{%- for t in tools -%}{{- '<tool>' ~ ((t.function if t.function is defined else t) | tojson) ~ '</tool>\n' -}}{%- endfor -%}
-{{- '</tools>\n\nWhen making tool calls, use XML format to invoke tools and pass parameters:\n\n<minimax:tool_call>\n<invoke name="tool-name-1">\n<parameter name="param-key-1">param-value-1</parameter>\n<parameter name="param-key-2">param-value-2</parameter>\n...\n</invoke>\n</minimax:tool_call>' -}}
-{%- endif -%}
-{{- '[e~[\n' -}}
-{%- for m in conv -%}
-{%- if m.role == 'user' -%}
-{{- ']~b]user\n' ~ visible(m.content) ~ '[e~[\n' -}}
-{%- elif m.role == 'assistant' -%}
-{%- set content = visible(m.content) -%}
-{%- set reasoning = m.reasoning_content if m.reasoning_content is string else '' -%}
-{%- if '</think>' in content -%}
-{%- if not reasoning -%}{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') -%}{%- endif -%}
-{%- set content = content.split('</think>')[-1].strip('\n') -%}
-{%- endif -%}
-{{- ']~b]ai\n' -}}
-{%- if reasoning and loop.index0 > ns.last_user -%}{{- '<think>\n' ~ reasoning ~ '\n</think>\n\n' -}}{%- endif -%}
-{{- content -}}
-{%- if m.tool_calls -%}
-{{- '\n<minimax:tool_call>\n' -}}
-{%- for call in m.tool_calls -%}
-{%- set f = call.function if call.function is defined else call -%}
-{{- '<invoke name="' ~ f.name ~ '">\n' -}}
-{%- for k, v in f.arguments.items() -%}
-{{- '<parameter name="' ~ k ~ '">' ~ (v if v is string else v | tojson) ~ '</parameter>\n' -}}
-{%- endfor -%}
-{{- '</invoke>\n' -}}
-{%- endfor -%}
-{{- '</minimax:tool_call>' -}}
-{%- set ns.called = true -%}
-{%- endif -%}
-{{- '[e~[\n' -}}
-{%- elif m.role == 'tool' -%}
-{%- if not ns.called -%}{{- raise_exception('a tool message must follow an assistant message with tool calls') -}}{%- endif -%}
-{%- if loop.first or conv[loop.index0 - 1].role != 'tool' -%}{{- ']~b]tool' -}}{%- endif -%}
-{{- '\n<response>' ~ visible(m.content) ~ '</response>' -}}
-{%- if loop.last or conv[loop.index0 + 1].role != 'tool' -%}{{- '[e~[\n' -}}{%- endif -%}
-{%- elif m.role != 'system' -%}
-{{- raise_exception('unknown role: ' ~ m.role) -}}
-{%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}{{- ']~b]ai\n<think>\n' -}}{%- endif -%}
-"""
+CHAT_TEMPLATE = (Path(__file__).parent / "data" / "toy_chat_template.jinja").read_text()
 
 
 @dataclass(frozen=True)

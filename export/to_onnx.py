@@ -28,9 +28,11 @@ import torch
 from . import surgery
 from .checkpoint import Checkpoint, CheckpointError
 from .config import ConfigError
-from .manifest import FORMAT_VERSION, MANIFEST, sha256_file, write_json_atomic
-from .pieces import build_modules, unit_of
-from .plan import ExportPlan, SubgraphSpec, default_crossover, make_plan
+from .atomic import sha256_file, write_json_atomic
+from .manifest import FORMAT_VERSION, MANIFEST, FileRecord, GraphFiles, Manifest, SubgraphSpec
+from .paths import export_dir, tp_dir
+from .layout import GraphLayout, default_crossover, make_layout
+from .pieces import build_modules
 from .sharding import EXPERT_SPLITS, ShardingError
 from .text_config import TEXT_FILES
 from .trt_support import check_model
@@ -43,17 +45,11 @@ class ExportError(RuntimeError):
     """A traced graph failed a check."""
 
 
-# Written by `make bench` (bench/moe.py): the measured largest token count at which the gather MoE
-# form beats the dense one, for one expert-shard shape.
-MEASURED_CROSSOVER = Path(__file__).resolve().parents[1] / "build" / "bench" / "moe_crossover.json"
-
-
-def measured_crossover(cfg, tp: int, expert_split: str) -> tuple[int, str] | None:
-    """The benchmark's crossover when it was measured on this model's expert-shard shape."""
-    if not MEASURED_CROSSOVER.is_file() or expert_split != "intermediate":
-        return None
-    d = json.loads(MEASURED_CROSSOVER.read_text())
-    if (d["num_experts"], d["top_k"], d["hidden_size"], d["shard_intermediate"]) != \
+def measured_crossover(path: Path, cfg, tp: int, expert_split: str) -> tuple[int, str] | None:
+    """The crossover `make bench` measured (build/bench/moe_crossover.json), when it was measured on
+    this model's expert-shard shape; None otherwise."""
+    d = json.loads(Path(path).read_text())
+    if expert_split != "intermediate" or (d["num_experts"], d["top_k"], d["hidden_size"], d["shard_intermediate"]) != \
             (cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.intermediate_size // tp):
         return None
     return d["moe_crossover_tokens"], f"measured by make bench on {d['measured_on']}"
@@ -74,16 +70,16 @@ def _tensor_prefixes(unit: str) -> tuple[str, ...]:
     return (f"model.{unit}.",)
 
 
-def unit_key(ckpt: Checkpoint, plan: ExportPlan, unit: str, rank: int, twins: bool, code: str) -> str:
+def unit_key(ckpt: Checkpoint, layout: GraphLayout, unit: str, rank: int, twins: bool, code: str) -> str:
     """Everything the unit's files depend on: code, settings, and the shards its tensors live in."""
     shards = sorted({ckpt.weight_map[n] for n in ckpt.specs if n.startswith(_tensor_prefixes(unit))})
     stats = [(s, (ckpt.dir / s).stat().st_size, (ckpt.dir / s).stat().st_mtime_ns) for s in shards]
-    blob = json.dumps([FORMAT_VERSION, code, plan.cfg.to_dict(), plan.tp, plan.expert_split, rank, unit, twins,
+    blob = json.dumps([FORMAT_VERSION, code, layout.cfg.to_dict(), layout.tp, layout.expert_split, rank, unit, twins,
                        surgery.OPSET, stats])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def export_unit(ckpt: Checkpoint, plan: ExportPlan, unit: str, rank: int, specs: list[SubgraphSpec],
+def export_unit(ckpt: Checkpoint, layout: GraphLayout, unit: str, rank: int, specs: list[SubgraphSpec],
                 rank_dir: Path, twins: bool, traces: dict) -> tuple[dict[str, dict], dict[str, str]]:
     """Write one unit's graphs into a fresh temporary folder, check them, then move them into place.
     Returns ({subgraph: {"bf16": {"onnx", "weights"}, "fp32": {...}}}, {weights file: sha256}) with
@@ -93,7 +89,7 @@ def export_unit(ckpt: Checkpoint, plan: ExportPlan, unit: str, rank: int, specs:
     tmp = rank_dir / f".tmp-{unit}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    modules = build_modules(ckpt, plan, unit, rank, specs, DTYPE, stream=True)
+    modules, chunks = build_modules(ckpt, layout, unit, rank, specs, DTYPE, stream=True)
     files: dict[str, dict] = defaultdict(dict)
     digests: dict[str, str] = {}
     by_group: dict[str, list[SubgraphSpec]] = defaultdict(list)
@@ -108,8 +104,8 @@ def export_unit(ckpt: Checkpoint, plan: ExportPlan, unit: str, rank: int, specs:
             # offset (a constant) under expert parallelism.
             key = (s.piece, s.form, getattr(getattr(module, "moe", module), "expert_offset", 0))
             if key not in traces:
-                traces[key] = surgery.trace(module, s, plan.cfg)
-            protos[s.name] = surgery.tidy(surgery.to_proto(traces[key], module, weights), s)
+                traces[key] = surgery.trace(module, s, layout.cfg)
+            protos[s.name] = surgery.tidy(surgery.to_proto(traces[key], module, weights, chunks), s)
         weights.close()
         digests[weights.path.name] = weights.sha256
         twin_weights = surgery.WeightsFile(tmp / f"{group}.fp32.weights") if twins else None
@@ -136,11 +132,13 @@ def export_unit(ckpt: Checkpoint, plan: ExportPlan, unit: str, rank: int, specs:
 
 def export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1, expert_split: str = "intermediate",
            twins: bool = True, moe_crossover: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
-           progress: bool = True) -> Path:
-    """Export (or bring up to date) and return the manifest's path."""
+           progress: bool = True, crossover_file: str | Path | None = None) -> Path:
+    """Export (or bring up to date) and return the manifest's path. The MoE crossover is
+    `moe_crossover` if given, else the measurement in `crossover_file` when it fits this shape, else
+    experts / top_k."""
     ckpt = Checkpoint(checkpoint)  # validates every tensor before any work
-    plan = make_plan(ckpt.config, tp, expert_split)  # a TP that does not divide fails here
-    measured = measured_crossover(ckpt.config, tp, expert_split)
+    layout = make_layout(ckpt.config, tp, expert_split)  # a TP that does not divide fails here
+    measured = measured_crossover(crossover_file, ckpt.config, tp, expert_split) if crossover_file else None
     if moe_crossover is not None:
         crossover, source = moe_crossover, "given (--moe-crossover)"
     elif measured:
@@ -149,15 +147,14 @@ def export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1, e
         crossover, source = default_crossover(ckpt.config), "default: experts / top_k (not measured for this shape)"
     if crossover < 1 or max_tokens < 1:
         raise ValueError("--moe-crossover and --max-tokens must be at least 1")
-    out = Path(out) if out else Path("build") / ckpt.dir.name / "onnx"
-    root = out / f"tp{tp}"
+    root = tp_dir(export_dir(ckpt.dir, out), tp)
     root.mkdir(parents=True, exist_ok=True)
     (root / MANIFEST).unlink(missing_ok=True)  # from here on, nothing in root is trusted until the end
     code = _code_hash()
     units: dict[tuple[str, int], list[SubgraphSpec]] = defaultdict(list)
-    for s in plan.subgraphs:
+    for s in layout.subgraphs:
         for r in s.ranks:
-            units[(unit_of(s), r)].append(s)
+            units[(s.unit, r)].append(s)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -168,7 +165,7 @@ def export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1, e
         rank_dir = root / f"rank{rank}"
         rank_dir.mkdir(exist_ok=True)
         stamp_path = rank_dir / ".stamps" / f"{unit}.json"
-        key = unit_key(ckpt, plan, unit, rank, twins, code)
+        key = unit_key(ckpt, layout, unit, rank, twins, code)
         stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else None
         if stamp and stamp["key"] == key and all(
                 (rank_dir / f).is_file() and (rank_dir / f).stat().st_size == m["bytes"]
@@ -183,7 +180,7 @@ def export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1, e
         if bar:
             bar.set_postfix_str(f"{unit} rank {rank}")
         t0 = time.perf_counter()
-        graphs, digests = export_unit(ckpt, plan, unit, rank, specs, rank_dir, twins, traces)
+        graphs, digests = export_unit(ckpt, layout, unit, rank, specs, rank_dir, twins, traces)
         rels = {p for g in graphs.values() for kind in g.values() for p in kind.values()}
         stamp = {"key": key, "graphs": graphs, "seconds": round(time.perf_counter() - t0, 3),
                  "files": {f: {"bytes": (rank_dir / f).stat().st_size,
@@ -197,15 +194,12 @@ def export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1, e
         bar.close()
 
     subgraphs, files = {}, {}
-    for s in plan.subgraphs:
-        entry = s.to_dict()
-        entry["files"] = {}
+    for s in layout.subgraphs:
+        s.files = {r: {kind: GraphFiles(onnx=f"rank{r}/{paths['onnx']}", weights=f"rank{r}/{paths['weights']}")
+                       for kind, paths in stamps[(s.unit, r)]["graphs"][s.name].items()} for r in s.ranks}
         for r in s.ranks:
-            stamp = stamps[(unit_of(s), r)]
-            entry["files"][str(r)] = {kind: {k: f"rank{r}/{v}" for k, v in paths.items()}
-                                      for kind, paths in stamp["graphs"][s.name].items()}
-            files.update({f"rank{r}/{f}": m for f, m in stamp["files"].items()})
-        subgraphs[s.name] = entry
+            files.update({f"rank{r}/{f}": FileRecord(**m) for f, m in stamps[(s.unit, r)]["files"].items()})
+        subgraphs[s.name] = s
     # The runtime needs the tokenizer, chat template and sampling defaults, not the checkpoint.
     text_files = []
     for name in TEXT_FILES:
@@ -214,28 +208,13 @@ def export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1, e
             shutil.copyfile(ckpt.dir / name, tmp)
             os.replace(tmp, root / name)
             text_files.append(name)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "producer": "minimax-m2-trt export.to_onnx",
-        "checkpoint": str(ckpt.dir.resolve()),
-        "checkpoint_relative": os.path.relpath(ckpt.dir.resolve(), root.resolve()),
-        "model": plan.cfg.to_dict(),
-        "tp": tp,
-        "expert_split": expert_split,
-        "opset": surgery.OPSET,
-        "dtype": "bfloat16",
-        "fp32_twins": twins,
-        "text_files": text_files,
-        "moe_crossover_tokens": crossover,
-        "moe_crossover_source": source,
-        "max_tokens": max_tokens,
-        "steps": plan.steps,
-        "subgraphs": subgraphs,
-        "files": dict(sorted(files.items())),
-        "exported": [{"unit": u, "rank": r, "seconds": s} for u, r, s in timings],
-    }
-    write_json_atomic(root / MANIFEST, manifest)
-    return root / MANIFEST
+    manifest = Manifest(
+        config=layout.cfg, tp=tp, expert_split=expert_split, opset=surgery.OPSET, fp32_twins=twins,
+        moe_crossover_tokens=crossover, moe_crossover_source=source, max_tokens=max_tokens, steps=layout.steps,
+        subgraphs=subgraphs, files=files, checkpoint=str(ckpt.dir.resolve()),
+        checkpoint_relative=os.path.relpath(ckpt.dir.resolve(), root.resolve()), text_files=text_files,
+        exported=[{"unit": u, "rank": r, "seconds": s} for u, r, s in timings])
+    return manifest.save(root)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-fp32-twins", action="store_true",
                     help="skip the FP32 twins (ONNX Runtime on CPU); the full model's twins take ~900 GB")
     ap.add_argument("--moe-crossover", type=int,
-                    help="largest token count that runs the gather MoE form (default: what `make bench` "
-                         "measured for this expert-shard shape, else experts / top-k)")
+                    help="largest token count that runs the gather MoE form (default: --moe-crossover-file's "
+                         "measurement when it fits this expert-shard shape, else experts / top-k)")
+    ap.add_argument("--moe-crossover-file", help="a crossover measured by `make bench` (build/bench/moe_crossover.json)")
     ap.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                     help=f"largest tokens per step the engines must take (default {DEFAULT_MAX_TOKENS})")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -258,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         path = export(a.checkpoint, a.out, a.tp, a.expert_split, not a.no_fp32_twins, a.moe_crossover,
-                      a.max_tokens, progress=not a.quiet)
+                      a.max_tokens, progress=not a.quiet, crossover_file=a.moe_crossover_file)
     except (CheckpointError, ConfigError, ShardingError, ExportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

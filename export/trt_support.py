@@ -1,8 +1,10 @@
 """Is an ONNX graph within what TensorRT 11's ONNX parser builds, with BF16?
 
 A static check of op types, attributes and tensor dtypes against onnx-tensorrt's operator support
-(shared/reference/tensorrt-11.md), run on every exported subgraph, so a graph that TensorRT would
-reject fails at export time on a machine without TensorRT.
+for TensorRT 11 (its operators.md: no NonZero-style data-dependent shapes, TopK with sorted output and
+a constant K, constant reduction axes, no DOUBLE, the default domain only, opset <= 24), run on every
+exported subgraph, so a graph that TensorRT would reject fails at export time on a machine without
+TensorRT.
 
     python -m export.trt_support model.onnx [...]
 """

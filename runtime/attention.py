@@ -48,7 +48,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 def _decode_kernel():
     """The Triton paged-decode kernel, where it can run (a CUDA device and the triton package)."""
     try:
-        from .decode_kernel import paged_decode
+        from .kernels.paged_decode import paged_decode
     except ImportError:
         return None
     return paged_decode

@@ -30,15 +30,28 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    """reserve_padding: the last block is kept out of use for the padding rows of fixed-size decode
+    steps (runtime/cuda_graphs.py writes their K/V there); `padding_block` names it."""
+
+    def __init__(self, num_blocks: int, block_size: int, reserve_padding: bool = False):
         if block_size < 1 or block_size & (block_size - 1):
             raise ValueError(f"block size must be a power of two, got {block_size}")
-        if num_blocks < 1:
-            raise ValueError("the KV cache needs at least one block")
+        usable = num_blocks - 1 if reserve_padding else num_blocks
+        if usable < 1:
+            raise ValueError("the KV cache needs at least one usable block")
         self.block_size = block_size
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.padding_block = self.padding_block_of(num_blocks) if reserve_padding else None
+        self.blocks = [Block(i) for i in range(usable)]
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(usable))
         self.by_hash: dict[bytes, int] = {}
+
+    @staticmethod
+    def padding_block_of(num_blocks: int) -> int:
+        return num_blocks - 1
+
+    @property
+    def num_usable(self) -> int:
+        return len(self.blocks)
 
     @property
     def num_free(self) -> int:
@@ -93,8 +106,8 @@ class BlockManager:
         if self.blocks_needed(len(seq)) > len(seq.block_table):
             seq.block_table.append(self._take_free().id)
 
-    def mark_computed(self, seq: Sequence) -> None:
-        """Register the blocks that are now full in the prefix cache."""
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the sequence's blocks that are now full of computed tokens in the prefix cache."""
         bs, tokens = self.block_size, seq.tokens
         prev = None
         for i in range(seq.num_computed // bs):

@@ -25,37 +25,33 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.manifest import ManifestError  # noqa: E402
+from export.paths import TINY_CHECKPOINT, tp_dir  # noqa: E402
+from export.token_ids import parse_ids  # noqa: E402
+from runtime.config import EngineConfig  # noqa: E402
 from runtime.distributed import RankLost  # noqa: E402
-from runtime.engine import Engine, EngineConfig, RequestError  # noqa: E402
+from runtime.llm_engine import LLMEngine, RequestError  # noqa: E402
 from runtime.sampling import SamplingParams  # noqa: E402
 from runtime.output_text import OutputText  # noqa: E402
 from runtime.text import Conversation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "build" / "tiny-minimax-m2"
-TINY_EXPORT = TINY / "onnx" / "tp1"
 DIM, RESET = "\033[2m", "\033[0m"
 
 
 def ensure_embedded_default() -> Path:
     """The embedded toy model's export, built here on first use (about a minute on a CPU)."""
-    if (TINY_EXPORT / "manifest.json").is_file():
-        return TINY_EXPORT
+    export = tp_dir(TINY_CHECKPOINT / "onnx", 1)
+    if (export / "manifest.json").is_file():
+        return export
     print("Building the embedded toy model (make tiny && make onnx) ...", file=sys.stderr)
-    if not (TINY / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "export.tiny", str(TINY)], cwd=ROOT, check=True)
-    subprocess.run([sys.executable, "-m", "export.to_onnx", str(TINY), "--tp", "1"], cwd=ROOT, check=True)
-    return TINY_EXPORT
+    if not (TINY_CHECKPOINT / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "export.tiny", str(TINY_CHECKPOINT)], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "export.to_onnx", str(TINY_CHECKPOINT), "--tp", "1",
+                    "--out", str(TINY_CHECKPOINT / "onnx")], cwd=ROOT, check=True)
+    return export
 
 
-def parse_ids(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None
-
-
-def sampling_from(a, engine: Engine) -> SamplingParams:
+def sampling_from(a, engine: LLMEngine) -> SamplingParams:
     return engine.sampling_params(a.temperature, a.top_p, a.top_k, max_tokens=a.max_tokens, seed=a.seed,
                                   ignore_eos=a.ignore_eos)
 
@@ -64,7 +60,7 @@ NO_TOKENIZER = ("this export has no tokenizer.json (the checkpoint had none): te
                 "give prompts as token ids (--prompt-ids)")
 
 
-def scripted(engine: Engine, a) -> int:
+def scripted(engine: LLMEngine, a) -> int:
     prompts = [list(p) for p in a.prompt_ids or []]
     if a.prompt and engine.codec is None:
         print(f"error: {NO_TOKENIZER}", file=sys.stderr)
@@ -104,7 +100,7 @@ def scripted(engine: Engine, a) -> int:
     return 1 if errors else 0
 
 
-def interactive(engine: Engine, a) -> int:
+def interactive(engine: LLMEngine, a) -> int:
     codec = engine.codec
     if codec is None:
         print(f"error: {NO_TOKENIZER}", file=sys.stderr)
@@ -176,12 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python runtime/chat.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="export folder, tp<N> folder or manifest.json (default: the embedded toy model)")
-    ap.add_argument("--backend", choices=["ort", "torch", "trt"], default="ort",
-                    help="ort: ONNX Runtime on the FP32 twins (CPU); torch: the PyTorch pieces (CPU or GPU); "
-                         "trt: TensorRT engines (GPU; `make engines`)")
-    ap.add_argument("--engines", help="trt backend: engines folder (default build/<model>/engines/tp<N>)")
-    ap.add_argument("--device", default="cpu", help="torch backend device, e.g. cuda (default cpu)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="torch backend dtype (default: bf16 on GPU)")
     ap.add_argument("--prompt-ids", type=parse_ids, action="append",
                     help="a prompt as token ids (repeatable); needs no tokenizer")
     ap.add_argument("--prompt", action="append", help="a user message, through the chat template (repeatable)")
@@ -195,20 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-turn token")
     ap.add_argument("--no-thinking", action="store_true",
                     help="skip the thinking block: the prompt closes it (<think></think>) so the answer starts at once")
-    ap.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache size (default 1 GiB)")
-    ap.add_argument("--num-blocks", type=int, help="KV cache size in blocks (overrides --kv-cache-gb)")
-    ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block, a power of two (default 16)")
-    ap.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step (default 64)")
-    ap.add_argument("--no-cuda-graphs", action="store_true", help="GPU: run decode steps eagerly (same padding)")
+    EngineConfig.add_cli_args(ap.add_argument_group("runtime"))
     a = ap.parse_args(argv)
     try:
         model = Path(a.model) if a.model else ensure_embedded_default()
         if a.json and not (a.prompt_ids or a.prompt):
             ap.error("--json needs --prompt-ids or --prompt")
-        engine = Engine.start(model, EngineConfig(backend=a.backend, device=a.device, dtype=a.dtype, engines=a.engines,
-                                                  block_size=a.block_size, num_blocks=a.num_blocks,
-                                                  kv_cache_gb=a.kv_cache_gb, max_num_seqs=a.max_num_seqs,
-                                                  cuda_graphs=not a.no_cuda_graphs))
+        engine = LLMEngine.start(model, EngineConfig.from_args(a))
     except (ManifestError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@ NCCL on GPUs). Rank 0 runs the engine (scheduler, sampler, text) and sends each 
 every rank runs its own subgraphs on its own slice of the KV cache.
 
 Two ways to start:
-- `Engine.start(export)` in one process: it spawns ranks 1..N-1 on this machine (`python -m
+- `LLMEngine.start(export)` in one process: it spawns ranks 1..N-1 on this machine (`python -m
   runtime.distributed --worker ...`) and watches them: a rank that dies ends the run at once with an
   error naming it; ranks watch rank 0 the same way, so no process outlives the run.
 - torchrun, one process per rank, any number of machines (its standard rendezvous):
@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from export.manifest import Manifest
+
+from .config import EngineConfig
+from .ports import free_port
+from .rank import build_rank
 
 TIMEOUT_S = 300
 
@@ -71,12 +76,6 @@ class TorchComm:
 
 def _backend_for(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die(msg: str, code: int = 3) -> None:
@@ -137,18 +136,15 @@ class Group:
             dist.destroy_process_group()
 
 
-def _init(backend: str, rank: int, world: int, init_method: str, device: str, timeout_s: float) -> None:
+def _init(backend: str, rank: int, world: int, init_method: str, timeout_s: float) -> None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
 
 
-def start_group(manifest_path: Path, config, tp: int, timeout_s: float = TIMEOUT_S) -> Group:
+def start_group(manifest_path: Path, config: EngineConfig, tp: int, timeout_s: float = TIMEOUT_S) -> Group:
     """Start (or, under torchrun, join) the group; returns on rank 0 only."""
-    from .engine import build_rank
-    from export.manifest import Manifest
-
     backend = _backend_for(config.device)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:  # launched by torchrun
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -156,14 +152,14 @@ def start_group(manifest_path: Path, config, tp: int, timeout_s: float = TIMEOUT
             raise RuntimeError(f"torchrun started {world} processes; this export needs {tp}")
         if config.device.startswith("cuda") and ":" not in config.device:
             config.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
-        _init(backend, rank, world, "env://", config.device, timeout_s)
+        _init(backend, rank, world, "env://", timeout_s)
         if rank != 0:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             build_rank(Manifest.load(manifest_path), config, rank, TorchComm()).serve()
             dist.destroy_process_group()
             sys.exit(0)
         return Group(TorchComm(), [])
-    port = _free_port()
+    port = free_port()
     cfg_json = json.dumps(asdict(config))
     procs = [subprocess.Popen([sys.executable, "-m", "runtime.distributed", "--worker", str(manifest_path),
                                "--rank", str(r), "--world", str(tp), "--port", str(port), "--config", cfg_json,
@@ -171,7 +167,7 @@ def start_group(manifest_path: Path, config, tp: int, timeout_s: float = TIMEOUT
                               cwd=Path(__file__).resolve().parents[1])
              for r in range(1, tp)]
     try:
-        _init(backend, 0, tp, f"tcp://127.0.0.1:{port}", config.device, timeout_s)
+        _init(backend, 0, tp, f"tcp://127.0.0.1:{port}", timeout_s)
     except Exception:
         for p in procs:
             p.kill()
@@ -187,10 +183,6 @@ def _watch_parent(pid: int) -> None:
 
 
 def worker_main(argv: list[str] | None = None) -> int:
-    from export.manifest import Manifest
-
-    from .engine import EngineConfig, build_rank
-
     ap = argparse.ArgumentParser(description="one tensor-parallel rank (started by rank 0)")
     ap.add_argument("--worker", required=True, help="manifest path")
     ap.add_argument("--rank", type=int, required=True)
@@ -203,7 +195,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to rank 0, which stops the group
     threading.Thread(target=_watch_parent, args=(a.parent,), daemon=True).start()
     config = EngineConfig(**json.loads(a.config))
-    _init(_backend_for(config.device), a.rank, a.world, f"tcp://127.0.0.1:{a.port}", config.device, a.timeout)
+    _init(_backend_for(config.device), a.rank, a.world, f"tcp://127.0.0.1:{a.port}", a.timeout)
     build_rank(Manifest.load(a.worker), config, a.rank, TorchComm()).serve()
     dist.destroy_process_group()
     return 0

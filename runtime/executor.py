@@ -1,9 +1,12 @@
-"""Runs an export's manifest for one rank: subgraphs on a backend, runtime ops in between."""
+"""Runs an export's steps for one rank: subgraphs on a backend, runtime ops (all-reduce, broadcast,
+attention) in between, on one table of named tensors."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
-from export.manifest import Manifest
+from export.manifest import AllReduceStep, AttentionStep, BroadcastStep, Manifest, SubgraphStep
 
 from .attention import AttentionMetadata, paged_attention, paged_decode_attention
 from .kv_cache import KVCache
@@ -24,14 +27,31 @@ class SingleRank:
         return payload
 
 
-class PlanExecutor:
-    def __init__(self, manifest: Manifest, backend, kv: KVCache, rank: int = 0, comm=None):
+@dataclass(frozen=True)
+class DecodeSettings:
+    """Fixed-size decode steps (runtime/cuda_graphs.py): bucket sizes up to max_num_seqs, block
+    tables up to max_blocks, padding rows writing into padding_block, replayed from CUDA graphs or
+    run eagerly."""
+    max_num_seqs: int
+    max_blocks: int
+    padding_block: int
+    use_graphs: bool
+
+
+class StepExecutor:
+    def __init__(self, manifest: Manifest, backend, kv: KVCache, rank: int = 0, comm=None,
+                 decode: DecodeSettings | None = None):
         self.manifest, self.backend, self.kv, self.rank = manifest, backend, kv, rank
         self.comm = comm or SingleRank()
-        self.crossover = manifest.data["moe_crossover_tokens"]
+        self.crossover = manifest.moe_crossover_tokens
         self.hidden = manifest.config.hidden_size
         self.last_form = ""  # MoE form of the last step (for stats)
-        self.decode_graphs = None  # set by enable_decode_graphs on a GPU
+        self.decode_graphs = None
+        if decode is not None:
+            from .cuda_graphs import DecodeGraphs
+
+            self.decode_graphs = DecodeGraphs(self, decode.max_num_seqs, decode.max_blocks, decode.padding_block,
+                                              decode.use_graphs)
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
             logits_rows: torch.Tensor) -> torch.Tensor | None:
@@ -73,31 +93,29 @@ class PlanExecutor:
         env = {"ids": ids, "positions": positions}
         form = "gather" if ids.numel() <= self.crossover else "dense"
         for step in self.manifest.steps:
-            op = step["op"]
-            if op == "subgraph":
-                name = step["variants"][form] if "variants" in step else step["name"]
+            if isinstance(step, SubgraphStep):
+                name = step.pick(form)
                 sg = self.manifest.subgraphs[name]
-                if self.rank not in sg["ranks"]:
+                if self.rank not in sg.ranks:
                     continue
-                inputs = {t["name"]: env[t["name"]] for t in sg["inputs"]}
+                inputs = {t.name: env[t.name] for t in sg.inputs}
                 if name == "head":  # logits only where a token is sampled
                     inputs = {k: v.index_select(0, logits_rows) for k, v in inputs.items()}
                 env.update(self.backend.run(name, inputs))
-            elif op == "all_reduce":
-                for t in step["tensors"]:
+            elif isinstance(step, AllReduceStep):
+                for t in step.tensors:
                     env[t] = self.comm.all_reduce(env[t])
-            elif op == "broadcast":
+            elif isinstance(step, BroadcastStep):
                 shape = (ids.numel(), self.hidden)
-                for t in step["tensors"]:
+                for t in step.tensors:
                     like = torch.empty(shape, dtype=self.backend.dtype, device=dev)
-                    env[t] = self.comm.broadcast(env.get(t), step["src"], like)
-            elif op == "attention":
-                n, q, k, v = step["layer"], env[step["q"]], env[step["k"]], env[step["v"]]
+                    env[t] = self.comm.broadcast(env.get(t), step.src, like)
+            elif isinstance(step, AttentionStep):
+                n, q, k, v = step.layer, env[step.q], env[step.k], env[step.v]
                 if decode is not None:
-                    env[step["out"]] = paged_decode_attention(q, k, v, self.kv.k[n], self.kv.v[n], *decode,
-                                                              step["scale"])
+                    env[step.out] = paged_decode_attention(q, k, v, self.kv.k[n], self.kv.v[n], *decode, step.scale)
                 else:
-                    env[step["out"]] = paged_attention(q, k, v, self.kv.k[n], self.kv.v[n], meta, step["scale"])
+                    env[step.out] = paged_attention(q, k, v, self.kv.k[n], self.kv.v[n], meta, step.scale)
             else:
-                raise ValueError(f"unknown step op {op!r} in the manifest")
+                raise ValueError(f"unknown step {step!r} in the manifest")
         return env.get("logits")

@@ -16,10 +16,6 @@ class ScheduledBatch:
     seqs: list[Sequence]
     num_new: list[int]  # tokens each sequence computes this step (prompt remainder, or 1)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new)
-
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
@@ -40,7 +36,6 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free_seq(seq)
         seq.status = Status.WAITING
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 

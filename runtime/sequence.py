@@ -28,7 +28,6 @@ class Sequence:
     num_computed: int = 0        # tokens whose K/V are in the cache
     num_cached_prompt: int = 0   # of those, how many came from the prefix cache at the last admission
     num_prefilled: int = 0       # tokens this sequence computed in prefills, over its life
-    num_preemptions: int = 0
     finish_reason: str | None = None
 
     @property

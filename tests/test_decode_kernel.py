@@ -1,4 +1,4 @@
-"""The Triton paged-decode kernel (runtime/decode_kernel.py) against an independent float64 attention
+"""The Triton paged-decode kernel (runtime/kernels/paged_decode.py) against an independent float64 attention
 written here. On the CPU it runs under Triton's interpreter (TRITON_INTERPRET=1: the same kernel
 code, executed with numpy; float32 only) and on a GPU (`make test-gpu`) compiled, in bfloat16 at the
 real model's head shapes, eagerly and replayed from a CUDA graph.
@@ -50,7 +50,7 @@ def case(B, Hq, Hkv, D, lens, max_blocks, dtype, device, bs=16, seed=0):
 
 def check_interpreted() -> None:
     """Run in a process started with TRITON_INTERPRET=1 (it must be set before triton is imported)."""
-    from runtime import decode_kernel
+    from runtime.kernels import paged_decode as decode_kernel
 
     # one token, a partial block, exactly one partition, several partitions with a partial last one
     lens = [1, 21, 64, 150]
@@ -70,7 +70,7 @@ def test_interpreted_kernel_matches_reference():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("Hq,Hkv", [(48, 8), (6, 1)])  # MiniMax-M2.5 at TP=1 and at TP=8
 def test_compiled_kernel_matches_reference_on_gpu(Hq, Hkv):
-    from runtime import decode_kernel as k_mod
+    from runtime.kernels import paged_decode as k_mod
     lens = [1, 17, 511, 512, 513, 4000, 8192]
     q, k, v, tables, lens_t = case(len(lens), Hq, Hkv, 128, lens, max_blocks=512, dtype=torch.bfloat16,
                                    device="cuda")

@@ -18,8 +18,8 @@ import torch
 
 from engines import build as build_mod
 from engines.plan import BuildSettings, make_build_plan
-from export.manifest import ManifestError
-from runtime import trt_backend
+from export.manifest import EngineRecord, ManifestError, Profile
+from runtime.backends import tensorrt as trt_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 # A copy of the steering repository's shared/reference list, kept here so a clean clone can run it.
@@ -100,8 +100,8 @@ def test_builder_uses_only_tensorrt_11_names(tmp_path, exported):
     log = []
     job = make_build_plan(exported("tiny", 2), BuildSettings(), "11.4.0", [0]).jobs[1]
     for settings in (BuildSettings(), BuildSettings(hardware="ampere_plus", version_compatible=True)):
-        plan, cache = build_mod.build_engine(Recorder(log), tmp_path / "x.onnx", job, settings, b"")
-        assert plan == b"serialized" and cache == b"serialized"
+        engine, cache = build_mod.build_engine(Recorder(log), tmp_path / "x.onnx", job, settings, b"")
+        assert engine == b"serialized" and cache == b"serialized"
     used = {n for _, n in log}
     assert {"Builder", "OnnxParser", "create_network", "parse_from_file", "create_builder_config",
             "set_memory_pool_limit", "WORKSPACE", "builder_optimization_level", "hardware_compatibility_level",
@@ -116,7 +116,8 @@ def test_runtime_backend_uses_only_tensorrt_11_names():
     log = []
     trt = Recorder(log)
     _, runtime = trt_backend.make_runtime(trt, True)
-    le = trt_backend.load_engine(trt, runtime, b"plan", "x", {"profiles": [{"min": 1, "max": 8}]})
+    record = EngineRecord("x", 0, "x.onnx", "rank0/x.engine", "", 0, [Profile("decode", 1, 4, 8)], [])
+    le = trt_backend.load_engine(trt, runtime, b"engine", "x", record)
     trt_backend.bind_scratch([le], 0, 1)
     le2 = trt_backend.LoadedEngine(Recorder(log, "engine"), Recorder(log, "trt().deserialize_cuda_engine()"
                                                                           ".create_execution_context()"),
@@ -144,29 +145,30 @@ def test_build_plan_is_a_function_of_manifest_and_settings(exported):
     man = exported("tiny", 2)
     s = BuildSettings(decode_max=64)
     plan = make_build_plan(man, s, "11.4.0", [0, 1, 2])
-    pairs = {(j.subgraph, j.rank) for j in plan.jobs}
-    assert pairs == {(n, r) for n, sg in man.subgraphs.items() for r in sg["ranks"]}
-    by = {(j.subgraph, j.rank): j for j in plan.jobs}
-    cross, max_tokens = man.data["moe_crossover_tokens"], man.data["max_tokens"]
+    pairs = {(j.record.subgraph, j.record.rank) for j in plan.jobs}
+    assert pairs == {(n, r) for n, sg in man.subgraphs.items() for r in sg.ranks}
+    by = {(j.record.subgraph, j.record.rank): j.record for j in plan.jobs}
+    cross, max_tokens = man.moe_crossover_tokens, man.max_tokens
     assert [(p.min, p.max) for p in by[("layers.0.moe_gather", 1)].profiles] == [(1, cross)]
     assert [(p.min, p.max) for p in by[("layers.0.moe_dense", 0)].profiles] == [(cross + 1, max_tokens)]
     assert [(p.name, p.min, p.max) for p in by[("layers.1.attn_in", 0)].profiles] == \
         [("decode", 1, 64), ("prefill", 1, max_tokens)]
-    assert all(p.min <= p.opt <= p.max for j in plan.jobs for p in j.profiles)
+    assert all(p.min <= p.opt <= p.max for j in plan.jobs for p in j.record.profiles)
+    assert all(j.engine == f"rank{j.record.rank}/{j.record.subgraph}.engine" for j in plan.jobs)
     # spread over the GPUs, largest first to the least loaded: loads differ by at most one job
-    loads = {g: sum(j.weight_bytes for j in plan.jobs if j.gpu == g) for g in (0, 1, 2)}
-    biggest = max(j.weight_bytes for j in plan.jobs)
+    loads = {g: sum(j.record.weight_bytes for j in plan.jobs if j.gpu == g) for g in (0, 1, 2)}
+    biggest = max(j.record.weight_bytes for j in plan.jobs)
     assert max(loads.values()) - min(loads.values()) <= biggest
     # the same inputs give the same plan
     again = make_build_plan(man, s, "11.4.0", [0, 1, 2])
-    assert [(j.engine, j.key, j.gpu) for j in again.jobs] == [(j.engine, j.key, j.gpu) for j in plan.jobs]
+    assert [(j.engine, j.record.key, j.gpu) for j in again.jobs] == [(j.engine, j.record.key, j.gpu) for j in plan.jobs]
 
 
 def test_build_plan_skips_what_is_up_to_date(exported):
     man = exported("tiny", 1)
     s = BuildSettings()
     first = make_build_plan(man, s, "11.4.0", [0])
-    records = {j.engine: j.record() for j in first.jobs}
+    records = {j.engine: j.record for j in first.jobs}
     existing = set(records)
     assert not make_build_plan(man, s, "11.4.0", [0], records, existing).to_build
     # a missing engine file, other settings, another TensorRT, a changed ONNX file: rebuilt
@@ -176,7 +178,7 @@ def test_build_plan_skips_what_is_up_to_date(exported):
         == len(first.jobs)
     assert len(make_build_plan(man, s, "11.5.0", [0], records, existing).to_build) == len(first.jobs)
     changed = dict(records)
-    changed[gone] = dict(changed[gone], key="stale")
+    changed[gone] = dataclasses.replace(changed[gone], key="stale")
     assert [j.engine for j in make_build_plan(man, s, "11.4.0", [0], changed, existing).to_build] == [gone]
 
 
@@ -209,10 +211,10 @@ def test_make_engines_without_tensorrt_writes_nothing(checkpoints, tmp_path):
 
 def test_manifest_mismatch_is_an_error(exported):
     sg = exported("tiny", 1).subgraphs["layers.0.attn"]
-    ins = [t["name"] for t in sg["inputs"]]
-    outs = [t["name"] for t in sg["outputs"]]
-    dtypes = {t["name"]: {"bfloat16": "BF16", "int64": "INT64", "float32": "FLOAT"}[t["dtype"]]
-              for t in sg["inputs"] + sg["outputs"]}
+    ins = [t.name for t in sg.inputs]
+    outs = [t.name for t in sg.outputs]
+    dtypes = {t.name: {"bfloat16": "BF16", "int64": "INT64", "float32": "FLOAT"}[t.dtype]
+              for t in sg.inputs + sg.outputs}
     trt_backend.check_against_manifest("layers.0.attn", sg, ins, outs, dtypes)
     with pytest.raises(ManifestError, match="does not match the manifest"):
         trt_backend.check_against_manifest("layers.0.attn", sg, ins[:-1], outs, dtypes)
@@ -222,6 +224,8 @@ def test_manifest_mismatch_is_an_error(exported):
 
 def test_trt_backend_without_engines_says_what_to_run(exported):
     _lean()
-    from runtime.engine import Engine, EngineConfig
+    from runtime.config import EngineConfig
+    from runtime.llm_engine import LLMEngine
+
     with pytest.raises(ManifestError, match="engines.json: not found; build the engines with `make engines`"):
-        Engine(exported("tiny", 1).root, EngineConfig(backend="trt"))
+        LLMEngine(exported("tiny", 1).root, EngineConfig(backend="trt"))

@@ -9,6 +9,7 @@ Tolerances:
   accumulate matmuls in different orders, so a few BF16 ulps: rtol 2^-6 with an atol of 2^-6 of the
   output's largest magnitude.
 """
+import json
 import os
 import signal
 import subprocess
@@ -24,9 +25,10 @@ import torch
 from onnx.reference import ReferenceEvaluator
 
 from export.checkpoint import Checkpoint
-from export.manifest import Manifest, ManifestError
-from export.pieces import build_modules, unit_of
-from export.plan import make_plan
+from export.layout import make_layout, random_inputs
+from export.manifest import (FORMAT_VERSION, AllReduceStep, AttentionStep, BroadcastStep, Manifest, ManifestError,
+                             SubgraphStep)
+from export.pieces import build_modules
 from export.sharding import ShardingError
 from export.to_onnx import export
 from export.trt_support import check_model
@@ -37,27 +39,13 @@ F32_ATOL = 1e-4
 EXPORTS = [("tiny", 1), ("tiny", 2), ("alt", 1), ("alt", 2)]
 
 
-def torch_piece(ckpt: Checkpoint, sg: dict, rank: int, tp: int, dtype: torch.dtype):
+def torch_piece(ckpt: Checkpoint, sg, rank: int, tp: int, dtype: torch.dtype):
     """The PyTorch module the subgraph was traced from, with BF16 weights (float32 pieces hold the
     same BF16-valued weights as the graphs; the router stays float32 in both)."""
-    plan = make_plan(ckpt.config, tp)
-    spec = plan.by_name()[sg["name"]]
-    m = build_modules(ckpt, plan, unit_of(spec), rank, [spec], torch.bfloat16)[spec.name]
+    layout = make_layout(ckpt.config, tp)
+    spec = next(s for s in layout.subgraphs if s.name == sg.name)
+    m = build_modules(ckpt, layout, spec.unit, rank, [spec], torch.bfloat16)[0][spec.name]
     return m.float() if dtype == torch.float32 else m
-
-
-def random_inputs(sg: dict, cfg, T: int, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for t in sg["inputs"]:
-        shape = [T if d == "T" else d for d in t["shape"]]
-        if t["dtype"] == "int64":
-            out[t["name"]] = torch.randint(0, cfg.vocab_size if t["name"] == "ids" else 64, shape, generator=g)
-        elif t["name"].endswith("_ssq"):  # sums of squares: positive, of the size the norm expects
-            out[t["name"]] = torch.rand(shape, generator=g) * 100 + 1
-        else:
-            out[t["name"]] = torch.randn(shape, generator=g)
-    return out
 
 
 def to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
@@ -71,19 +59,19 @@ def test_fp32_twins_match_pytorch_pieces(name, tp, exported, checkpoints):
     man = exported(name, tp)
     ckpt = Checkpoint(checkpoints[name])
     for sg_name, sg in man.subgraphs.items():
-        for rank in sg["ranks"]:
+        for rank in sg.ranks:
             piece = torch_piece(ckpt, sg, rank, tp, torch.float32)
-            inputs = random_inputs(sg, ckpt.config, T=5, seed=rank)
+            inputs = random_inputs(sg.inputs, 5, ckpt.config.vocab_size, seed=rank)
             with torch.no_grad():
                 want = piece(*inputs.values())
             want = want if isinstance(want, tuple) else (want,)
             sess = ort.InferenceSession(str(man.path(sg_name, rank, "fp32")), providers=["CPUExecutionProvider"])
             got = sess.run(None, {k: v.numpy() for k, v in inputs.items()})
-            assert [o.name for o in sess.get_outputs()] == [t["name"] for t in sg["outputs"]]
-            for g, w, spec in zip(got, want, sg["outputs"]):
-                assert list(g.shape) == [5 if d == "T" else d for d in spec["shape"]], (sg_name, spec)
+            assert [o.name for o in sess.get_outputs()] == [t.name for t in sg.outputs]
+            for g, w, spec in zip(got, want, sg.outputs):
+                assert tuple(g.shape) == spec.concrete(5), (sg_name, spec)
                 np.testing.assert_allclose(g, w.float().numpy(), atol=F32_ATOL, rtol=1e-5,
-                                           err_msg=f"{sg_name} rank {rank} {spec['name']}")
+                                           err_msg=f"{sg_name} rank {rank} {spec.name}")
 
 
 def attention_np(q, k, v, scale):
@@ -102,24 +90,24 @@ def run_chain(man: Manifest, ids: list[int], form: str) -> np.ndarray:
     tp = man.tp
     envs = [{"ids": np.array(ids, np.int64), "positions": np.arange(len(ids), dtype=np.int64)} for _ in range(tp)]
     for step in man.steps:
-        if step["op"] == "subgraph":
-            name = step["variants"][form] if "variants" in step else step["name"]
+        if isinstance(step, SubgraphStep):
+            name = step.pick(form)
             sg = man.subgraphs[name]
-            for r in sg["ranks"]:
+            for r in sg.ranks:
                 sess = ort.InferenceSession(str(man.path(name, r, "fp32")), providers=["CPUExecutionProvider"])
-                outs = sess.run(None, {t["name"]: envs[r][t["name"]] for t in sg["inputs"]})
-                envs[r].update(zip([t["name"] for t in sg["outputs"]], outs))
-        elif step["op"] == "broadcast":
+                outs = sess.run(None, {t.name: envs[r][t.name] for t in sg.inputs})
+                envs[r].update(zip([t.name for t in sg.outputs], outs))
+        elif isinstance(step, BroadcastStep):
             for env in envs:
-                env.update({t: envs[step["src"]][t] for t in step["tensors"]})
-        elif step["op"] == "all_reduce":
-            for t in step["tensors"]:
+                env.update({t: envs[step.src][t] for t in step.tensors})
+        elif isinstance(step, AllReduceStep):
+            for t in step.tensors:
                 total = sum(env[t] for env in envs)
                 for env in envs:
                     env[t] = total
-        elif step["op"] == "attention":
+        elif isinstance(step, AttentionStep):
             for env in envs:
-                env[step["out"]] = attention_np(env[step["q"]], env[step["k"]], env[step["v"]], step["scale"])
+                env[step.out] = attention_np(env[step.q], env[step.k], env[step.v], step.scale)
         else:
             raise AssertionError(f"unknown step {step}")
     return envs[0]["logits"]
@@ -150,27 +138,27 @@ def test_bf16_graphs_on_reference_evaluator(name, tp, rank, names, exported, che
     for sg_name in names:
         sg = man.subgraphs[sg_name]
         piece = torch_piece(ckpt, sg, rank, tp, torch.bfloat16)
-        inputs = random_inputs(sg, ckpt.config, T=3, seed=1)
-        typed = {k: (v.bfloat16() if spec["dtype"] == "bfloat16" else v)
-                 for (k, v), spec in zip(inputs.items(), sg["inputs"])}
+        inputs = random_inputs(sg.inputs, 3, ckpt.config.vocab_size, seed=1)
+        typed = {k: (v.bfloat16() if spec.dtype == "bfloat16" else v)
+                 for (k, v), spec in zip(inputs.items(), sg.inputs)}
         with torch.no_grad():
             want = piece(*typed.values())
         want = want if isinstance(want, tuple) else (want,)
         model = onnx.load(str(man.path(sg_name, rank, "bf16")))  # external data loaded from beside it
-        got = ReferenceEvaluator(model).run(None, {k: to_numpy(v, s["dtype"])
-                                                   for (k, v), s in zip(typed.items(), sg["inputs"])})
-        for g_, w, spec in zip(got, want, sg["outputs"]):
-            assert (g_.dtype == ml_dtypes.bfloat16) == (spec["dtype"] == "bfloat16"), (sg_name, spec)
+        got = ReferenceEvaluator(model).run(None, {k: to_numpy(v, s.dtype)
+                                                   for (k, v), s in zip(typed.items(), sg.inputs)})
+        for g_, w, spec in zip(got, want, sg.outputs):
+            assert (g_.dtype == ml_dtypes.bfloat16) == (spec.dtype == "bfloat16"), (sg_name, spec)
             w = w.float().numpy()
             np.testing.assert_allclose(g_.astype(np.float32), w, rtol=2 ** -6, atol=2 ** -6 * np.abs(w).max(),
-                                       err_msg=f"{sg_name} {spec['name']}")
+                                       err_msg=f"{sg_name} {spec.name}")
 
 
 @pytest.mark.parametrize("name,tp", EXPORTS)
 def test_twins_have_the_bf16_structure(name, tp, exported):
     man = exported(name, tp)
     for sg_name, sg in man.subgraphs.items():
-        for rank in sg["ranks"]:
+        for rank in sg.ranks:
             a = onnx.load(str(man.path(sg_name, rank, "bf16")), load_external_data=False)
             b = onnx.load(str(man.path(sg_name, rank, "fp32")), load_external_data=False)
             assert [(n.op_type, list(n.input), list(n.output)) for n in a.graph.node] == \
@@ -188,20 +176,39 @@ def test_twins_have_the_bf16_structure(name, tp, exported):
 
 def test_manifest_contents(exported):
     man = exported("tiny", 2)
-    d = man.data
+    d = json.loads((man.root / "manifest.json").read_text())  # the file as written, read here
+    assert d["format_version"] == FORMAT_VERSION
     assert d["tp"] == 2 and d["model"]["hidden_size"] == 256 and d["fp32_twins"]
     assert d["moe_crossover_tokens"] == 16 // 4
     ops = [s["op"] for s in d["steps"]]
-    assert ops.count("attention") == 3 and ops.count("all_reduce") == 3 * 3
+    assert ops.count("attention") == 3 and ops.count("all_reduce") == 3 * 3 and ops.count("broadcast") == 1
     for s in d["steps"]:
         for n in ([s["name"]] if s["op"] == "subgraph" and "variants" not in s else s.get("variants", {}).values()):
-            assert n in man.subgraphs
-    assert man.subgraphs["head"]["ranks"] == [0] and man.subgraphs["embed"]["ranks"] == [0]
-    assert ops.count("broadcast") == 1
+            assert n in d["subgraphs"]
+    assert d["subgraphs"]["head"]["ranks"] == [0] and d["subgraphs"]["embed"]["ranks"] == [0]
     # Both MoE forms of a layer-rank read one weights file: the experts are stored once.
-    g = man.subgraphs["layers.0.moe_gather"]["files"]["1"]["bf16"]["weights"]
-    assert g == man.subgraphs["layers.0.moe_dense"]["files"]["1"]["bf16"]["weights"]
+    g = d["subgraphs"]["layers.0.moe_gather"]["files"]["1"]["bf16"]["weights"]
+    assert g == d["subgraphs"]["layers.0.moe_dense"]["files"]["1"]["bf16"]["weights"]
+    # The typed contract reads back what was written, and writes it again the same.
+    assert man.to_json() == d
+    assert isinstance(man.steps[0], SubgraphStep) and man.subgraphs["head"].ranks == (0,)
     man.verify()
+
+
+def test_old_or_broken_manifests_are_refused(exported, tmp_path):
+    import shutil
+    shutil.copytree(exported("tiny", 1).root, tmp_path / "tp1")
+    path = tmp_path / "tp1" / "manifest.json"
+    d = json.loads(path.read_text())
+    path.write_text(json.dumps(d | {"format_version": 1}))
+    with pytest.raises(ManifestError, match="format version 1, this code reads .*export again"):
+        Manifest.load(path)
+    path.write_text(json.dumps({k: v for k, v in d.items() if k != "steps"}))
+    with pytest.raises(ManifestError, match="not a valid manifest.*steps"):
+        Manifest.load(path)
+    path.write_text(json.dumps(d | {"steps": [{"op": "teleport"}]}))
+    with pytest.raises(ManifestError, match="unknown step op 'teleport'"):
+        Manifest.load(path)
 
 
 def test_manifest_detects_changed_files(exported, tmp_path):
@@ -226,9 +233,9 @@ def test_manifest_detects_changed_files(exported, tmp_path):
 def test_rerun_skips_and_is_deterministic(exported, checkpoints, tmp_path):
     first = exported("alt", 1)
     again = Manifest.load(export(checkpoints["alt"], first.root.parent, tp=1, progress=False))
-    assert again.data["exported"] == []  # everything was up to date
+    assert again.exported == []  # everything was up to date
     fresh = Manifest.load(export(checkpoints["alt"], tmp_path, tp=1, progress=False))
-    assert fresh.data["files"] == first.data["files"]  # same bytes from a clean export
+    assert fresh.files == first.files  # same bytes from a clean export
 
 
 def test_interrupted_export_is_not_trusted_and_resumes(checkpoints, tmp_path, exported):
@@ -246,8 +253,8 @@ def test_interrupted_export_is_not_trusted_and_resumes(checkpoints, tmp_path, ex
     with pytest.raises(ManifestError):
         Manifest.load(out / "tp1")
     man = Manifest.load(export(checkpoints["alt"], out, tp=1, progress=False))
-    assert len(man.data["exported"]) == 4 - done  # only what had no stamp
-    assert man.data["files"] == exported("alt", 1).data["files"]
+    assert len(man.exported) == 4 - done  # only what had no stamp
+    assert man.files == exported("alt", 1).files
     man.verify()
     assert not list((out / "tp1" / "rank0").glob(".tmp-*"))
 
@@ -317,24 +324,26 @@ def test_op_support_cli(exported, tmp_path):
     assert r.returncode == 1 and "node nz (NonZero)" in r.stdout
 
 
-def test_export_uses_the_benchmarks_crossover_only_for_its_shape(tmp_path, monkeypatch):
-    import json as _json
-
-    import export.to_onnx as to_onnx
+def test_export_uses_the_benchmarks_crossover_only_for_its_shape(tmp_path, checkpoints):
     from export.config import parse_hf_config
     from export.tiny import PRESETS, hf_config
+    from export.to_onnx import export, measured_crossover
 
     real = parse_hf_config(hf_config(PRESETS["real"]))
     f = tmp_path / "moe_crossover.json"
-    monkeypatch.setattr(to_onnx, "MEASURED_CROSSOVER", f)
-    assert to_onnx.measured_crossover(real, 8, "intermediate") is None  # nothing measured yet
-    f.write_text(_json.dumps({"num_experts": 256, "top_k": 8, "hidden_size": 3072, "shard_intermediate": 192,
-                              "moe_crossover_tokens": 15, "measured_on": "gpu: test"}))
-    assert to_onnx.measured_crossover(real, 8, "intermediate") == (15, "measured by make bench on gpu: test")
-    assert to_onnx.measured_crossover(real, 4, "intermediate") is None   # another shard width
-    assert to_onnx.measured_crossover(real, 8, "experts") is None        # another split
+    f.write_text(json.dumps({"num_experts": 256, "top_k": 8, "hidden_size": 3072, "shard_intermediate": 192,
+                             "moe_crossover_tokens": 15, "measured_on": "gpu: test"}))
+    assert measured_crossover(f, real, 8, "intermediate") == (15, "measured by make bench on gpu: test")
+    assert measured_crossover(f, real, 4, "intermediate") is None   # another shard width
+    assert measured_crossover(f, real, 8, "experts") is None        # another split
     tiny = parse_hf_config(hf_config(PRESETS["tiny"]))
-    assert to_onnx.measured_crossover(tiny, 1, "intermediate") is None
+    assert measured_crossover(f, tiny, 1, "intermediate") is None
+    # An explicit input of the export: a measurement for the alt model's shape is used and recorded.
+    f.write_text(json.dumps({"num_experts": 8, "top_k": 2, "hidden_size": 128, "shard_intermediate": 256,
+                             "moe_crossover_tokens": 3, "measured_on": "gpu: test"}))
+    man = Manifest.load(export(checkpoints["alt"], tmp_path / "x", tp=1, twins=False, progress=False,
+                               crossover_file=f))
+    assert (man.moe_crossover_tokens, man.moe_crossover_source) == (3, "measured by make bench on gpu: test")
 
 
 def test_streamed_weights_are_the_same_bytes_and_hash_and_fail_loudly(tmp_path):

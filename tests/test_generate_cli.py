@@ -1,17 +1,15 @@
 """`python -m export.generate`: the command-line contract, checked against transformers."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+from tests.cli import run_module
+
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "export.generate", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return run_module("export.generate", *args)
 
 
 @pytest.mark.parametrize("moe,dtype", [("gather", "float32"), ("dense", "float32"), ("gather", "bfloat16")])

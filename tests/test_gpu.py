@@ -1,14 +1,13 @@
 """The runtime's GPU path (torch backend): CUDA-graph replay against the same steps run eagerly, the
 GPU against the CPU, and tensor parallelism over NCCL. Run with `make test-gpu` on a GPU machine."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from tests.cli import run_chat
+
 pytestmark = pytest.mark.gpu
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 N_NEW = 48
 PROMPTS = [[1, 5, 9], [7], list(range(40, 57)), [3, 1, 4, 1, 5, 9, 2, 6]]
 
@@ -17,9 +16,8 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an N
 
 def chat(model, *args):
     ids = [x for p in PROMPTS for x in ("--prompt-ids", ",".join(map(str, p)))]
-    r = subprocess.run([sys.executable, "runtime/chat.py", "--model", str(model), *ids, "--max-tokens", str(N_NEW),
-                        "--temperature", "0", "--ignore-eos", "--json", *map(str, args)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = run_chat("--model", model, *ids, "--max-tokens", N_NEW, "--temperature", 0, "--ignore-eos", "--json", *args,
+                 timeout=600)
     assert r.returncode == 0, r.stderr
     print(r.stderr.strip().splitlines()[-1])  # the speed line
     return json.loads(r.stdout.strip().splitlines()[-1])["outputs"]
@@ -58,11 +56,12 @@ def test_gpu_bfloat16_agrees_with_cpu_float32_within_bf16_tolerance(exported):
     at >= 90% of positions (the same bar as the model's own BF16 test)."""
     from export.checkpoint import Checkpoint
     from export.model import Model
-    from runtime.engine import Engine, EngineConfig
+    from runtime.config import EngineConfig
+    from runtime.llm_engine import LLMEngine
     from runtime.sampling import SamplingParams
 
     man = exported("tiny", 1)
-    engine = Engine(man.root, EngineConfig(backend="torch", device="cuda", dtype="bfloat16"))
+    engine = LLMEngine(man.root, EngineConfig(backend="torch", device="cuda", dtype="bfloat16"))
     recorded = {}
     sample = engine.sampler.sample
 

@@ -1,4 +1,4 @@
-"""The fused gather-MoE kernels (runtime/moe_kernel.py) against the gather form computed here in
+"""The fused gather-MoE kernels (runtime/kernels/fused_moe.py) against the gather form computed here in
 float64 from the same bf16 weights: under Triton's interpreter on the CPU (small shapes), and compiled
 on a GPU at a real TP=8 expert shard (256 experts of 3072 x 192), where the model's own PyTorch form
 (export/model.py, bf16 intermediates) is compared too.
@@ -41,7 +41,7 @@ def reference(x, experts, weights, w13, w2):
 
 
 def check_interpreted() -> None:
-    from runtime.moe_kernel import gather_moe
+    from runtime.kernels.fused_moe import gather_moe
 
     for T, k, E, H, inter in [(1, 4, 16, 256, 48), (3, 2, 8, 320, 100)]:  # partial blocks on every axis
         args = case(T, k, E, H, inter, "cpu")
@@ -63,7 +63,7 @@ def test_compiled_kernels_match_reference_and_the_pytorch_form_on_gpu(T):
     from export.config import parse_hf_config
     from export.model import Moe
     from export.tiny import PRESETS, hf_config
-    from runtime.moe_kernel import gather_moe
+    from runtime.kernels.fused_moe import gather_moe
 
     x, experts, weights, w13, w2 = case(T, 8, 256, 3072, 192, "cuda")
     out = gather_moe(x, experts, weights, w13, w2)

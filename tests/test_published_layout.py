@@ -3,8 +3,6 @@ generation_config.json, shard names that do not match their count, the full publ
 and a checkpoint in that layout giving transformers' tokens through export.generate and chat.py."""
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +13,9 @@ from export.config import ConfigError, ModelConfig, parse_hf_config
 from export.text_config import GenerationDefaults, chat_template, special_ids
 from tests.published import (NUM_SHARDS, NUM_TENSORS, PUBLISHED_CONFIG, PUBLISHED_GENERATION_CONFIG,
                              PUBLISHED_TOKENIZER_CONFIG, SHARD_COUNT_IN_NAME, published_weight_map)
+from tests.cli import chat_outputs, last_json, run_module
 from tests.reference import bf16_weight_reference
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _write(d: Path, **files) -> Path:
@@ -160,10 +158,9 @@ def eos_checkpoint(checkpoints, hf_model, tmp_path_factory):
 
 def test_generate_cli_stops_at_generation_config_eos(eos_checkpoint):
     d, eos, _, ref_f32 = eos_checkpoint
-    r = subprocess.run([sys.executable, "-m", "export.generate", str(d), "--ids", ",".join(map(str, PROMPT)),
-                        "--max-new-tokens", str(N_NEW)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = run_module("export.generate", d, "--ids", ",".join(map(str, PROMPT)), "--max-new-tokens", N_NEW)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout.splitlines()[-1])["tokens"] == ref_f32
+    assert last_json(r)["tokens"] == ref_f32
 
 
 @pytest.mark.slow
@@ -176,8 +173,4 @@ def test_chat_cli_stops_at_generation_config_eos(eos_checkpoint, tmp_path_factor
     assert json.loads(man.read_text())["model"]["eos_token_ids"] == [eos]
     for name in ("generation_config.json", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"):
         assert (man.parent / name).read_bytes() == (d / name).read_bytes(), name
-    r = subprocess.run([sys.executable, "runtime/chat.py", "--model", str(man.parent), "--json", "--prompt-ids",
-                        ",".join(map(str, PROMPT)), "--max-tokens", str(N_NEW), "--temperature", "0"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout.splitlines()[-1])["outputs"] == [ref_bf16]
+    assert chat_outputs(man.parent, [PROMPT], n=N_NEW) == [ref_bf16]

@@ -7,21 +7,20 @@ gate float32): the same function the twins compute, so greedy tokens must be ide
 import json
 import random
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from runtime.block_manager import BlockManager
-from runtime.engine import Engine, EngineConfig, RequestError
+from runtime.config import EngineConfig
+from runtime.llm_engine import LLMEngine, RequestError
 from runtime.sampling import SamplingParams
 from runtime.sequence import Sequence
 from runtime.output_text import Delta, OutputText
 from runtime.text import Conversation, Detokenizer, TextCodec
+from tests.cli import run_chat
 from tests.reference import bf16_weight_reference, greedy
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 N_NEW = 24
 GREEDY = SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True)
 
@@ -40,8 +39,8 @@ def reference(hf_model):
     return get
 
 
-def engine(man, **kw) -> Engine:
-    return Engine(man.root, EngineConfig(**kw))
+def engine(man, **kw) -> LLMEngine:
+    return LLMEngine(man.root, EngineConfig(**kw))
 
 
 @pytest.mark.parametrize("name", ["tiny", "alt"])
@@ -122,7 +121,7 @@ def test_block_manager_invariants_randomized():
         elif op < 0.75 and live:
             s = rng.choice(live)  # compute what is pending, then decode one token
             s.num_computed = len(s)
-            bm.mark_computed(s)
+            bm.cache_full_blocks(s)
             s.output.append(rng.randrange(50))
             if bm.can_append(s):
                 bm.append(s)
@@ -249,13 +248,8 @@ def test_sampling_defaults_from_generation_config(exported, tmp_path):
     d = tmp_path / "export"
     shutil.copytree(man.root, d)
     (d / "generation_config.json").write_text(json.dumps(gen | {"do_sample": False}))
-    greedy_default = Engine(d, EngineConfig()).sampling_params()
-    assert greedy_default.temperature == 0 and Engine(d, EngineConfig()).sampling_params(temperature=0.7).temperature == 0.7
-
-
-def run_chat(*args):
-    return subprocess.run([sys.executable, "runtime/chat.py", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    greedy_default = LLMEngine(d, EngineConfig()).sampling_params()
+    assert greedy_default.temperature == 0 and LLMEngine(d, EngineConfig()).sampling_params(temperature=0.7).temperature == 0.7
 
 
 def test_chat_scripted_contract(exported, reference):

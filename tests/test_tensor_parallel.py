@@ -4,23 +4,20 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 import pytest
 
-from runtime.engine import Engine, EngineConfig
+from runtime.config import EngineConfig
+from runtime.llm_engine import LLMEngine
 from export.manifest import ManifestError
+from tests.cli import chat_cmd
+from tests.cli import run_chat as chat
 from tests.reference import bf16_weight_reference, greedy
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 N_NEW = 24
-
-
-def chat(*args, timeout=300):
-    return subprocess.run([sys.executable, "runtime/chat.py", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def ids_args(prompts):
@@ -68,12 +65,12 @@ def test_tp8_eight_gloo_ranks_equal_tp1_and_transformers(exported, hf_model):
 
 def test_tp_export_needs_its_ranks(exported):
     with pytest.raises(ManifestError, match="this export is for TP=2"):
-        Engine(exported("tiny", 2).root, EngineConfig())
+        LLMEngine(exported("tiny", 2).root, EngineConfig())
 
 
 def _start_long_run(man):
-    proc = subprocess.Popen([sys.executable, "runtime/chat.py", "--model", str(man.root), "--prompt-ids", "1,5,9",
-                             "--max-tokens", "3000", "--temperature", "0", "--ignore-eos", "--json"], cwd=ROOT,
+    proc = subprocess.Popen(chat_cmd("--model", man.root, "--prompt-ids", "1,5,9", "--max-tokens", 3000,
+                                     "--temperature", 0, "--ignore-eos", "--json"), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and not workers_of(man.root):

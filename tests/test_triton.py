@@ -1,5 +1,5 @@
 """The Triton model repository (`make triton`) served by a real tritonserver (the one inside the
-nvidia-pytriton wheel, `python -m runtime.triton_server --install`) on loopback, the embedded model
+nvidia-pytriton wheel, `python -m runtime.serving.triton_server --install`) on loopback, the embedded model
 on ONNX Runtime. Requests go through tritonclient's gRPC streaming and the HTTP generate endpoints.
 
 The reference is `runtime/chat.py --json` run as its own process on the same export (the runtime is
@@ -7,8 +7,6 @@ checked against transformers in test_runtime.py): greedy float32 tokens must be 
 """
 import json
 import queue
-import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -17,10 +15,11 @@ import numpy as np
 import pytest
 
 from runtime.text import TextCodec
-from runtime.triton_repo import config_text, model_config, write_repository
-from runtime.triton_server import LocalServer, installed
+from tests.cli import chat_outputs
+from runtime.config import EngineConfig
+from runtime.serving.triton_repo import config_text, model_config, write_repository
+from runtime.serving.triton_server import LocalServer, installed
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 N_NEW = 12
 ID_PROMPTS = [[1, 5, 9], [7], [200, 31, 4, 4, 18, 90, 33, 512, 6, 2, 77, 101, 3, 44, 19, 250, 8]]
 TEXT_PROMPTS = ["Hello! What is 2 + 3?"]
@@ -32,10 +31,10 @@ pytestmark = pytest.mark.slow
 def served(exported, tmp_path_factory):
     """One server, three models: the export referenced in place (TP=1), copied in, and TP=2."""
     if not installed():
-        pytest.fail("no tritonserver: run `python -m runtime.triton_server --install` (`make triton-server` does)")
+        pytest.fail("no tritonserver: run `python -m runtime.serving.triton_server --install` (`make triton-server` does)")
     tmp = tmp_path_factory.mktemp("triton")
     man = exported("tiny", 1)
-    kw = dict(kv_cache_gb=0.05, max_num_seqs=32)
+    kw = dict(config=EngineConfig(kv_cache_gb=0.05, max_num_seqs=32))
     write_repository(man.root, tmp / "repo", "minimax_m2", **kw)
     write_repository(man.root, tmp / "repo", "minimax_m2_copy", copy=True, **kw)
     write_repository(exported("tiny", 2).root, tmp / "repo", "minimax_m2_tp2", **kw)
@@ -45,14 +44,7 @@ def served(exported, tmp_path_factory):
 
 
 def chat_cli(man, ids=(), texts=(), n=N_NEW) -> list[list[int]]:
-    cmd = [sys.executable, str(ROOT / "runtime" / "chat.py"), "--model", str(man.root), "--json",
-           "--max-tokens", str(n), "--temperature", "0"]
-    for p in ids:
-        cmd += ["--prompt-ids", ",".join(map(str, p))]
-    for t in texts:
-        cmd += ["--prompt", t]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
-    return json.loads(out.stdout.strip().splitlines()[-1])["outputs"]
+    return chat_outputs(man.root, ids, texts, n)
 
 
 def expected_text(codec, prompt_ids, output) -> tuple[str, str]:
@@ -308,7 +300,7 @@ def test_stop_strings_end_the_text_and_are_not_shown(served):
 def test_repository_writer_refuses_what_cannot_serve(exported, tmp_path):
     """Without engines there is no TensorRT model; without FP32 twins no ONNX Runtime one; the torch
     backend reads the checkpoint, so it cannot be copied in. Nothing is left behind by a refusal."""
-    from runtime.triton_repo import RepoError
+    from runtime.serving.triton_repo import RepoError
 
     man = exported("tiny", 1)
     with pytest.raises(RepoError, match="no engines.json"):
@@ -317,9 +309,9 @@ def test_repository_writer_refuses_what_cannot_serve(exported, tmp_path):
         write_repository(man.root, tmp_path / "repo", backend="torch", copy=True)
     assert not any(tmp_path.iterdir())  # refused before writing anything
     # a rewrite replaces the model folder whole and keeps the other models
-    write_repository(man.root, tmp_path / "repo", "a", kv_cache_gb=0.05)
-    write_repository(man.root, tmp_path / "repo", "b", kv_cache_gb=0.05)
-    write_repository(man.root, tmp_path / "repo", "a", kv_cache_gb=0.1)
+    write_repository(man.root, tmp_path / "repo", "a", config=EngineConfig(kv_cache_gb=0.05))
+    write_repository(man.root, tmp_path / "repo", "b", config=EngineConfig(kv_cache_gb=0.05))
+    write_repository(man.root, tmp_path / "repo", "a", config=EngineConfig(kv_cache_gb=0.1))
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["a", "b"]
     assert 'string_value: "0.1"' in (tmp_path / "repo" / "a" / "config.pbtxt").read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["repo"]  # no staging folder left beside it

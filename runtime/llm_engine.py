@@ -1,5 +1,5 @@
-"""The engine: requests in, tokens out. Owns the KV cache, the scheduler and the sampler; runs each
-scheduled batch through the plan executor."""
+"""The LLM engine: requests in, tokens out. Owns the block manager, the scheduler and the sampler;
+runs each scheduled batch through rank 0's step executor (which sends it to the other ranks)."""
 from __future__ import annotations
 
 import time
@@ -9,14 +9,13 @@ from pathlib import Path
 import torch
 
 from export.config import note_missing_eos
-from export.manifest import Manifest, ManifestError, find_manifest  # noqa: F401 (find_manifest re-exported)
+from export.manifest import Manifest, ManifestError, find_manifest
 from export.text_config import GenerationDefaults
 
 from .attention import AttentionMetadata
-from .backends import make_backend
 from .block_manager import BlockManager
-from .executor import PlanExecutor
-from .kv_cache import KVCache, bytes_per_block
+from .config import EngineConfig
+from .rank import build_rank
 from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
@@ -25,23 +24,6 @@ from .text import TextCodec
 
 class RequestError(ValueError):
     """This request cannot run; the engine keeps serving the others."""
-
-
-@dataclass
-class EngineConfig:
-    backend: str = "ort"
-    device: str = "cpu"
-    dtype: str | None = None          # torch backend: float32 or bfloat16
-    engines: str | None = None        # trt backend: engines folder (default build/<model>/engines/tp<N>)
-    block_size: int = 16
-    num_blocks: int | None = None     # default: from kv_cache_gb
-    kv_cache_gb: float = 1.0
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int | None = None  # default: the export's max_tokens
-    max_model_len: int | None = None           # default: the model's context, capped by the cache
-    cuda_graphs: bool = True          # GPU: replay decode steps from CUDA graphs (else the same, eagerly)
-    graph_max_context: int = 8192     # GPU: decode steps of sequences longer than this run eagerly
-    decode_buckets: bool | None = None  # pad decode steps to bucket sizes (default: on a GPU)
 
 
 @dataclass
@@ -60,40 +42,15 @@ class Stats:
     forms: dict = field(default_factory=dict)
 
 
-def build_rank(manifest: Manifest, c: EngineConfig, rank: int, comm=None, backend=None) -> PlanExecutor:
-    """One rank's backend (or the one given), KV cache (its KV heads only) and executor. Every rank
-    computes the same block count from the same config, so block tables mean the same everywhere."""
-    cfg = manifest.config
-    device = c.device
-    if device.startswith("cuda") and ":" not in device and manifest.tp > 1:
-        device = f"cuda:{rank}"
-    backend = backend or make_backend(c.backend, manifest, rank, device, c.dtype, c.engines)
-    kv_heads = cfg.num_key_value_heads // manifest.tp
-    per_block = bytes_per_block(cfg.num_hidden_layers, c.block_size, kv_heads, cfg.head_dim, backend.dtype)
-    num_blocks = c.num_blocks or max(1, int(c.kv_cache_gb * 2**30) // per_block)
-    kv = KVCache(cfg.num_hidden_layers, num_blocks, c.block_size, kv_heads, cfg.head_dim, backend.dtype,
-                 backend.device)
-    ex = PlanExecutor(manifest, backend, kv, rank, comm)
-    ex.usable_blocks = num_blocks
-    if c.decode_buckets if c.decode_buckets is not None else backend.device.type == "cuda":
-        from .cuda_graphs import DecodeGraphs
-
-        ex.usable_blocks = num_blocks - 1  # the last block takes the padding rows' K/V writes
-        context = min(c.graph_max_context, c.max_model_len or cfg.max_position_embeddings)
-        ex.decode_graphs = DecodeGraphs(ex, c.max_num_seqs, -(-context // c.block_size), num_blocks - 1,
-                                        c.cuda_graphs and backend.device.type == "cuda")
-    return ex
-
-
-class Engine:
+class LLMEngine:
     """Rank 0 of a run. With an export for TP > 1, pass the communicator of an already started group
-    (runtime/distributed.py starts one: `Engine.start`)."""
+    (runtime/distributed.py starts one: `LLMEngine.start`)."""
 
     def __init__(self, model: str | Path, config: EngineConfig | None = None, comm=None, backend=None):
         self.config = c = config or EngineConfig()
         self.manifest = Manifest.load(find_manifest(model))
         if self.manifest.tp > 1 and (comm is None or comm.world != self.manifest.tp):
-            raise ManifestError(f"this export is for TP={self.manifest.tp}; start it with Engine.start "
+            raise ManifestError(f"this export is for TP={self.manifest.tp}; start it with LLMEngine.start "
                                 "(one process per rank) or under torchrun")
         self.model_config = cfg = self.manifest.config
         self.codec = TextCodec.load(self.manifest.root)  # None without tokenizer.json: ids in, ids out
@@ -101,17 +58,16 @@ class Engine:
         note_missing_eos(cfg)
         self.executor = build_rank(self.manifest, c, 0, comm, backend)
         self.backend, self.kv = self.executor.backend, self.executor.kv
-        num_blocks = self.executor.usable_blocks
-        self.blocks = BlockManager(num_blocks, c.block_size)
-        self.max_num_batched_tokens = c.max_num_batched_tokens or self.manifest.data["max_tokens"]
-        self.max_model_len = min(c.max_model_len or cfg.max_position_embeddings, num_blocks * c.block_size)
+        self.blocks = BlockManager(self.kv.num_blocks, c.block_size, reserve_padding=self.executor.decode_graphs is not None)
+        self.max_num_batched_tokens = c.max_num_batched_tokens or self.manifest.max_tokens
+        self.max_model_len = min(c.max_model_len or cfg.max_position_embeddings, self.blocks.num_usable * c.block_size)
         self.scheduler = Scheduler(self.blocks, c.max_num_seqs, self.max_num_batched_tokens)
         self.sampler = Sampler()
         self.stats = Stats()
         self._group = None
 
     @classmethod
-    def start(cls, model: str | Path, config: EngineConfig | None = None) -> "Engine":
+    def start(cls, model: str | Path, config: EngineConfig | None = None) -> "LLMEngine":
         """An engine for any export: one process when TP=1; with TP > 1, this process is rank 0 and
         the other ranks are started (or joined, under torchrun)."""
         manifest = Manifest.load(find_manifest(model))
@@ -209,7 +165,7 @@ class Engine:
         out = []
         for seq, n, tok in zip(batch.seqs, batch.num_new, tokens):
             seq.num_computed += n
-            self.blocks.mark_computed(seq)
+            self.blocks.cache_full_blocks(seq)
             seq.output.append(tok)
             reason = self._stop_reason(seq, tok)
             if reason:

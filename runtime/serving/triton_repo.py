@@ -1,13 +1,13 @@
 """Write a Triton Inference Server model repository that hosts the runtime.
 
-    python -m runtime.triton_repo build/<model>/onnx/tp8 --out build/<model>/triton [--copy]
+    python -m runtime.serving.triton_repo build/<model>/onnx/tp8 --out build/<model>/triton [--copy]
 
 Per-layer engines cannot carry the KV cache between steps inside a Triton ensemble, so the whole
 runtime (scheduler, paged KV cache, continuous batching) runs inside one decoupled Python-backend
 model that streams a response per generated token. The repository holds:
 
     <out>/<name>/config.pbtxt         generated from Triton's ModelConfig protobuf and parsed back
-    <out>/<name>/1/model.py           loads runtime/triton_model.py from beside it
+    <out>/<name>/1/model.py           loads runtime/serving/triton_model.py from beside it
     <out>/<name>/1/{runtime,export}/  this project's runtime code (what model.py imports)
     <out>/<name>/artifacts/           only with --copy: the export (and engines) copied in
 
@@ -21,19 +21,22 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
-from export.manifest import Manifest, ManifestError, engines_dir, find_manifest
+from export.manifest import ENGINES_JSON, Manifest, ManifestError, find_manifest
+from export.paths import engines_dir
+from runtime.config import EngineConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: runtime/serving/ -> .
 CODE_PACKAGES = ("runtime", "export")
-MODEL_PY = '''"""Triton Python-backend entry point; the model is runtime/triton_model.py beside this file."""
+MODEL_PY = '''"""Triton Python-backend entry point; the model is runtime/serving/triton_model.py beside this file."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from runtime.triton_model import TritonPythonModel  # noqa: E402,F401
+from runtime.serving.triton_model import TritonPythonModel  # noqa: E402,F401
 '''
 
 # name, Triton data type, dims. Every input is optional: a request gives text_input or input_ids,
@@ -119,25 +122,27 @@ def copy_tree(src: Path, dst: Path, skip_suffixes: tuple[str, ...] = ()) -> None
 
 
 def write_repository(model: str | Path, out: str | Path, name: str = "minimax_m2", backend: str = "auto",
-                     engines: str | Path | None = None, copy: bool = False, device: str | None = None,
-                     dtype: str | None = None, kv_cache_gb: float = 1.0, max_num_seqs: int = 64,
-                     block_size: int = 16, cuda_graphs: bool = True) -> Path:
+                     engines: str | Path | None = None, copy: bool = False,
+                     config: EngineConfig | None = None) -> Path:
     """Write (or replace) `<out>/<name>`; returns that folder. Written beside it and renamed into
-    place, so a failed write leaves the previous model as it was."""
+    place, so a failed write leaves the previous model as it was. `config`: the runtime settings the
+    model starts its engine with (backend, engines and, unless given, device are decided here)."""
     manifest = Manifest.load(find_manifest(model))
-    engines = Path(engines) if engines else engines_dir(manifest)
-    has_engines = (engines / "engines.json").is_file()
+    engines = Path(engines) if engines else engines_dir(manifest.root)
+    has_engines = (engines / ENGINES_JSON).is_file()
     if backend == "auto":
         backend = "trt" if has_engines else "ort"
     if backend == "trt" and not has_engines:
         raise RepoError(f"{engines}: no engines.json; run `make engines` or use --backend ort")
-    if backend == "ort" and not manifest.data.get("fp32_twins"):
+    if backend == "ort" and not manifest.fp32_twins:
         raise RepoError(f"{manifest.root}: exported without FP32 twins, which the ort backend runs; "
                         "export again without --no-fp32-twins or use --backend trt")
     if backend == "torch" and copy:
         raise RepoError("the torch backend reads the checkpoint the export came from; reference it in place "
                         "(no --copy)")
-    device = device or ("cpu" if backend == "ort" else "cuda")
+    config = replace(config or EngineConfig(), backend=backend, engines=None)
+    if backend == "trt" and not config.device.startswith("cuda"):
+        config = replace(config, device="cuda")  # engines run on the GPU
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     final = out / name
@@ -148,9 +153,7 @@ def write_repository(model: str | Path, out: str | Path, name: str = "minimax_m2
         version.mkdir()
         (version / "model.py").write_text(MODEL_PY)
         for pkg in CODE_PACKAGES:
-            (version / pkg).mkdir()
-            for src in sorted((ROOT / pkg).glob("*.py")):
-                shutil.copy2(src, version / pkg / src.name)
+            shutil.copytree(ROOT / pkg, version / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         if copy:
             # TensorRT engines hold their weights: with them, the export's ONNX files are not needed.
             skip = (".onnx", ".weights", ".data") if backend == "trt" else ()
@@ -160,12 +163,9 @@ def write_repository(model: str | Path, out: str | Path, name: str = "minimax_m2
             model_ref, engines_ref = "artifacts/onnx", "artifacts/engines"
         else:
             model_ref, engines_ref = str(manifest.root.resolve()), str(engines.resolve())
-        params = {"model": model_ref, "backend": backend, "device": device, "kv_cache_gb": kv_cache_gb,
-                  "max_num_seqs": max_num_seqs, "block_size": block_size, "cuda_graphs": str(cuda_graphs).lower()}
+        params = {"model": model_ref} | config.to_strings()
         if backend == "trt":
             params["engines"] = engines_ref
-        if dtype:
-            params["dtype"] = dtype
         (tmp / "config.pbtxt").write_text(config_text(model_config(name, params)))
         old = out.resolve().parent / f".{out.name}-{name}.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -180,7 +180,7 @@ def write_repository(model: str | Path, out: str | Path, name: str = "minimax_m2
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime.triton_repo", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m runtime.serving.triton_repo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="export folder, tp<N> folder or manifest.json")
     ap.add_argument("--out", required=True, help="model repository folder (other models in it are kept)")
@@ -191,20 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--copy", action="store_true",
                     help="copy the export (and engines) into the repository (hard links on the same filesystem) "
                          "instead of referencing them in place")
-    ap.add_argument("--device", help="cpu or cuda (default: cpu for ort, cuda otherwise)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="torch backend dtype")
-    ap.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache per rank (default 1 GiB)")
-    ap.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step (default 64)")
-    ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
-    ap.add_argument("--no-cuda-graphs", action="store_true", help="GPU: run decode steps eagerly")
+    EngineConfig.add_cli_args(ap, skip=("backend", "engines"))  # the runtime settings the model starts with
     a = ap.parse_args(argv)
     try:
-        path = write_repository(a.model, a.out, a.name, a.backend, a.engines, a.copy, a.device, a.dtype,
-                                a.kv_cache_gb, a.max_num_seqs, a.block_size, not a.no_cuda_graphs)
+        path = write_repository(a.model, a.out, a.name, a.backend, a.engines, a.copy, EngineConfig.from_args(a))
     except (ManifestError, RepoError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {path} (serve it: python -m runtime.triton_server {Path(a.out)})")
+    print(f"wrote {path} (serve it: python -m runtime.serving.triton_server {Path(a.out)})")
     return 0
 
 

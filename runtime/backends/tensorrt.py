@@ -12,13 +12,12 @@ the real TensorRT 11.4 bindings (tests/test_engines.py).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from export.manifest import Manifest, ManifestError
+from export.manifest import EngineRecord, EnginesIndex, Manifest, ManifestError, SubgraphSpec, engine_file
 
 _TORCH_OF = {"BF16": torch.bfloat16, "FLOAT": torch.float32, "INT64": torch.int64, "HALF": torch.float16,
              "INT32": torch.int32, "BOOL": torch.bool}
@@ -60,15 +59,15 @@ def engine_io(trt, engine) -> tuple[list[str], list[str], dict[str, str]]:
     return inputs, outputs, dtypes
 
 
-def check_against_manifest(name: str, sg: dict, inputs, outputs, dtypes) -> None:
-    want_in = [t["name"] for t in sg["inputs"]]
-    want_out = [t["name"] for t in sg["outputs"]]
+def check_against_manifest(name: str, sg: SubgraphSpec, inputs, outputs, dtypes) -> None:
+    want_in = [t.name for t in sg.inputs]
+    want_out = [t.name for t in sg.outputs]
     if sorted(inputs) != sorted(want_in) or sorted(outputs) != sorted(want_out):
         raise ManifestError(f"engine {name}: I/O {inputs} -> {outputs} does not match the manifest's "
                             f"{want_in} -> {want_out}; rebuild the engines")
-    for t in sg["inputs"] + sg["outputs"]:
-        if dtypes[t["name"]] != _MANIFEST_DTYPE[t["dtype"]]:
-            raise ManifestError(f"engine {name}: {t['name']} is {dtypes[t['name']]}, the manifest says {t['dtype']}")
+    for t in sg.inputs + sg.outputs:
+        if dtypes[t.name] != _MANIFEST_DTYPE[t.dtype]:
+            raise ManifestError(f"engine {name}: {t.name} is {dtypes[t.name]}, the manifest says {t.dtype}")
 
 
 def make_runtime(trt, version_compatible: bool):
@@ -79,14 +78,14 @@ def make_runtime(trt, version_compatible: bool):
     return logger, runtime
 
 
-def load_engine(trt, runtime, plan: bytes, name: str, record: dict) -> LoadedEngine:
-    engine = runtime.deserialize_cuda_engine(plan)
+def load_engine(trt, runtime, data: bytes, name: str, record: EngineRecord) -> LoadedEngine:
+    engine = runtime.deserialize_cuda_engine(data)
     if engine is None:
         raise ManifestError(f"engine {name}: TensorRT could not deserialize it (other TensorRT version or GPU?)")
     inputs, outputs, dtypes = engine_io(trt, engine)
     ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
     scratch = max(engine.get_device_memory_size_for_profile_v2(p) for p in range(engine.num_optimization_profiles))
-    profiles = [(p["min"], p["max"]) for p in record["profiles"]]
+    profiles = [(p.min, p.max) for p in record.profiles]
     return LoadedEngine(engine, ctx, inputs, outputs, dtypes, profiles, scratch)
 
 
@@ -125,23 +124,18 @@ class TrtBackend:
     def __init__(self, manifest: Manifest, rank: int, engines_dir: str | Path, device: str = "cuda"):
         trt = import_tensorrt()
         engines_dir = Path(engines_dir)
-        records_path = engines_dir / "engines.json"
-        if not records_path.is_file():
-            raise ManifestError(f"{records_path}: not found; build the engines with `make engines`")
-        built = json.loads(records_path.read_text())
+        built = EnginesIndex.load(engines_dir)
         self.dtype, self.device = torch.bfloat16, torch.device(device)
         self.trt = trt
-        self.logger, self.runtime = make_runtime(trt, built["settings"].get("version_compatible", False))
+        self.logger, self.runtime = make_runtime(trt, built.settings.get("version_compatible", False))
         self.engines: dict[str, LoadedEngine] = {}
-        for name, sg in manifest.subgraphs.items():
-            if rank not in sg["ranks"]:
-                continue
-            engine_rel = f"rank{rank}/{name}.plan"
-            record = built["engines"].get(engine_rel)
-            onnx_rel = sg["files"][str(rank)]["bf16"]["onnx"]
+        for name, sg in manifest.on_rank(rank).items():
+            engine_rel = engine_file(name, rank)
+            record = built.engines.get(engine_rel)
+            onnx_rel = manifest.graph_files(name, rank, "bf16").onnx
             if record is None or not (engines_dir / engine_rel).is_file():
                 raise ManifestError(f"{engines_dir / engine_rel}: no engine for {name} (rank {rank}); `make engines`")
-            if record["onnx_sha256"] != manifest.data["files"][onnx_rel]["sha256"]:
+            if record.onnx_sha256 != manifest.files[onnx_rel].sha256:
                 raise ManifestError(f"{engines_dir / engine_rel} was built from another version of {onnx_rel}; "
                                     "rebuild the engines")
             le = load_engine(trt, self.runtime, (engines_dir / engine_rel).read_bytes(), name, record)

@@ -2,8 +2,8 @@
 wheel, which ships a real `tritonserver` with the Python backend. For tests and for trying the
 repository on a machine without NVIDIA's container; production runs the container (README).
 
-    python -m runtime.triton_server --install              # once: unpack the server into .venv/tritonserver
-    python -m runtime.triton_server build/triton/repo      # serve a repository on 127.0.0.1 (Ctrl-C stops)
+    python -m runtime.serving.triton_server --install              # once: unpack the server into .venv/tritonserver
+    python -m runtime.serving.triton_server build/triton/repo      # serve a repository on 127.0.0.1 (Ctrl-C stops)
 
 The Python backend's stub runs the model in this interpreter's environment (its bin/ goes first on
 PATH). The stub in this wheel needs numpy 1.x there: with numpy 2 its output tensors arrive empty.
@@ -14,7 +14,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from runtime.ports import free_port
 
 WHEEL = "nvidia-pytriton==0.7.0"
 DEFAULT_HOME = Path(sys.prefix) / "tritonserver"
@@ -74,12 +75,6 @@ def install(home: Path = DEFAULT_HOME) -> Path:
     return home
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class LocalServer:
     """tritonserver on loopback serving `repo`; `with LocalServer(repo) as s:` waits until the
@@ -115,7 +110,7 @@ class LocalServer:
 
     def start(self, timeout: float = 240.0) -> "LocalServer":
         if not installed(self.home):
-            raise ServerError(f"no tritonserver in {self.home}: run `python -m runtime.triton_server --install` "
+            raise ServerError(f"no tritonserver in {self.home}: run `python -m runtime.serving.triton_server --install` "
                               "(`make triton-server` does)")
         out = open(self.log, "ab") if self.log else None
         self.proc = subprocess.Popen(self.command(), env=self.environment(), stdout=out, stderr=subprocess.STDOUT,
@@ -162,7 +157,7 @@ class LocalServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime.triton_server", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m runtime.serving.triton_server", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("repo", nargs="?", help="model repository (`make triton` writes one)")
     ap.add_argument("--install", action="store_true", help=f"download {WHEEL} and unpack its tritonserver")

@@ -6,7 +6,8 @@ experts with index_select, then multiplies), no intermediate rounding (float32 a
 - down: per token and block of hidden rows: out = sum_j weight_j * W2[e_j] a_j
 
 GEMVs on CUDA cores (tl.sum of products): memory-bound at decode sizes, which is the point. Used by
-the runtime's torch backend on GPUs in bfloat16 (runtime/backends.py); the export keeps the ONNX form.
+the runtime's torch backend on GPUs in bfloat16 (runtime/backends/pytorch.py passes it into the MoE pieces);
+the export keeps the ONNX form.
 """
 from __future__ import annotations
 

@@ -1,0 +1,81 @@
+"""The runtime's settings: one dataclass, its defaults and help written once. The command-line flags
+of chat.py (and any other front end) and the Triton model's string parameters are made from it."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, dataclass, field, fields
+
+BACKENDS = ("ort", "torch", "trt")
+
+
+@dataclass
+class EngineConfig:
+    backend: str = field(default="ort", metadata={
+        "help": "ort: ONNX Runtime on the FP32 twins (CPU); torch: the PyTorch pieces (CPU or GPU); trt: TensorRT "
+                "engines (GPU; `make engines`)", "choices": BACKENDS})
+    device: str = field(default="cpu", metadata={"help": "torch backend device, e.g. cuda"})
+    dtype: str | None = field(default=None, metadata={
+        "help": "torch backend dtype (default: bfloat16 on a GPU, float32 on the CPU)", "choices": ("float32", "bfloat16")})
+    engines: str | None = field(default=None, metadata={
+        "help": "trt backend: engines folder (default build/<model>/engines/tp<N>)"})
+    block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block, a power of two"})
+    num_blocks: int | None = field(default=None, metadata={"help": "KV-cache size in blocks (overrides --kv-cache-gb)"})
+    kv_cache_gb: float = field(default=1.0, metadata={"help": "KV-cache size per rank in GiB"})
+    max_num_seqs: int = field(default=64, metadata={"help": "most sequences in one step"})
+    max_num_batched_tokens: int | None = field(default=None, metadata={
+        "help": "most tokens in one step (default: the export's max_tokens)"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "longest sequence (default: the model's context, capped by the KV cache)"})
+    cuda_graphs: bool = field(default=True, metadata={
+        "help": "GPU: replay decode steps from CUDA graphs (--no-cuda-graphs: the same steps, eagerly)"})
+    graph_max_context: int = field(default=8192, metadata={
+        "help": "GPU: decode steps of sequences longer than this run eagerly"})
+    decode_buckets: bool | None = field(default=None, metadata={
+        "help": "pad decode steps to bucket sizes (default: on a GPU)"})
+
+    # ---- command line -------------------------------------------------------------------------
+    @classmethod
+    def add_cli_args(cls, ap: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+        """One flag per field (--kv-cache-gb, ...); booleans that default on get --no-<name>."""
+        for f in fields(cls):
+            if f.name in skip:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default if f.default is not MISSING else None
+            help_ = f.metadata.get("help", "")
+            if f.type in ("bool", "bool | None"):
+                if default is True:
+                    ap.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=help_)
+                else:
+                    ap.add_argument(flag, dest=f.name, action="store_true", default=default, help=help_)
+                continue
+            kind = {"int": int, "int | None": int, "float": float}.get(f.type, str)
+            shown = f" (default {default})" if default is not None else ""
+            ap.add_argument(flag, dest=f.name, type=kind, default=default, choices=f.metadata.get("choices"),
+                            help=help_ + shown)
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> "EngineConfig":
+        return cls(**{f.name: getattr(a, f.name) for f in fields(cls) if hasattr(a, f.name)})
+
+    # ---- string parameters (Triton's config.pbtxt) --------------------------------------------
+    def to_strings(self) -> dict[str, str]:
+        return {f.name: str(getattr(self, f.name)).lower() if isinstance(getattr(self, f.name), bool)
+                else str(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_strings(cls, params: dict[str, str]) -> "EngineConfig":
+        kw = {}
+        for f in fields(cls):
+            v = params.get(f.name)
+            if v is None or v == "":
+                continue
+            if f.type in ("bool", "bool | None"):
+                kw[f.name] = v.lower() == "true"
+            elif f.type in ("int", "int | None"):
+                kw[f.name] = int(v)
+            elif f.type == "float":
+                kw[f.name] = float(v)
+            else:
+                kw[f.name] = v
+        return cls(**kw)

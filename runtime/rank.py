@@ -1,0 +1,37 @@
+"""One tensor-parallel rank's share of a run: its backend, its KV cache (its KV heads only) and the
+step executor over them. Rank 0's engine and the other ranks' serve loops are built the same way,
+so every rank computes the same block count from the same config and block tables mean the same
+everywhere."""
+from __future__ import annotations
+
+from export.manifest import Manifest
+
+from .backends import make_backend
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .executor import DecodeSettings, StepExecutor
+from .kv_cache import KVCache, bytes_per_block
+
+
+def uses_decode_buckets(c: EngineConfig, device_type: str) -> bool:
+    return c.decode_buckets if c.decode_buckets is not None else device_type == "cuda"
+
+
+def build_rank(manifest: Manifest, c: EngineConfig, rank: int, comm=None, backend=None) -> StepExecutor:
+    """The rank's executor; `backend` may be given (benchmarks pass random weights made on the GPU)."""
+    cfg = manifest.config
+    device = c.device
+    if device.startswith("cuda") and ":" not in device and manifest.tp > 1:
+        device = f"cuda:{rank}"
+    backend = backend or make_backend(c.backend, manifest, rank, device, c.dtype, c.engines)
+    kv_heads = cfg.num_key_value_heads // manifest.tp
+    per_block = bytes_per_block(cfg.num_hidden_layers, c.block_size, kv_heads, cfg.head_dim, backend.dtype)
+    num_blocks = c.num_blocks or max(1, int(c.kv_cache_gb * 2**30) // per_block)
+    kv = KVCache(cfg.num_hidden_layers, num_blocks, c.block_size, kv_heads, cfg.head_dim, backend.dtype,
+                 backend.device)
+    decode = None
+    if uses_decode_buckets(c, backend.device.type):
+        context = min(c.graph_max_context, c.max_model_len or cfg.max_position_embeddings)
+        decode = DecodeSettings(c.max_num_seqs, -(-context // c.block_size), BlockManager.padding_block_of(num_blocks),
+                                c.cuda_graphs and backend.device.type == "cuda")
+    return StepExecutor(manifest, backend, kv, rank, comm, decode)

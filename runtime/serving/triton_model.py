@@ -1,0 +1,151 @@
+"""The runtime inside Triton Inference Server: a decoupled Python-backend model (runtime/serving/triton_repo.py
+writes its repository; the inputs and outputs are listed there).
+
+`execute` only parses requests and submits them to the shared serving loop (runtime/serving/loop.py),
+whose thread owns the engine, batches concurrent requests together and reports each generated token;
+each becomes one response (stream=false: one response at the end). A bad request gets an error
+response and changes nothing else.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from runtime.config import EngineConfig
+from runtime.llm_engine import LLMEngine, RequestError
+from runtime.output_text import Delta, OutputText
+from runtime.serving.loop import Event, Request, ServingLoop
+
+DEFAULT_MAX_TOKENS = 512
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _scalar(request, name: str, default=None):
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    if t is None:
+        return default
+    a = t.as_numpy().reshape(-1)
+    if a.size != 1:
+        raise RequestError(f"input {name} must hold one value, got {a.size}")
+    v = a[0]
+    return v.decode("utf-8") if isinstance(v, bytes) else v.item()
+
+
+def _list(request, name: str) -> list:
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    if t is None:
+        return []
+    return [v.decode("utf-8") if isinstance(v, bytes) else v.item() for v in t.as_numpy().reshape(-1)]
+
+
+def _string(values: list[str]) -> np.ndarray:
+    return np.array([v.encode("utf-8") for v in values], dtype=np.object_)
+
+
+class _Responder:
+    """Turns one request's events into Triton responses (one per token, or one at the end)."""
+
+    def __init__(self, sender, stream: bool):
+        self.sender, self.stream = sender, stream
+        self.ids: list[int] = []
+        self.unsent = Delta()
+
+    def __call__(self, ev: Event) -> None:
+        if ev.error is not None:
+            TritonPythonModel.fail(self.sender, ev.error)
+            return
+        self.ids.append(ev.token)
+        self.unsent += ev.delta
+        if not (self.stream or ev.finished):
+            return
+        seq = ev.seq
+        outputs = [
+            pb_utils.Tensor("text_output", _string([self.unsent.content])),
+            pb_utils.Tensor("reasoning_output", _string([self.unsent.reasoning])),
+            pb_utils.Tensor("output_ids", np.array(self.ids, dtype=np.int64)),
+            pb_utils.Tensor("finish_reason", _string([ev.finish_reason or "" if ev.finished else ""])),
+            pb_utils.Tensor("prompt_tokens", np.array([len(seq.prompt)], dtype=np.int32)),
+            pb_utils.Tensor("completion_tokens", np.array([len(seq.output)], dtype=np.int32)),
+            pb_utils.Tensor("cached_tokens", np.array([seq.num_cached_prompt], dtype=np.int32)),
+            pb_utils.Tensor("batch_size", np.array([ev.batch_size], dtype=np.int32)),
+        ]
+        self.ids, self.unsent = [], Delta()
+        # Raises when the client went away: the loop then cancels the request.
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if ev.finished else 0)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        cfg = json.loads(args["model_config"])
+        p = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+        here = Path(args["model_repository"])
+        model = here / p["model"]  # an absolute path stays as it is
+        engines = here / p["engines"] if p.get("engines") else None
+        if not sys.executable or not Path(sys.executable).name.startswith("python"):
+            # Inside the backend stub sys.executable is the stub; TP ranks start as `python -m ...`.
+            import shutil
+            sys.executable = shutil.which("python3") or sys.executable
+        config = EngineConfig.from_strings({k: v for k, v in p.items() if k not in ("model", "engines")})
+        config.engines = str(engines) if engines else None
+        self.engine = LLMEngine.start(model, config)
+        self.codec = self.engine.codec
+        self.loop = ServingLoop(self.engine)
+        pb_utils.Logger.log_info(f"minimax: serving {model} (backend {self.engine.backend.name}, "
+                                 f"TP {self.engine.manifest.tp}, {self.engine.blocks.num_usable} KV blocks)")
+
+    # ---- requests in (Triton's thread) ----------------------------------------------------------
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                req = self._parse(request, sender)
+            except (RequestError, UnicodeDecodeError) as e:
+                self.fail(sender, str(e))
+                continue
+            self.loop.submit(req)
+        return None
+
+    def _parse(self, request, sender) -> Request:
+        text, ids = _scalar(request, "text_input"), _list(request, "input_ids")
+        if (text is None) == (not ids):
+            raise RequestError("give exactly one of text_input (a string) or input_ids (token ids)")
+        stops = [s for s in _list(request, "stop") if s]
+        if self.codec is None and (text is not None or stops):
+            raise RequestError("this export has no tokenizer.json: text_input and stop strings need one; "
+                               "send input_ids")
+        if text is not None:
+            try:
+                if _scalar(request, "chat_template", True):
+                    ids = self.codec.encode_chat([{"role": "user", "content": text}],
+                                                 thinking=bool(_scalar(request, "thinking", True)))
+                else:
+                    ids = self.codec.encode(text)
+            except ValueError as e:
+                raise RequestError(str(e)) from None
+        params = self.engine.sampling_params(
+            _scalar(request, "temperature"), _scalar(request, "top_p"), _scalar(request, "top_k"),
+            max_tokens=_scalar(request, "max_tokens", DEFAULT_MAX_TOKENS), seed=_scalar(request, "seed"),
+            stop_token_ids=_list(request, "stop_token_ids"), ignore_eos=bool(_scalar(request, "ignore_eos", False)))
+        out = OutputText(self.codec, self.codec.in_thinking(ids), stops) if self.codec else None
+        return Request(ids, params, _Responder(sender, bool(_scalar(request, "stream", True))), out,
+                       is_cancelled=getattr(sender, "is_cancelled", None))
+
+    @staticmethod
+    def fail(sender, message: str) -> None:
+        try:
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
+        except Exception as e:
+            pb_utils.Logger.log_warn(f"minimax: could not send an error ({message}): {e}")
+
+    def finalize(self):
+        for req in self.loop.stop():
+            try:
+                req.on_event(Event(-1, Delta(), True, "error", req.seq, error="the model is unloading"))
+            except Exception:
+                pass
+        self.engine.close()
+        pb_utils.Logger.log_info("minimax: unloaded (engine closed)")
