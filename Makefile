@@ -14,8 +14,11 @@ MODEL_BUILD := $(BUILD)/$(notdir $(abspath $(MODEL)))
 EXPORT_DIR  := $(if $(OUT),$(OUT),$(MODEL_BUILD)/onnx)
 EXPORT      := $(EXPORT_DIR)/tp$(TP)
 CROSSOVER   := $(BUILD)/bench/moe_crossover.json
+# Which TensorRT builds the engines: auto (TensorRT 11 if installed, else TensorRT-RTX ahead of time
+# for SM80, whose engines check the graphs but do not load in TensorRT 11), tensorrt, tensorrt-rtx.
+TENSORRT    ?= auto
 
-.PHONY: help setup tiny demo chat generate onnx engines verify-engines triton triton-server triton-serve bench bench-cpu test test-gpu clean
+.PHONY: help setup tiny demo chat generate onnx engines verify-engines serve triton triton-server triton-serve bench bench-cpu test test-gpu clean
 
 help:
 	@echo "make demo      set up, build the embedded toy model's export, run one chat turn on it"
@@ -26,8 +29,10 @@ help:
 	@echo "make onnx      MODEL=<checkpoint> TP=<n> [OUT=<dir>]: per-layer ONNX subgraphs + manifest"
 	@echo "               (default: the embedded checkpoint, TP=1, OUT=build/<model>/onnx)"
 	@echo "make engines   MODEL=<checkpoint> TP=<n> [OUT=<export dir>]: export if needed, then SM80 TensorRT engines"
-	@echo "               (needs TensorRT + GPU)"
+	@echo "               (TensorRT 11 + GPU; TENSORRT=tensorrt-rtx: TensorRT-RTX, ahead of time, no GPU)"
 	@echo "make verify-engines MODEL=<checkpoint> TP=<n> [OUT=<export dir>]: every engine against ONNX Runtime (polygraphy)"
+	@echo "make serve     MODEL=<checkpoint> TP=<n> [PORT=8000] [SERVE_FLAGS=...]: export if needed, then the"
+	@echo "               OpenAI-compatible server on 127.0.0.1:PORT (ONNX Runtime; SERVE_FLAGS='--backend trt --device cuda')"
 	@echo "make triton    MODEL=<checkpoint> TP=<n> [REPO=<dir>] [COPY=1]: export if needed, then a Triton model"
 	@echo "               repository hosting the runtime (TensorRT engines if built, else ONNX Runtime)"
 	@echo "               (default REPO=build/<model>/triton; COPY=1 copies the export in instead of referencing it)"
@@ -59,12 +64,12 @@ onnx: setup $(if $(filter $(MODEL),$(TINY)),$(TINY)/config.json)
 	$(BIN)/python -m export.to_onnx $(MODEL) --tp $(TP) --out $(EXPORT_DIR) \
 		$(if $(wildcard $(CROSSOVER)),--moe-crossover-file $(CROSSOVER)) $(EXPORT_FLAGS)
 
-# Checks for TensorRT and an SM80+ GPU first, so that nothing is written on a machine without them;
+# Checks for TensorRT (and, for TensorRT 11, an SM80+ GPU) first, so that nothing is written without them;
 # then the export (up-to-date parts are skipped), then the engines.
 engines: setup
-	$(BIN)/python -m engines.build --check-env
+	$(BIN)/python -m engines.build --check-env --tensorrt $(TENSORRT)
 	$(MAKE) --no-print-directory onnx
-	$(BIN)/python -m engines.build $(EXPORT) $(ENGINE_FLAGS)
+	$(BIN)/python -m engines.build $(EXPORT) --tensorrt $(TENSORRT) $(ENGINE_FLAGS)
 
 verify-engines: setup
 	$(BIN)/python -m engines.verify $(EXPORT)
@@ -77,6 +82,12 @@ demo: setup
 
 chat: setup
 	$(BIN)/python runtime/chat.py $(if $(filter $(MODEL),$(TINY)),,--model $(EXPORT))
+
+PORT ?= 8000
+
+# SERVE_FLAGS: more options of `python -m runtime.serve` (--backend, --device, --kv-cache-gb, --host ...)
+serve: onnx
+	$(BIN)/python -m runtime.serve --model $(EXPORT) --port $(PORT) $(SERVE_FLAGS)
 
 REPO ?= $(MODEL_BUILD)/triton
 

@@ -1,4 +1,5 @@
-"""Build SM80 TensorRT 11 engines from an export: one per subgraph per tensor-parallel rank.
+"""Build SM80 TensorRT engines from an export: one per subgraph per tensor-parallel rank, with
+TensorRT 11 on the A100 machine, or with TensorRT-RTX ahead of time anywhere (engines/tensorrt.py).
 
     python -m engines.build build/<model>/onnx/tp8            # from an export (`make engines` exports first)
     python -m engines.build EXPORT --dry-run                  # print the build plan; needs no TensorRT
@@ -10,7 +11,8 @@ shared memory, no cuBLAS/cuDNN tactics). `--version-compatible` makes engines th
 (`tensorrt_lean`) of later TensorRT versions can run. One timing cache is shared by all builds and
 saved beside the engines. Builds are spread over the visible GPUs, one process per GPU.
 
-Nothing is written unless TensorRT and an NVIDIA GPU of compute capability 8.0 or newer are there.
+Nothing is written unless a TensorRT is there (and, for TensorRT 11, a GPU of compute capability 8.0
+or newer).
 """
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ from export.atomic import write_bytes_atomic
 from export.manifest import TOKENS, EnginesIndex, Manifest, ManifestError, find_manifest
 from export.paths import engines_dir
 
-from .plan import HARDWARE, BuildPlan, BuildSettings, EngineJob, make_build_plan
+from .plan import COMPUTE_CAPABILITIES, HARDWARE, BuildPlan, BuildSettings, EngineJob, make_build_plan
+from .tensorrt import KINDS, TensorRT, TensorRTMissing
+from .tensorrt import load as load_tensorrt
 
 TIMING_CACHE = "timing.cache"
 
@@ -39,18 +43,16 @@ class BuildError(RuntimeError):
     """TensorRT could not parse or build a subgraph."""
 
 
-def check_environment() -> tuple[object, list[int]]:
-    """The tensorrt module and the usable GPUs, or a BuildEnvironmentError saying what to install."""
+def check_environment(kind: str = "auto") -> tuple[TensorRT, list[int]]:
+    """The TensorRT to build with and the GPUs to build on, or a BuildEnvironmentError saying what
+    to install. TensorRT 11 builds on GPUs of SM80 or newer; TensorRT-RTX builds ahead of time, with
+    no GPU (one worker)."""
     try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise BuildEnvironmentError(
-            "TensorRT (with its builder and ONNX parser) is not installed. On a machine with an NVIDIA GPU "
-            "and access to NVIDIA's package index: `pip install tensorrt` (TensorRT 11; its -libs packages "
-            f"download the libraries from NVIDIA's index at install time). ({e})") from None
-    if not hasattr(trt, "Builder") or not hasattr(trt, "OnnxParser"):
-        raise BuildEnvironmentError(f"the tensorrt module at {getattr(trt, '__file__', '?')} has no Builder or "
-                                    "OnnxParser: the runtime-only (lean/dispatch) package cannot build engines")
+        rt = load_tensorrt(kind)
+    except TensorRTMissing as e:
+        raise BuildEnvironmentError(str(e)) from None
+    if not rt.needs_gpu:
+        return rt, [0]
     try:
         import torch
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -60,8 +62,9 @@ def check_environment() -> tuple[object, list[int]]:
     gpus = [i for i, c in enumerate(caps) if c >= (8, 0)]
     if not gpus:
         raise BuildEnvironmentError("no NVIDIA GPU of compute capability 8.0 (A100) or newer is visible"
-                                    + (f" (found {caps})" if caps else ""))
-    return trt, gpus
+                                    + (f" (found {caps})" if caps else "")
+                                    + "; without one, `--tensorrt tensorrt-rtx` builds ahead of time (TensorRT-RTX)")
+    return rt, gpus
 
 
 class _Progress:
@@ -87,13 +90,14 @@ class _Progress:
         self.label, self.monitor = label, Monitor()
 
 
-def build_engine(trt, onnx_path: Path, job: EngineJob, settings: BuildSettings,
+def build_engine(rt: TensorRT, onnx_path: Path, job: EngineJob, settings: BuildSettings,
                  timing_cache: bytes) -> tuple[bytes, bytes]:
     """Parse one BF16 ONNX subgraph (external data beside it) and build its engine.
     Returns (serialized engine, serialized timing cache)."""
+    trt = rt.trt
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 11: always explicit batch and strongly typed
+    network = rt.create_network(builder)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = []
@@ -104,12 +108,7 @@ def build_engine(trt, onnx_path: Path, job: EngineJob, settings: BuildSettings,
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_gb * 2**30))
     config.builder_optimization_level = settings.opt_level
-    config.hardware_compatibility_level = (trt.HardwareCompatibilityLevel.AMPERE_PLUS
-                                           if settings.hardware == "ampere_plus"
-                                           else trt.HardwareCompatibilityLevel.NONE)
-    if settings.version_compatible:
-        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-        config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)  # the lean runtime is installed separately
+    rt.target(config, settings)
     cache = config.create_timing_cache(timing_cache)
     config.set_timing_cache(cache, False)
     config.progress_monitor = _Progress(trt, f"gpu {job.gpu}: {job.engine}").monitor
@@ -125,16 +124,15 @@ def build_engine(trt, onnx_path: Path, job: EngineJob, settings: BuildSettings,
     return bytes(engine), bytes(config.get_timing_cache().serialize())
 
 
-def _gpu_worker(gpu: int, jobs: list[EngineJob], manifest_root: str, out: str, settings: BuildSettings,
+def _gpu_worker(kind: str, gpu: int, jobs: list[EngineJob], manifest_root: str, out: str, settings: BuildSettings,
                 cache_path: str, result_q) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before TensorRT initializes CUDA
-    import tensorrt as trt
-
+    rt = load_tensorrt(kind)
     cache = Path(cache_path).read_bytes() if Path(cache_path).is_file() else b""
     for job in jobs:
         t0 = time.perf_counter()
         try:
-            engine, cache = build_engine(trt, Path(manifest_root) / job.record.onnx, job, settings, cache)
+            engine, cache = build_engine(rt, Path(manifest_root) / job.record.onnx, job, settings, cache)
         except Exception as e:
             result_q.put(("error", job.engine, str(e)))
             return
@@ -144,7 +142,7 @@ def _gpu_worker(gpu: int, jobs: list[EngineJob], manifest_root: str, out: str, s
     result_q.put(("done", gpu, None))
 
 
-def run_build(trt, manifest: Manifest, plan: BuildPlan, out: Path, settings: BuildSettings) -> None:
+def run_build(rt: TensorRT, manifest: Manifest, plan: BuildPlan, out: Path, settings: BuildSettings) -> None:
     """Build the plan's engines, one process per GPU, then merge the timing caches and record."""
     from tqdm import tqdm
 
@@ -152,7 +150,7 @@ def run_build(trt, manifest: Manifest, plan: BuildPlan, out: Path, settings: Bui
     index = EnginesIndex.load(out, missing_ok=True)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_gpu_worker, args=(g, jobs, str(manifest.root), str(out), settings,
+    procs = [ctx.Process(target=_gpu_worker, args=(rt.kind, g, jobs, str(manifest.root), str(out), settings,
                                                    str(out / TIMING_CACHE), q))
              for g, jobs in plan.by_gpu().items()]
     for p in procs:
@@ -174,14 +172,17 @@ def run_build(trt, manifest: Manifest, plan: BuildPlan, out: Path, settings: Bui
     for p in procs:
         p.join()
     # One shared timing cache: merge what every GPU learned.
-    cache = trt.Builder(trt.Logger(trt.Logger.WARNING)).create_builder_config().create_timing_cache(
-        (out / TIMING_CACHE).read_bytes() if (out / TIMING_CACHE).is_file() else b"")
+    trt = rt.trt
+    # The logger, builder and config must outlive the caches made from them (else: a crash).
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    config = builder.create_builder_config()
+    cache = config.create_timing_cache((out / TIMING_CACHE).read_bytes() if (out / TIMING_CACHE).is_file() else b"")
     for f in out.glob(".timing-gpu*.cache"):
-        cfg = trt.Builder(trt.Logger(trt.Logger.WARNING)).create_builder_config()
-        cache.combine(cfg.create_timing_cache(f.read_bytes()), True)
+        cache.combine(config.create_timing_cache(f.read_bytes()), True)
         f.unlink()
     write_bytes_atomic(out / TIMING_CACHE, bytes(cache.serialize()))
-    index.tensorrt_version, index.settings = trt.__version__, asdict(settings)
+    index.tensorrt_version, index.settings = rt.version, asdict(settings) | {"tensorrt": rt.kind}
     index.manifest_sha256 = manifest.files_digest()
     index.save(out)
     if errors:
@@ -192,7 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engines.build", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", help="an export (folder or manifest.json); `make engines` exports first")
-    ap.add_argument("--check-env", action="store_true", help="only check for TensorRT and an SM80+ GPU")
+    ap.add_argument("--check-env", action="store_true", help="only check for TensorRT (and, for TensorRT 11, an SM80+ GPU)")
+    ap.add_argument("--tensorrt", choices=KINDS, default="auto",
+                    help="tensorrt: TensorRT 11 on this machine's GPUs (what the runtime loads); tensorrt-rtx: "
+                         "TensorRT-RTX, ahead of time with no GPU, for --compute-capability (its engines do not "
+                         "load in TensorRT 11); auto: TensorRT 11 if installed, else TensorRT-RTX (default)")
+    ap.add_argument("--compute-capability", choices=COMPUTE_CAPABILITIES, default="SM80",
+                    help="TensorRT-RTX: the GPU architecture to compile for (default SM80, the A100)")
     ap.add_argument("--out", help="engines folder (default build/<model>/engines/tp<N>)")
     ap.add_argument("--hardware", choices=HARDWARE, default="same",
                     help="same: for the GPU building (build on A100s); ampere_plus: run on SM80+ when built newer")
@@ -207,16 +214,18 @@ def main(argv: list[str] | None = None) -> int:
         if not a.check_env:
             ap.error("give an export or a checkpoint")
         try:
-            _, gpus = check_environment()
+            rt, gpus = check_environment(a.tensorrt)
         except BuildEnvironmentError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"TensorRT and {len(gpus)} GPU(s) of SM80 or newer: {gpus}")
+        print(f"{rt.version} and {len(gpus)} GPU(s) of SM80 or newer: {gpus}" if rt.needs_gpu else
+              f"{rt.version}: ahead-of-time builds for {a.compute_capability}, no GPU needed")
         return 0
-    settings = BuildSettings(a.hardware, a.version_compatible, a.opt_level, a.workspace_gb, a.decode_max)
+    settings = BuildSettings(a.hardware, a.version_compatible, a.opt_level, a.workspace_gb, a.decode_max,
+                             a.compute_capability)
     try:
         settings.check()
-        trt, gpus = (None, [0]) if a.dry_run else check_environment()
+        rt, gpus = (None, [0]) if a.dry_run else check_environment(a.tensorrt)
         if a.gpus:
             gpus = [int(g) for g in a.gpus.split(",")]
         model = Path(a.model)
@@ -228,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(a.out) if a.out else engines_dir(manifest.root)
         records = EnginesIndex.load(out, missing_ok=True).engines
         existing = {str(p.relative_to(out)) for p in out.glob("rank*/*.engine")} if out.is_dir() else set()
-        version = trt.__version__ if trt else "dry-run"
+        version = rt.version if rt else "dry-run"
         plan = make_build_plan(manifest, settings, version, gpus, records, existing)
     except (BuildEnvironmentError, ManifestError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -238,10 +247,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'skip ' if j.skip else f'gpu {j.gpu}'}  {j.engine}  [{prof}]  {j.record.weight_bytes / 2**20:.1f} MiB")
     print(f"{len(plan.to_build)} to build, {len(plan.jobs) - len(plan.to_build)} up to date; "
           f"{'dry run' if a.dry_run else f'out: {out}'}")
+    if rt is not None and rt.kind == "tensorrt-rtx":
+        print(f"building TensorRT-RTX engines ({rt.version}, ahead of time for {settings.compute_capability}): they "
+              "load in the TensorRT-RTX runtime only, not in TensorRT 11, and cannot run on a machine without a GPU; "
+              "the serving engines for A100s come from TensorRT 11 on the A100 machine (--tensorrt tensorrt)")
     if a.dry_run or not plan.to_build:
         return 0
     try:
-        run_build(trt, manifest, plan, out, settings)
+        run_build(rt, manifest, plan, out, settings)
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

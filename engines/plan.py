@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from export.manifest import EngineRecord, Manifest, Profile, engine_file
 
 HARDWARE = ("same", "ampere_plus")
+COMPUTE_CAPABILITIES = ("SM80", "SM86", "SM89", "SM120", "SM121")  # TensorRT-RTX targets with BF16
 
 
 @dataclass(frozen=True)
@@ -25,12 +26,15 @@ class BuildSettings:
     opt_level: int = 3                # builder_optimization_level, 0..5
     workspace_gb: float = 8.0
     decode_max: int = 256             # largest token count of the decode profile
+    compute_capability: str = "SM80"  # TensorRT-RTX's ahead-of-time target (TensorRT 11 builds for its GPU)
 
     def check(self) -> None:
         if self.hardware not in HARDWARE:
             raise ValueError(f"hardware compatibility {self.hardware!r} is not one of {HARDWARE}")
         if not 0 <= self.opt_level <= 5:
             raise ValueError(f"builder optimization level must be 0..5, got {self.opt_level}")
+        if self.compute_capability not in COMPUTE_CAPABILITIES:
+            raise ValueError(f"compute capability {self.compute_capability!r} is not one of {COMPUTE_CAPABILITIES}")
         if self.workspace_gb <= 0 or self.decode_max < 1:
             raise ValueError("workspace and decode_max must be positive")
 

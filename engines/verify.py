@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from export.manifest import EnginesIndex, find_manifest
     from export.paths import engines_dir
     try:
-        check_environment()
+        check_environment("tensorrt")  # polygraphy runs the engines with TensorRT 11
     except BuildEnvironmentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -99,6 +99,13 @@ class LLMEngine:
         """Validate and queue one request (params None: the model's defaults); a bad one raises
         RequestError and changes nothing."""
         params = params or self.sampling_params()
+        self.check_request(prompt, params)
+        seq = Sequence(list(prompt), params)
+        self.scheduler.add(seq)
+        return seq
+
+    def check_request(self, prompt: list[int], params: SamplingParams) -> None:
+        """RequestError naming what makes this request impossible (reads settings only: any thread)."""
         vocab = self.model_config.vocab_size
         if not prompt:
             raise RequestError("the prompt is empty")
@@ -114,9 +121,6 @@ class LLMEngine:
             params.validate(vocab)
         except ValueError as e:
             raise RequestError(str(e)) from None
-        seq = Sequence(list(prompt), params)
-        self.scheduler.add(seq)
-        return seq
 
     def abort(self, seq: Sequence) -> None:
         if seq.status is not Status.FINISHED:

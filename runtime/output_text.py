@@ -47,6 +47,9 @@ class OutputText:
         if token == self.codec.think_start and self.codec.think_start is not None:
             self.channel = REASONING
             return self._release(CONTENT, self._detok[CONTENT].flush(), final=True)
+        if token in self.codec.literal:  # the tool-call tags: their text, in order
+            d = self._detok[self.channel]
+            return self._release(self.channel, d.flush() + self.codec.literal[token], final=False)
         return self._release(self.channel, self._detok[self.channel].feed(token), final=False)
 
     def finish(self) -> Delta:

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 from export.text_config import TOKENIZER, TOKENIZER_CONFIG, chat_template, read_json
 
 THINK_START, THINK_END = "<think>", "</think>"
+TOOL_CALL_START, TOOL_CALL_END = "<minimax:tool_call>", "</minimax:tool_call>"
 
 
 class TextCodec:
@@ -29,6 +30,8 @@ class TextCodec:
         self.eos_id = self.tok.token_to_id(self.eos_text) if self.eos_text else None
         self.think_start = self.tok.token_to_id(THINK_START)
         self.think_end = self.tok.token_to_id(THINK_END)
+        # Shown as their text whether or not the tokenizer marks them special (the tool-call parser reads them).
+        self.literal = {i: t for t in (TOOL_CALL_START, TOOL_CALL_END) if (i := self.tok.token_to_id(t)) is not None}
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                          extensions=["jinja2.ext.loopcontrols"])
 

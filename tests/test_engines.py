@@ -5,7 +5,8 @@
   recorded name is looked up in the real lean bindings (tensorrt_lean, installed from PyPI) and in
   the identifier list of the full 11.4 bindings (shared/reference); a removed name fails;
 - the build plan is a plain function of the manifest and the settings;
-- without TensorRT, `make engines` fails with a clear message, having written nothing.
+- without TensorRT 11, `make engines TENSORRT=tensorrt` fails with a clear message, having written nothing.
+Real builds with TensorRT-RTX are in tests/test_engines_rtx.py.
 """
 import dataclasses
 import os
@@ -18,6 +19,7 @@ import torch
 
 from engines import build as build_mod
 from engines.plan import BuildSettings, make_build_plan
+from engines.tensorrt import TensorRT
 from export.manifest import EngineRecord, ManifestError, Profile
 from runtime.backends import tensorrt as trt_backend
 
@@ -100,7 +102,8 @@ def test_builder_uses_only_tensorrt_11_names(tmp_path, exported):
     log = []
     job = make_build_plan(exported("tiny", 2), BuildSettings(), "11.4.0", [0]).jobs[1]
     for settings in (BuildSettings(), BuildSettings(hardware="ampere_plus", version_compatible=True)):
-        engine, cache = build_mod.build_engine(Recorder(log), tmp_path / "x.onnx", job, settings, b"")
+        rt = TensorRT("tensorrt", Recorder(log), "tensorrt 11.4.0")
+        engine, cache = build_mod.build_engine(rt, tmp_path / "x.onnx", job, settings, b"")
         assert engine == b"serialized" and cache == b"serialized"
     used = {n for _, n in log}
     assert {"Builder", "OnnxParser", "create_network", "parse_from_file", "create_builder_config",
@@ -190,12 +193,14 @@ def test_bad_settings_are_refused(exported):
             make_build_plan(man, bad, "11.4.0", [0])
 
 
-def test_make_engines_without_tensorrt_writes_nothing(checkpoints, tmp_path):
+def test_make_engines_without_tensorrt_11_writes_nothing(checkpoints, tmp_path):
+    """TENSORRT=tensorrt: TensorRT 11 (which cannot be installed here) is asked for."""
     import shutil
     ckpt = tmp_path / "ckpt"
     shutil.copytree(checkpoints["alt"], ckpt)
     env = dict(os.environ)
-    r = subprocess.run(["make", "--no-print-directory", "engines", f"MODEL={ckpt}", "TP=2", f"BIN={Path(sys.executable).parent}"],
+    r = subprocess.run(["make", "--no-print-directory", "engines", f"MODEL={ckpt}", "TP=2", "TENSORRT=tensorrt",
+                        f"BIN={Path(sys.executable).parent}"],
                        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode != 0
     assert "TensorRT (with its builder and ONNX parser) is not installed" in r.stderr
@@ -203,7 +208,7 @@ def test_make_engines_without_tensorrt_writes_nothing(checkpoints, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert not (ROOT / "build" / "ckpt").exists()  # no export was started either
     # the default (embedded) model: not even the toy checkpoint is written
-    r = subprocess.run(["make", "--no-print-directory", "engines", f"BUILD={tmp_path / 'b'}",
+    r = subprocess.run(["make", "--no-print-directory", "engines", f"BUILD={tmp_path / 'b'}", "TENSORRT=tensorrt",
                         f"BIN={Path(sys.executable).parent}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "pip install tensorrt" in r.stderr
     assert not (tmp_path / "b").exists()

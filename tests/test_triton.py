@@ -104,10 +104,11 @@ class Stream:
                 done += 1
                 continue
             resp = result.get_response()
-            r = got.setdefault(resp.id, {"ids": [], "text": "", "reasoning": "", "reason": "", "batch": []})
+            r = got.setdefault(resp.id, {"ids": [], "text": "", "reasoning": "", "reason": "", "batch": [], "calls": []})
             r["ids"] += result.as_numpy("output_ids").tolist()
             r["text"] += result.as_numpy("text_output")[0].decode()
             r["reasoning"] += result.as_numpy("reasoning_output")[0].decode()
+            r["calls"] += json.loads(result.as_numpy("tool_calls_output")[0].decode())
             r["batch"].append(int(result.as_numpy("batch_size")[0]))
             reason = result.as_numpy("finish_reason")[0].decode()
             if reason:
@@ -170,8 +171,8 @@ def test_grpc_stream_and_http_give_chat_cli_tokens(served):
         r = got[f"r{i}"]
         assert r["ids"] == w
         assert r["reason"] == ("stop" if w[-1] in man.config.eos_token_ids else "length")
-        # streamed pieces add up to the whole decode, split at </think>
-        assert (r["reasoning"], r["text"]) == expected_text(codec, prompt_ids[i], w)
+        # streamed pieces add up to the whole decode, split at </think>; the random toy calls no tool
+        assert (r["reasoning"], r["text"]) == expected_text(codec, prompt_ids[i], w) and r["calls"] == []
     # HTTP: generate_stream (server-sent events) and generate (one response, stream=false)
     for i, p in enumerate(prompts):
         prompt = {"input_ids": p} if isinstance(p, list) else {"text_input": p}

@@ -125,6 +125,10 @@ class TrtBackend:
         trt = import_tensorrt()
         engines_dir = Path(engines_dir)
         built = EnginesIndex.load(engines_dir)
+        if built.settings.get("tensorrt") == "tensorrt-rtx":
+            raise ManifestError(f"{engines_dir}: these are TensorRT-RTX engines ({built.tensorrt_version}, built ahead "
+                                "of time to check the graphs); they do not load in TensorRT 11. Build the serving "
+                                "engines on the A100 machine: `make engines ... ENGINE_FLAGS=--tensorrt tensorrt`")
         self.dtype, self.device = torch.bfloat16, torch.device(device)
         self.trt = trt
         self.logger, self.runtime = make_runtime(trt, built.settings.get("version_compatible", False))

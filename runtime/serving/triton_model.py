@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from runtime.config import EngineConfig
 from runtime.llm_engine import LLMEngine, RequestError
 from runtime.output_text import Delta, OutputText
 from runtime.serving.loop import Event, Request, ServingLoop
+from runtime.serving.tool_calls import CallDelta, ToolCallParser
 
 DEFAULT_MAX_TOKENS = 512
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -47,25 +49,33 @@ def _string(values: list[str]) -> np.ndarray:
 
 
 class _Responder:
-    """Turns one request's events into Triton responses (one per token, or one at the end)."""
+    """Turns one request's events into Triton responses (one per token, or one at the end). The
+    answer text goes through the same tool-call parser as the OpenAI server's."""
 
     def __init__(self, sender, stream: bool):
         self.sender, self.stream = sender, stream
         self.ids: list[int] = []
         self.unsent = Delta()
+        self.calls: list[CallDelta] = []
+        self.parser = ToolCallParser()
 
     def __call__(self, ev: Event) -> None:
         if ev.error is not None:
             TritonPythonModel.fail(self.sender, ev.error)
             return
         self.ids.append(ev.token)
-        self.unsent += ev.delta
+        parsed = self.parser.feed(ev.delta.content)
+        if ev.finished:
+            parsed += self.parser.finish()
+        self.unsent += Delta(ev.delta.reasoning, parsed.content)
+        self.calls += parsed.calls
         if not (self.stream or ev.finished):
             return
         seq = ev.seq
         outputs = [
             pb_utils.Tensor("text_output", _string([self.unsent.content])),
             pb_utils.Tensor("reasoning_output", _string([self.unsent.reasoning])),
+            pb_utils.Tensor("tool_calls_output", _string([json.dumps([asdict(c) for c in self.calls])])),
             pb_utils.Tensor("output_ids", np.array(self.ids, dtype=np.int64)),
             pb_utils.Tensor("finish_reason", _string([ev.finish_reason or "" if ev.finished else ""])),
             pb_utils.Tensor("prompt_tokens", np.array([len(seq.prompt)], dtype=np.int32)),
@@ -73,7 +83,7 @@ class _Responder:
             pb_utils.Tensor("cached_tokens", np.array([seq.num_cached_prompt], dtype=np.int32)),
             pb_utils.Tensor("batch_size", np.array([ev.batch_size], dtype=np.int32)),
         ]
-        self.ids, self.unsent = [], Delta()
+        self.ids, self.unsent, self.calls = [], Delta(), []
         # Raises when the client went away: the loop then cancels the request.
         self.sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if ev.finished else 0)
 

@@ -61,6 +61,7 @@ INPUTS = [
 OUTPUTS = [
     ("text_output", "TYPE_STRING", [1]),       # answer text this token completes (may be empty)
     ("reasoning_output", "TYPE_STRING", [1]),  # thinking text (output up to </think> when the prompt opened it)
+    ("tool_calls_output", "TYPE_STRING", [1]),  # JSON list of tool-call deltas {index, id, name, arguments}
     ("output_ids", "TYPE_INT64", [-1]),        # the token(s) of this response
     ("finish_reason", "TYPE_STRING", [1]),     # "" until the end: stop | length | abort
     ("prompt_tokens", "TYPE_INT32", [1]),

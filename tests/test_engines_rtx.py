@@ -1,0 +1,86 @@
+"""Real engine builds: every BF16 subgraph of the toy exports parsed by TensorRT's own ONNX parser and
+compiled for SM80 by TensorRT-RTX (ahead of time, no GPU), through the project's build code.
+
+What this shows: the graphs are ones TensorRT's parser and an SM80 compiler accept, with the
+manifest's profiles. What it cannot show: TensorRT 11 itself (which may pick other kernels), or any
+engine running (no GPU here; RTX engines load only in the TensorRT-RTX runtime)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from engines import build as build_mod
+from engines.plan import BuildSettings, make_build_plan
+from engines.tensorrt import TensorRTMissing, load
+from export.manifest import EnginesIndex, ManifestError
+from tests.cli import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def rtx():
+    try:
+        return load("tensorrt-rtx")
+    except TensorRTMissing as e:
+        pytest.fail(f"TensorRT-RTX is part of the test environment: {e}")
+
+
+@pytest.mark.parametrize("name,tp", [("tiny", 1), ("tiny", 2), ("kv8", 8)])
+def test_every_subgraph_builds_for_sm80(rtx, exported, tmp_path, name, tp):
+    man = exported(name, tp)
+    settings = BuildSettings(compute_capability="SM80", decode_max=64)
+    plan = make_build_plan(man, settings, rtx.version, [0])
+    assert len(plan.jobs) == sum(len(sg.ranks) for sg in man.subgraphs.values())
+    out = tmp_path / "engines"
+    build_mod.run_build(rtx, man, plan, out, settings)
+    index = EnginesIndex.load(out)
+    assert index.tensorrt_version == rtx.version and index.settings["tensorrt"] == "tensorrt-rtx"
+    assert set(index.engines) == {j.engine for j in plan.jobs}
+    for rel, rec in index.engines.items():
+        assert (out / rel).stat().st_size > 0, rel
+        assert rec.onnx_sha256 == man.files[rec.onnx].sha256
+    # built once: a second plan finds everything up to date
+    again = make_build_plan(man, settings, rtx.version, [0], index.engines,
+                            {str(p.relative_to(out)) for p in out.glob("rank*/*.engine")})
+    assert not again.to_build
+
+
+def test_a_graph_tensorrt_rejects_names_node_and_op(rtx, tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["T", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["T", 8])
+    graph = helper.make_graph([helper.make_node("FancyUnknownOp", ["x"], ["y"], name="the_bad_node")], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, str(path))
+    from export.manifest import EngineRecord, Profile, TensorSpec
+    from engines.plan import EngineJob
+
+    job = EngineJob(EngineRecord("bad", 0, "bad.onnx", "rank0/bad.engine", "", 0, [Profile("p", 1, 4, 8)],
+                                 [TensorSpec("x", "bfloat16", ("T", 8))]))
+    with pytest.raises(build_mod.BuildError, match=r"node the_bad_node \(FancyUnknownOp\): .*"):
+        build_mod.build_engine(rtx, path, job, BuildSettings(), b"")
+
+
+def test_make_engines_here_builds_tensorrt_rtx_engines_and_the_runtime_refuses_them(checkpoints, tmp_path):
+    build = tmp_path / "b"
+    r = subprocess.run(["make", "--no-print-directory", "engines", f"MODEL={checkpoints['alt']}", "TP=1",
+                        f"BUILD={build}", f"BIN={Path(sys.executable).parent}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "TensorRT-RTX engines" in r.stdout and "not in TensorRT 11" in r.stdout
+    engines = build / "alt" / "engines" / "tp1"
+    index = EnginesIndex.load(engines)
+    assert index.settings["compute_capability"] == "SM80" and len(index.engines) == 2 * 3 + 2  # attn, post x2; embed, head
+    from runtime.backends.tensorrt import TrtBackend
+    from export.manifest import Manifest
+    man = Manifest.load(build / "alt" / "onnx" / "tp1")
+    try:
+        import tensorrt_lean  # noqa: F401 - the runtime needs a TensorRT module to start at all
+    except ImportError:
+        pytest.skip("no TensorRT runtime module")
+    with pytest.raises(ManifestError, match="TensorRT-RTX engines .* do not load in TensorRT 11"):
+        TrtBackend(man, 0, engines)
