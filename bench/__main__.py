@@ -1,4 +1,4 @@
-"""python -m bench [--parts export,moe-cpu,moe-gpu,attention,step] [--cpu]
+"""python -m bench [--parts export,moe-cpu,engine-memory,moe-gpu,attention,step] [--cpu]
 
 Each measurement is one JSON line (also appended to build/bench/results.jsonl), with the machine and
 date; a short table follows. `--cpu` (make bench-cpu) runs the CPU parts and ends with one JSON
@@ -14,7 +14,7 @@ import torch
 
 from .common import Results
 
-CPU_PARTS = ["export", "moe-cpu"]
+CPU_PARTS = ["export", "moe-cpu", "engine-memory"]
 GPU_PARTS = ["moe-gpu", "attention", "step"]
 
 
@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     if "moe-gpu" in parts:
         cross = moe.run_gpu(res)
         moe.save_crossover(cross, f"gpu: {torch.cuda.get_device_name()}")
+    if "engine-memory" in parts:
+        from . import engine_memory
+        row = engine_memory.run(res)
+        summary |= {"layer_rank_gpu_gb": row["layer_rank_gb"], "layer_rank_gpu_target_gb": row["target_gb"]}
     if "moe-cpu" in parts:
         cross = moe.run_cpu(res)
         if not moe.CROSSOVER_FILE.is_file() or "gpu" not in json.loads(moe.CROSSOVER_FILE.read_text())["measured_on"]:

@@ -45,8 +45,19 @@ def make_layout(cfg: ModelConfig, tp: int = 1, expert_split: str = "intermediate
     all_ranks = tuple(range(tp))
     layout = GraphLayout(cfg, tp, expert_split)
 
+    # The experts, per rank: every expert's slice (intermediate split) or this rank's whole experts.
+    # They are inputs of the MoE subgraphs, not constants: both forms bind one device copy.
+    e_local = cfg.num_experts // tp if expert_split == "expert" else cfg.num_experts
+    i_local = cfg.intermediate_size if expert_split == "expert" else cfg.intermediate_size // tp
+
+    def experts(prefix: str) -> tuple[TensorSpec, ...]:
+        return (TensorSpec(prefix + "w13", bf, (e_local, 2 * i_local, H)),
+                TensorSpec(prefix + "w2", bf, (e_local, H, i_local)))
+
     def add(name, piece, layer, form, inputs, outputs, group, ranks=all_ranks):
-        layout.subgraphs.append(SubgraphSpec(name, piece, layer, form, tuple(inputs), tuple(outputs), ranks, group))
+        weights = experts("moe." if piece == "post" else "") if piece in ("moe", "post") else ()
+        layout.subgraphs.append(SubgraphSpec(name, piece, layer, form, tuple(inputs), tuple(outputs), ranks, group,
+                                             weight_inputs=weights))
         return name
 
     pair = [t("residual", bf, (T, H)), t("delta", bf, (T, H))]

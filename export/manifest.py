@@ -31,7 +31,7 @@ from typing import Union
 from .atomic import sha256_file, write_json_atomic
 from .config import ModelConfig
 
-FORMAT_VERSION = 3  # 2: special ids from the text files; 3: typed steps, .engine files
+FORMAT_VERSION = 4  # 2: special ids from the text files; 3: typed steps, .engine files; 4: experts as inputs
 MANIFEST = "manifest.json"
 ENGINES_JSON = "engines.json"
 TOKENS = "T"  # the one symbolic dimension: tokens of all sequences in a step, packed
@@ -68,6 +68,8 @@ class TensorSpec:
 class GraphFiles:
     onnx: str     # relative to the manifest's folder
     weights: str  # the external-data file it reads
+    # Weights that are graph inputs (the MoE experts): name -> [offset, bytes] in the bf16 weights file.
+    inputs_at: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,6 +83,9 @@ class SubgraphSpec:
     ranks: tuple[int, ...]
     weights_group: str     # subgraphs with the same group on a rank share one external-data file
     files: dict[int, dict[str, GraphFiles]] = field(default_factory=dict)  # rank -> kind -> files
+    # Weights passed as inputs (the experts of the MoE subgraphs): the runtime loads them once per
+    # layer-rank and binds the same buffer to both MoE forms, so they are stored once per GPU.
+    weight_inputs: tuple[TensorSpec, ...] = ()
 
     @property
     def unit(self) -> str:
@@ -91,6 +96,7 @@ class SubgraphSpec:
         d = {k: v for k, v in asdict(self).items() if k != "files"}
         d["inputs"] = [asdict(t) | {"shape": list(t.shape)} for t in self.inputs]
         d["outputs"] = [asdict(t) | {"shape": list(t.shape)} for t in self.outputs]
+        d["weight_inputs"] = [asdict(t) | {"shape": list(t.shape)} for t in self.weight_inputs]
         d["ranks"] = list(self.ranks)
         d["files"] = {str(r): {k: asdict(f) for k, f in kinds.items()} for r, kinds in self.files.items()}
         return d
@@ -99,7 +105,8 @@ class SubgraphSpec:
     def from_json(cls, d: dict) -> "SubgraphSpec":
         return cls(d["name"], d["piece"], d["layer"], d["form"], tuple(TensorSpec.from_json(t) for t in d["inputs"]),
                    tuple(TensorSpec.from_json(t) for t in d["outputs"]), tuple(d["ranks"]), d["weights_group"],
-                   {int(r): {k: GraphFiles(**f) for k, f in kinds.items()} for r, kinds in d.get("files", {}).items()})
+                   {int(r): {k: GraphFiles(**f) for k, f in kinds.items()} for r, kinds in d.get("files", {}).items()},
+                   tuple(TensorSpec.from_json(t) for t in d.get("weight_inputs", [])))
 
 
 @dataclass(frozen=True)
@@ -252,6 +259,21 @@ class Manifest:
     def path(self, subgraph: str, rank: int, kind: str = "bf16") -> Path:
         """The ONNX file of one subgraph on one rank: kind "bf16" (for TensorRT) or "fp32" (the twin)."""
         return self.root / self.graph_files(subgraph, rank, kind).onnx
+
+    def weight_input_arrays(self, subgraph: str, rank: int, dtype: str = "bfloat16") -> dict:
+        """The subgraph's weight inputs as numpy arrays read from the bf16 weights file (float32
+        copies for the twins); the same (file, offset) gives the same bytes to both MoE forms."""
+        import ml_dtypes
+        import numpy as np
+
+        sg, files = self.subgraphs[subgraph], self.graph_files(subgraph, rank, "bf16")
+        out = {}
+        for spec in sg.weight_inputs:
+            offset, nbytes = files.inputs_at[spec.name]
+            raw = np.fromfile(self.root / files.weights, dtype=np.uint8, count=nbytes, offset=offset)
+            a = raw.view(ml_dtypes.bfloat16).reshape(spec.shape)
+            out[spec.name] = a.astype(np.float32) if dtype == "float32" else a
+        return out
 
     def checkpoint_dir(self) -> Path:
         """The checkpoint beside the export (moved together) if there, else where it was exported from."""

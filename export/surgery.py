@@ -210,28 +210,41 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-def to_proto(traced: Traced, module: torch.nn.Module, weights: WeightsFile, chunks=None) -> onnx.ModelProto:
+def to_proto(traced: Traced, module: torch.nn.Module, weights: WeightsFile, chunks=None,
+             as_inputs: tuple[str, ...] = ()) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
     """The traced graph with this module's weights, large ones written to `weights`. Meta weights
-    (streamed) come from `chunks(parameter name)`, slice by slice."""
+    (streamed) come from `chunks(parameter name)`, slice by slice. Parameters named in `as_inputs`
+    are written the same way but become graph inputs (appended after the traced ones) instead of
+    initializers; returns, for those, {name: [offset, bytes]} in the weights file."""
     proto = onnx.ModelProto()
     proto.CopyFrom(traced.proto)
     params = dict(module.named_parameters())
+    at: dict[str, list[int]] = {}
     for name, (shape, dtype) in traced.weights.items():
         if params[name].is_meta:
             if tuple(params[name].shape) != shape:
                 raise RuntimeError(f"{name}: shape {tuple(params[name].shape)} differs from the traced {shape}")
-            proto.graph.initializer.append(weights.add_chunks(name, shape, dtype, chunks(name)))
-            continue
-        array = _numpy(params[name])
-        if tuple(array.shape) != shape:
-            raise RuntimeError(f"{name}: shape {array.shape} differs from the traced {shape}")
-        if array.nbytes < INLINE_BYTES:
-            proto.graph.initializer.append(numpy_helper.from_array(array, name))
+            t = weights.add_chunks(name, shape, dtype, chunks(name))
         else:
-            proto.graph.initializer.append(weights.add(name, array, dtype))
+            array = _numpy(params[name])
+            if tuple(array.shape) != shape:
+                raise RuntimeError(f"{name}: shape {array.shape} differs from the traced {shape}")
+            if array.nbytes < INLINE_BYTES and name not in as_inputs:
+                proto.graph.initializer.append(numpy_helper.from_array(array, name))
+                continue
+            t = weights.add(name, array, dtype)
+        if name in as_inputs:
+            ext = {e.key: e.value for e in t.external_data}
+            at[name] = [int(ext["offset"]), int(ext["length"])]
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(name, dtype, list(shape)))
+        else:
+            proto.graph.initializer.append(t)
+    missing = set(as_inputs) - set(at)
+    if missing:
+        raise RuntimeError(f"weight inputs {sorted(missing)} are not weights of the traced module")
     for name, array in traced.constants.items():
         proto.graph.initializer.append(numpy_helper.from_array(array, name))
-    return proto
+    return proto, at
 
 
 def _dims(vi: onnx.ValueInfoProto) -> list:
@@ -243,13 +256,15 @@ def tidy(proto: onnx.ModelProto, spec: SubgraphSpec) -> onnx.ModelProto:
     graph = gs.import_onnx(proto)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     graph.name = spec.name
-    for kind, have, want in (("input", graph.inputs, spec.inputs), ("output", graph.outputs, spec.outputs)):
+    for kind, have, want in (("input", graph.inputs, spec.inputs + spec.weight_inputs),
+                             ("output", graph.outputs, spec.outputs)):
         if [t.name for t in have] != [t.name for t in want]:
             raise RuntimeError(f"{spec.name}: traced {kind}s {[t.name for t in have]}, planned {[t.name for t in want]}")
     out = gs.export_onnx(graph, do_type_check=True)
     out.producer_name, out.producer_version = "minimax-m2-trt", "0.1"
     out.doc_string = f"MiniMax-M2 subgraph {spec.name}; I/O per the export manifest"
-    for have, want in zip(list(out.graph.input) + list(out.graph.output), spec.inputs + spec.outputs):
+    for have, want in zip(list(out.graph.input) + list(out.graph.output),
+                          spec.inputs + spec.weight_inputs + spec.outputs):
         elem = onnx.helper.tensor_dtype_to_np_dtype(have.type.tensor_type.elem_type)
         if _dims(have) != list(want.shape) or _dtype_name(have.type.tensor_type.elem_type) != want.dtype:
             raise RuntimeError(f"{spec.name}: {have.name} traced as {elem} {_dims(have)}, planned "

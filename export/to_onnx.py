@@ -97,7 +97,7 @@ def export_unit(ckpt: Checkpoint, layout: GraphLayout, unit: str, rank: int, spe
         by_group[s.weights_group].append(s)
     for group, group_specs in by_group.items():
         weights = surgery.WeightsFile(tmp / f"{group}.weights")
-        protos = {}
+        protos, inputs_at = {}, {}
         for s in group_specs:
             module = modules.pop(s.name)
             # Graphs differ between layers only in their weights; between ranks also in the expert
@@ -105,7 +105,9 @@ def export_unit(ckpt: Checkpoint, layout: GraphLayout, unit: str, rank: int, spe
             key = (s.piece, s.form, getattr(getattr(module, "moe", module), "expert_offset", 0))
             if key not in traces:
                 traces[key] = surgery.trace(module, s, layout.cfg)
-            protos[s.name] = surgery.tidy(surgery.to_proto(traces[key], module, weights, chunks), s)
+            proto, at = surgery.to_proto(traces[key], module, weights, chunks, tuple(t.name for t in s.weight_inputs))
+            protos[s.name] = surgery.tidy(proto, s)
+            inputs_at[s.name] = at
         weights.close()
         digests[weights.path.name] = weights.sha256
         twin_weights = surgery.WeightsFile(tmp / f"{group}.fp32.weights") if twins else None
@@ -114,7 +116,7 @@ def export_unit(ckpt: Checkpoint, layout: GraphLayout, unit: str, rank: int, spe
             if problems:
                 raise ExportError(f"{name} (rank {rank}) is outside TensorRT's ONNX support:\n  " + "\n  ".join(problems))
             surgery.save(proto, tmp / f"{name}.onnx")
-            files[name]["bf16"] = {"onnx": f"{name}.onnx", "weights": weights.path.name}
+            files[name]["bf16"] = {"onnx": f"{name}.onnx", "weights": weights.path.name, "inputs_at": inputs_at[name]}
             if twins:
                 surgery.save(surgery.fp32_twin(proto, tmp, twin_weights), tmp / f"{name}.fp32.onnx")
                 files[name]["fp32"] = {"onnx": f"{name}.fp32.onnx", "weights": twin_weights.path.name}
@@ -181,7 +183,7 @@ def export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1, e
             bar.set_postfix_str(f"{unit} rank {rank}")
         t0 = time.perf_counter()
         graphs, digests = export_unit(ckpt, layout, unit, rank, specs, rank_dir, twins, traces)
-        rels = {p for g in graphs.values() for kind in g.values() for p in kind.values()}
+        rels = {kind[k] for g in graphs.values() for kind in g.values() for k in ("onnx", "weights")}
         stamp = {"key": key, "graphs": graphs, "seconds": round(time.perf_counter() - t0, 3),
                  "files": {f: {"bytes": (rank_dir / f).stat().st_size,
                                "sha256": digests.get(f) or sha256_file(rank_dir / f)} for f in sorted(rels)}}
@@ -195,7 +197,8 @@ def export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1, e
 
     subgraphs, files = {}, {}
     for s in layout.subgraphs:
-        s.files = {r: {kind: GraphFiles(onnx=f"rank{r}/{paths['onnx']}", weights=f"rank{r}/{paths['weights']}")
+        s.files = {r: {kind: GraphFiles(onnx=f"rank{r}/{paths['onnx']}", weights=f"rank{r}/{paths['weights']}",
+                                        inputs_at=paths.get("inputs_at", {}))
                        for kind, paths in stamps[(s.unit, r)]["graphs"][s.name].items()} for r in s.ranks}
         for r in s.ranks:
             files.update({f"rank{r}/{f}": FileRecord(**m) for f, m in stamps[(s.unit, r)]["files"].items()})

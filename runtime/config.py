@@ -21,6 +21,11 @@ class EngineConfig:
     block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block, a power of two"})
     num_blocks: int | None = field(default=None, metadata={"help": "KV-cache size in blocks (overrides --kv-cache-gb)"})
     kv_cache_gb: float = field(default=1.0, metadata={"help": "KV-cache size per rank in GiB"})
+    gpu_memory_utilization: float | None = field(default=None, metadata={
+        "help": "size the KV cache from the memory plan (python -m engines.memory_plan): this fraction of "
+                "each GPU, less weights, scratch and reserve (overrides --kv-cache-gb)"})
+    gpu_memory_gb: float | None = field(default=None, metadata={
+        "help": "with --gpu-memory-utilization: the GPU size to plan for (default: the device's)"})
     max_num_seqs: int = field(default=64, metadata={"help": "most sequences in one step"})
     max_num_batched_tokens: int | None = field(default=None, metadata={
         "help": "most tokens in one step (default: the export's max_tokens)"})
@@ -49,7 +54,7 @@ class EngineConfig:
                 else:
                     ap.add_argument(flag, dest=f.name, action="store_true", default=default, help=help_)
                 continue
-            kind = {"int": int, "int | None": int, "float": float}.get(f.type, str)
+            kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
             shown = f" (default {default})" if default is not None else ""
             ap.add_argument(flag, dest=f.name, type=kind, default=default, choices=f.metadata.get("choices"),
                             help=help_ + shown)
@@ -74,7 +79,7 @@ class EngineConfig:
                 kw[f.name] = v.lower() == "true"
             elif f.type in ("int", "int | None"):
                 kw[f.name] = int(v)
-            elif f.type == "float":
+            elif f.type in ("float", "float | None"):
                 kw[f.name] = float(v)
             else:
                 kw[f.name] = v

@@ -17,6 +17,30 @@ def uses_decode_buckets(c: EngineConfig, device_type: str) -> bool:
     return c.decode_buckets if c.decode_buckets is not None else device_type == "cuda"
 
 
+def kv_cache_bytes(manifest: Manifest, c: EngineConfig, device: str) -> float:
+    """--kv-cache-gb, or with --gpu-memory-utilization what the memory plan leaves on the tightest
+    rank (every rank holds the same number of blocks)."""
+    if not c.gpu_memory_utilization:
+        return c.kv_cache_gb * 2**30
+    from engines.memory_plan import GB, plan
+
+    if c.gpu_memory_gb:
+        gpu = c.gpu_memory_gb * GB
+    else:
+        import torch
+        gpu = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    ranks = plan(manifest.config, manifest.tp, gpu, c.gpu_memory_utilization,
+                 c.max_num_batched_tokens or manifest.max_tokens, c.max_num_seqs, manifest.moe_crossover_tokens,
+                 manifest.expert_split)
+    left = min(r.kv_cache for r in ranks)
+    if left <= 0:
+        r = ranks[0]
+        raise ValueError(f"the memory plan leaves no KV cache: {(r.weights + r.scratch + r.reserve) / GB:.1f} GB of "
+                         f"weights, scratch and reserve against {r.budget / GB:.1f} GB; lower --max-num-batched-tokens "
+                         "or raise --gpu-memory-utilization (python -m engines.memory_plan shows the table)")
+    return left
+
+
 def build_rank(manifest: Manifest, c: EngineConfig, rank: int, comm=None, backend=None) -> StepExecutor:
     """The rank's executor; `backend` may be given (benchmarks pass random weights made on the GPU)."""
     cfg = manifest.config
@@ -26,7 +50,7 @@ def build_rank(manifest: Manifest, c: EngineConfig, rank: int, comm=None, backen
     backend = backend or make_backend(c.backend, manifest, rank, device, c.dtype, c.engines)
     kv_heads = cfg.num_key_value_heads // manifest.tp
     per_block = bytes_per_block(cfg.num_hidden_layers, c.block_size, kv_heads, cfg.head_dim, backend.dtype)
-    num_blocks = c.num_blocks or max(1, int(c.kv_cache_gb * 2**30) // per_block)
+    num_blocks = c.num_blocks or max(1, int(kv_cache_bytes(manifest, c, device)) // per_block)
     kv = KVCache(cfg.num_hidden_layers, num_blocks, c.block_size, kv_heads, cfg.head_dim, backend.dtype,
                  backend.device)
     decode = None

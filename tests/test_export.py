@@ -66,7 +66,8 @@ def test_fp32_twins_match_pytorch_pieces(name, tp, exported, checkpoints):
                 want = piece(*inputs.values())
             want = want if isinstance(want, tuple) else (want,)
             sess = ort.InferenceSession(str(man.path(sg_name, rank, "fp32")), providers=["CPUExecutionProvider"])
-            got = sess.run(None, {k: v.numpy() for k, v in inputs.items()})
+            got = sess.run(None, {k: v.numpy() for k, v in inputs.items()} |
+                           man.weight_input_arrays(sg_name, rank, "float32"))
             assert [o.name for o in sess.get_outputs()] == [t.name for t in sg.outputs]
             for g, w, spec in zip(got, want, sg.outputs):
                 assert tuple(g.shape) == spec.concrete(5), (sg_name, spec)
@@ -95,7 +96,8 @@ def run_chain(man: Manifest, ids: list[int], form: str) -> np.ndarray:
             sg = man.subgraphs[name]
             for r in sg.ranks:
                 sess = ort.InferenceSession(str(man.path(name, r, "fp32")), providers=["CPUExecutionProvider"])
-                outs = sess.run(None, {t.name: envs[r][t.name] for t in sg.inputs})
+                outs = sess.run(None, {t.name: envs[r][t.name] for t in sg.inputs} |
+                                man.weight_input_arrays(name, r, "float32"))
                 envs[r].update(zip([t.name for t in sg.outputs], outs))
         elif isinstance(step, BroadcastStep):
             for env in envs:
@@ -146,7 +148,8 @@ def test_bf16_graphs_on_reference_evaluator(name, tp, rank, names, exported, che
         want = want if isinstance(want, tuple) else (want,)
         model = onnx.load(str(man.path(sg_name, rank, "bf16")))  # external data loaded from beside it
         got = ReferenceEvaluator(model).run(None, {k: to_numpy(v, s.dtype)
-                                                   for (k, v), s in zip(typed.items(), sg.inputs)})
+                                                   for (k, v), s in zip(typed.items(), sg.inputs)} |
+                                            man.weight_input_arrays(sg_name, rank, "bfloat16"))
         for g_, w, spec in zip(got, want, sg.outputs):
             assert (g_.dtype == ml_dtypes.bfloat16) == (spec.dtype == "bfloat16"), (sg_name, spec)
             w = w.float().numpy()
@@ -186,9 +189,16 @@ def test_manifest_contents(exported):
         for n in ([s["name"]] if s["op"] == "subgraph" and "variants" not in s else s.get("variants", {}).values()):
             assert n in d["subgraphs"]
     assert d["subgraphs"]["head"]["ranks"] == [0] and d["subgraphs"]["embed"]["ranks"] == [0]
-    # Both MoE forms of a layer-rank read one weights file: the experts are stored once.
-    g = d["subgraphs"]["layers.0.moe_gather"]["files"]["1"]["bf16"]["weights"]
-    assert g == d["subgraphs"]["layers.0.moe_dense"]["files"]["1"]["bf16"]["weights"]
+    # Both MoE forms of a layer-rank read one weights file, and take the experts as inputs at the
+    # same bytes of it: stored once on disk, loaded once per GPU.
+    g = d["subgraphs"]["layers.0.moe_gather"]["files"]["1"]["bf16"]
+    dense = d["subgraphs"]["layers.0.moe_dense"]["files"]["1"]["bf16"]
+    assert g["weights"] == dense["weights"] and g["inputs_at"] == dense["inputs_at"]
+    assert set(g["inputs_at"]) == {"w13", "w2"} and [t["name"] for t in d["subgraphs"]["layers.0.moe_gather"]
+                                                      ["weight_inputs"]] == ["w13", "w2"]
+    graph = onnx.load(str(man.path("layers.0.moe_gather", 1)), load_external_data=False)
+    assert [i.name for i in graph.graph.input][-2:] == ["w13", "w2"]
+    assert not {"w13", "w2"} & {t.name for t in graph.graph.initializer}
     # The typed contract reads back what was written, and writes it again the same.
     assert man.to_json() == d
     assert isinstance(man.steps[0], SubgraphStep) and man.subgraphs["head"].ranks == (0,)

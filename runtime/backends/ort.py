@@ -16,17 +16,28 @@ class OrtBackend:
         if not manifest.fp32_twins:
             raise ManifestError("the ort backend runs the FP32 twins, and this export has none "
                                 "(exported with --no-fp32-twins)")
-        if verify:
-            manifest.verify(ranks=[rank], kinds=("fp32",))
+        if verify:  # the twins, and the bf16 files the experts (weight inputs) are read from
+            manifest.verify(ranks=[rank], kinds=("fp32", "bf16"))
         self.dtype, self.device = torch.float32, torch.device("cpu")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        self.sessions = {}
-        for name in manifest.on_rank(rank):
+        self.sessions, self.weights = {}, {}
+        loaded: dict[tuple, np.ndarray] = {}  # (file, offset) -> array: both MoE forms share one copy
+        for name, sg in manifest.on_rank(rank).items():
             self.sessions[name] = ort.InferenceSession(str(manifest.path(name, rank, "fp32")), opts,
                                                        providers=["CPUExecutionProvider"])
+            if sg.weight_inputs:
+                files = manifest.graph_files(name, rank, "bf16")
+                arrays = None
+                self.weights[name] = {}
+                for spec in sg.weight_inputs:
+                    key = (files.weights, files.inputs_at[spec.name][0])
+                    if key not in loaded:
+                        arrays = arrays or manifest.weight_input_arrays(name, rank, "float32")
+                        loaded[key] = arrays[spec.name]
+                    self.weights[name][spec.name] = loaded[key]
         self.outputs = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
 
     def run(self, name: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        feed = {k: np.ascontiguousarray(v.numpy()) for k, v in inputs.items()}
+        feed = {k: np.ascontiguousarray(v.numpy()) for k, v in inputs.items()} | self.weights.get(name, {})
         return {k: torch.from_numpy(v) for k, v in zip(self.outputs[name], self.sessions[name].run(None, feed))}

@@ -60,12 +60,12 @@ def engine_io(trt, engine) -> tuple[list[str], list[str], dict[str, str]]:
 
 
 def check_against_manifest(name: str, sg: SubgraphSpec, inputs, outputs, dtypes) -> None:
-    want_in = [t.name for t in sg.inputs]
+    want_in = [t.name for t in sg.inputs + sg.weight_inputs]
     want_out = [t.name for t in sg.outputs]
     if sorted(inputs) != sorted(want_in) or sorted(outputs) != sorted(want_out):
         raise ManifestError(f"engine {name}: I/O {inputs} -> {outputs} does not match the manifest's "
                             f"{want_in} -> {want_out}; rebuild the engines")
-    for t in sg.inputs + sg.outputs:
+    for t in sg.inputs + sg.weight_inputs + sg.outputs:
         if dtypes[t.name] != _MANIFEST_DTYPE[t.dtype]:
             raise ManifestError(f"engine {name}: {t.name} is {dtypes[t.name]}, the manifest says {t.dtype}")
 
@@ -133,6 +133,8 @@ class TrtBackend:
         self.trt = trt
         self.logger, self.runtime = make_runtime(trt, built.settings.get("version_compatible", False))
         self.engines: dict[str, LoadedEngine] = {}
+        self.weights: dict[str, dict[str, torch.Tensor]] = {}
+        self.device_weights: dict[tuple, torch.Tensor] = {}  # (weights file, offset) -> device tensor
         for name, sg in manifest.on_rank(rank).items():
             engine_rel = engine_file(name, rank)
             record = built.engines.get(engine_rel)
@@ -145,6 +147,17 @@ class TrtBackend:
             le = load_engine(trt, self.runtime, (engines_dir / engine_rel).read_bytes(), name, record)
             check_against_manifest(name, sg, le.inputs, le.outputs, le.dtypes)
             self.engines[name] = le
+            if sg.weight_inputs:  # the experts: loaded once, one device buffer bound to both MoE forms
+                files = manifest.graph_files(name, rank, "bf16")
+                arrays = None
+                self.weights[name] = {}
+                for spec in sg.weight_inputs:
+                    key = (files.weights, files.inputs_at[spec.name][0])
+                    if key not in self.device_weights:
+                        arrays = arrays or manifest.weight_input_arrays(name, rank, "bfloat16")
+                        host = torch.from_numpy(arrays[spec.name].view("int16")).view(torch.bfloat16)
+                        self.device_weights[key] = host.to(self.device)
+                    self.weights[name][spec.name] = self.device_weights[key]
         scratch = max((e.scratch_bytes for e in self.engines.values()), default=0)
         self.scratch = torch.empty(max(scratch, 1), dtype=torch.uint8, device=self.device)
         bind_scratch(list(self.engines.values()), self.scratch.data_ptr(), scratch)
@@ -155,7 +168,7 @@ class TrtBackend:
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
-            out = enqueue(self.engines[name], tokens, inputs,
+            out = enqueue(self.engines[name], tokens, inputs | self.weights.get(name, {}),
                           lambda shape, dtype: torch.empty(shape, dtype=dtype, device=self.device),
                           self.stream.cuda_stream)
         current.wait_stream(self.stream)
