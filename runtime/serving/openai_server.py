@@ -95,8 +95,8 @@ def _render_messages(messages: list[dict]) -> list[dict]:
 class OpenAIServer:
     def __init__(self, engine: LLMEngine, model_name: str):
         self.engine, self.codec, self.model_name = engine, engine.codec, model_name
-        self.loop = ServingLoop(engine, "openai-serve", on_step=lambda n: self.metrics.batch.observe(n))
-        self.metrics = Metrics(engine, lambda: self.loop)
+        self.metrics = Metrics(engine, lambda: self.loop)  # the loop is read lazily, by the gauges
+        self.loop = ServingLoop(engine, "openai-serve", on_step=self.metrics.batch.observe)
         self.app = self._make_app()
 
     # ---- requests -> engine requests ----------------------------------------------------------
