@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from export.config import ModelConfig
+from export.sharding import Shard
 
 GB = 1e9
 CONTEXT_RESERVE = 1.5e9  # CUDA context, cuBLAS/NCCL workspaces, the allocator's slack
@@ -51,8 +52,9 @@ class RankMemory:
 
 def layer_rank_bytes(cfg: ModelConfig, tp: int, expert_split: str = "intermediate") -> int:
     H, q, kv = cfg.hidden_size, cfg.q_size // tp, cfg.kv_size // tp
-    experts = cfg.num_experts // tp if expert_split == "expert" else cfg.num_experts
-    inter = cfg.intermediate_size if expert_split == "expert" else cfg.intermediate_size // tp
+    e0, e1 = Shard(tp, 0, expert_split).expert_range(cfg)
+    i0, i1 = Shard(tp, 0, expert_split).inter_range(cfg)
+    experts, inter = e1 - e0, i1 - i0
     attention = (q * H + 2 * kv * H + H * q) * 2 + (q + kv) * 2 + 2 * H * 2  # projections, qk norms, layer norms
     router = cfg.num_experts * H * 4 + cfg.num_experts * 4
     return attention + router + experts * 3 * inter * H * 2

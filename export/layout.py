@@ -26,9 +26,6 @@ class GraphLayout:
     subgraphs: list[SubgraphSpec] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
 
-    def by_name(self) -> dict[str, SubgraphSpec]:
-        return {s.name: s for s in self.subgraphs}
-
 
 def default_crossover(cfg: ModelConfig) -> int:
     """Token count up to which the gather MoE form runs. Where T*k reaches E the gather form reads as
@@ -47,8 +44,9 @@ def make_layout(cfg: ModelConfig, tp: int = 1, expert_split: str = "intermediate
 
     # The experts, per rank: every expert's slice (intermediate split) or this rank's whole experts.
     # They are inputs of the MoE subgraphs, not constants: both forms bind one device copy.
-    e_local = cfg.num_experts // tp if expert_split == "expert" else cfg.num_experts
-    i_local = cfg.intermediate_size if expert_split == "expert" else cfg.intermediate_size // tp
+    e0, e1 = Shard(tp, 0, expert_split).expert_range(cfg)
+    i0, i1 = Shard(tp, 0, expert_split).inter_range(cfg)
+    e_local, i_local = e1 - e0, i1 - i0
 
     def experts(prefix: str) -> tuple[TensorSpec, ...]:
         return (TensorSpec(prefix + "w13", bf, (e_local, 2 * i_local, H)),

@@ -275,6 +275,20 @@ class Manifest:
             out[spec.name] = a.astype(np.float32) if dtype == "float32" else a
         return out
 
+    def weight_inputs(self, rank: int, dtype: str = "bfloat16") -> dict[str, dict]:
+        """Every weight input of the rank's subgraphs, read once per (file, offset): both MoE forms of
+        a layer-rank get the very same arrays (subgraph -> name -> array)."""
+        loaded, out = {}, {}
+        for name, sg in self.on_rank(rank).items():
+            if not sg.weight_inputs:
+                continue
+            files = self.graph_files(name, rank, "bf16")
+            keys = {s.name: (files.weights, files.inputs_at[s.name][0]) for s in sg.weight_inputs}
+            if not all(k in loaded for k in keys.values()):
+                loaded.update({keys[n]: a for n, a in self.weight_input_arrays(name, rank, dtype).items()})
+            out[name] = {n: loaded[k] for n, k in keys.items()}
+        return out
+
     def checkpoint_dir(self) -> Path:
         """The checkpoint beside the export (moved together) if there, else where it was exported from."""
         near = self.root / self.checkpoint_relative if self.checkpoint_relative else None

@@ -199,6 +199,8 @@ def test_manifest_contents(exported):
     graph = onnx.load(str(man.path("layers.0.moe_gather", 1)), load_external_data=False)
     assert [i.name for i in graph.graph.input][-2:] == ["w13", "w2"]
     assert not {"w13", "w2"} & {t.name for t in graph.graph.initializer}
+    shared = man.weight_inputs(1)  # what the runtime binds: one array for both forms
+    assert shared["layers.0.moe_gather"]["w13"] is shared["layers.0.moe_dense"]["w13"]
     # The typed contract reads back what was written, and writes it again the same.
     assert man.to_json() == d
     assert isinstance(man.steps[0], SubgraphStep) and man.subgraphs["head"].ranks == (0,)

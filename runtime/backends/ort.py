@@ -21,21 +21,10 @@ class OrtBackend:
         self.dtype, self.device = torch.float32, torch.device("cpu")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        self.sessions, self.weights = {}, {}
-        loaded: dict[tuple, np.ndarray] = {}  # (file, offset) -> array: both MoE forms share one copy
-        for name, sg in manifest.on_rank(rank).items():
-            self.sessions[name] = ort.InferenceSession(str(manifest.path(name, rank, "fp32")), opts,
-                                                       providers=["CPUExecutionProvider"])
-            if sg.weight_inputs:
-                files = manifest.graph_files(name, rank, "bf16")
-                arrays = None
-                self.weights[name] = {}
-                for spec in sg.weight_inputs:
-                    key = (files.weights, files.inputs_at[spec.name][0])
-                    if key not in loaded:
-                        arrays = arrays or manifest.weight_input_arrays(name, rank, "float32")
-                        loaded[key] = arrays[spec.name]
-                    self.weights[name][spec.name] = loaded[key]
+        self.sessions = {name: ort.InferenceSession(str(manifest.path(name, rank, "fp32")), opts,
+                                                    providers=["CPUExecutionProvider"])
+                         for name in manifest.on_rank(rank)}
+        self.weights = manifest.weight_inputs(rank, "float32")  # the experts, one copy for both MoE forms
         self.outputs = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
 
     def run(self, name: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

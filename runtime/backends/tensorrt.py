@@ -128,13 +128,11 @@ class TrtBackend:
         if built.settings.get("tensorrt") == "tensorrt-rtx":
             raise ManifestError(f"{engines_dir}: these are TensorRT-RTX engines ({built.tensorrt_version}, built ahead "
                                 "of time to check the graphs); they do not load in TensorRT 11. Build the serving "
-                                "engines on the A100 machine: `make engines ... ENGINE_FLAGS=--tensorrt tensorrt`")
+                                "engines on the A100 machine: `make engines ... TENSORRT=tensorrt`")
         self.dtype, self.device = torch.bfloat16, torch.device(device)
         self.trt = trt
         self.logger, self.runtime = make_runtime(trt, built.settings.get("version_compatible", False))
         self.engines: dict[str, LoadedEngine] = {}
-        self.weights: dict[str, dict[str, torch.Tensor]] = {}
-        self.device_weights: dict[tuple, torch.Tensor] = {}  # (weights file, offset) -> device tensor
         for name, sg in manifest.on_rank(rank).items():
             engine_rel = engine_file(name, rank)
             record = built.engines.get(engine_rel)
@@ -147,17 +145,14 @@ class TrtBackend:
             le = load_engine(trt, self.runtime, (engines_dir / engine_rel).read_bytes(), name, record)
             check_against_manifest(name, sg, le.inputs, le.outputs, le.dtypes)
             self.engines[name] = le
-            if sg.weight_inputs:  # the experts: loaded once, one device buffer bound to both MoE forms
-                files = manifest.graph_files(name, rank, "bf16")
-                arrays = None
-                self.weights[name] = {}
-                for spec in sg.weight_inputs:
-                    key = (files.weights, files.inputs_at[spec.name][0])
-                    if key not in self.device_weights:
-                        arrays = arrays or manifest.weight_input_arrays(name, rank, "bfloat16")
-                        host = torch.from_numpy(arrays[spec.name].view("int16")).view(torch.bfloat16)
-                        self.device_weights[key] = host.to(self.device)
-                    self.weights[name][spec.name] = self.device_weights[key]
+        # The experts: one device buffer per host array, bound to both MoE forms.
+        on_device: dict[int, torch.Tensor] = {}
+        self.weights: dict[str, dict[str, torch.Tensor]] = {}
+        for name, arrays in manifest.weight_inputs(rank, "bfloat16").items():
+            for n, a in arrays.items():
+                if id(a) not in on_device:
+                    on_device[id(a)] = torch.from_numpy(a.view("int16")).view(torch.bfloat16).to(self.device)
+                self.weights.setdefault(name, {})[n] = on_device[id(a)]
         scratch = max((e.scratch_bytes for e in self.engines.values()), default=0)
         self.scratch = torch.empty(max(scratch, 1), dtype=torch.uint8, device=self.device)
         bind_scratch(list(self.engines.values()), self.scratch.data_ptr(), scratch)
