@@ -17,6 +17,12 @@ CROSSOVER   := $(BUILD)/bench/moe_crossover.json
 # Which TensorRT builds the engines: auto (TensorRT 11 if installed, else TensorRT-RTX ahead of time
 # for SM80, whose engines check the graphs but do not load in TensorRT 11), tensorrt, tensorrt-rtx.
 TENSORRT    ?= auto
+# Export settings shared by `make onnx`, `make engines` and the preflight (empty: the tools' defaults).
+JOBS        ?=
+MAX_TOKENS  ?=
+TWINS       ?=
+EXPORT_ARGS  = $(if $(JOBS),--jobs $(JOBS)) $(if $(MAX_TOKENS),--max-tokens $(MAX_TOKENS)) \
+               $(if $(wildcard $(CROSSOVER)),--moe-crossover-file $(CROSSOVER))
 
 .PHONY: help setup tiny demo chat generate onnx engines verify-engines serve triton triton-server triton-serve bench bench-cpu test test-gpu clean
 
@@ -26,9 +32,12 @@ help:
 	@echo "make test      set up and run the test suite (CPU only)"
 	@echo "make tiny      write the embedded toy MiniMax-M2 checkpoint to $(TINY)"
 	@echo "make generate  MODEL=<checkpoint> IDS=1,5,9 N=16: greedy tokens from the PyTorch model"
-	@echo "make onnx      MODEL=<checkpoint> TP=<n> [OUT=<dir>]: per-layer ONNX subgraphs + manifest"
-	@echo "               (default: the embedded checkpoint, TP=1, OUT=build/<model>/onnx)"
-	@echo "make engines   MODEL=<checkpoint> TP=<n> [OUT=<export dir>]: export if needed, then SM80 TensorRT engines"
+	@echo "make onnx      MODEL=<checkpoint> TP=<n> [OUT=<dir>] [JOBS=n] [TWINS=auto|on|off]: per-layer ONNX"
+	@echo "               subgraphs + manifest (default: the embedded checkpoint, TP=1, OUT=build/<model>/onnx;"
+	@echo "               FP32 twins for ONNX Runtime on CPU only where a CPU run fits, unless TWINS says)"
+	@echo "make engines   MODEL=<checkpoint> TP=<n> [OUT=<export dir>] [JOBS=n] [MAX_TOKENS=n] [TWINS=on] [DRY_RUN=1]:"
+	@echo "               preflight (disk, RAM, TensorRT, GPU memory; DRY_RUN=1 stops there), export if needed"
+	@echo "               (no FP32 twins unless TWINS=on), then SM80 TensorRT engines; resumes where it stopped"
 	@echo "               (TensorRT 11 + GPU; TENSORRT=tensorrt-rtx: TensorRT-RTX, ahead of time, no GPU)"
 	@echo "make verify-engines MODEL=<checkpoint> TP=<n> [OUT=<export dir>]: every engine against ONNX Runtime (polygraphy)"
 	@echo "make serve     MODEL=<checkpoint> TP=<n> [PORT=8000] [SERVE_FLAGS=...]: export if needed, then the"
@@ -61,15 +70,19 @@ generate: setup
 # The embedded checkpoint is written first when it is the one asked for.
 # The MoE crossover `make bench` measured is an explicit input (used when it fits the model's shape).
 onnx: setup $(if $(filter $(MODEL),$(TINY)),$(TINY)/config.json)
-	$(BIN)/python -m export.to_onnx $(MODEL) --tp $(TP) --out $(EXPORT_DIR) \
-		$(if $(wildcard $(CROSSOVER)),--moe-crossover-file $(CROSSOVER)) $(EXPORT_FLAGS)
+	$(BIN)/python -m export.to_onnx $(MODEL) --tp $(TP) --out $(EXPORT_DIR) $(EXPORT_ARGS) \
+		$(if $(TWINS),--fp32-twins $(TWINS)) $(EXPORT_FLAGS)
 
-# Checks for TensorRT (and, for TensorRT 11, an SM80+ GPU) first, so that nothing is written without them;
-# then the export (up-to-date parts are skipped), then the engines.
+# TensorRT first, then the preflight (disk, RAM and GPU memory against the plan; nothing is written
+# when something does not fit), then the export (up-to-date layer-ranks are skipped; no FP32 twins unless
+# TWINS=on), then the engines (up-to-date engines are skipped). A rerun resumes an interrupted one.
 engines: setup
 	$(BIN)/python -m engines.build --check-env --tensorrt $(TENSORRT)
-	$(MAKE) --no-print-directory onnx
-	$(BIN)/python -m engines.build $(EXPORT) --tensorrt $(TENSORRT) $(ENGINE_FLAGS)
+	$(if $(filter $(MODEL),$(TINY)),$(MAKE) --no-print-directory tiny)
+	$(BIN)/python -m engines.preflight $(MODEL) --tp $(TP) --out $(EXPORT_DIR) --tensorrt $(TENSORRT) \
+		--fp32-twins $(or $(TWINS),off) $(EXPORT_ARGS)
+	$(if $(DRY_RUN),@true,$(MAKE) --no-print-directory onnx TWINS=$(or $(TWINS),off))
+	$(if $(DRY_RUN),@true,$(BIN)/python -m engines.build $(EXPORT) --tensorrt $(TENSORRT) $(ENGINE_FLAGS))
 
 verify-engines: setup
 	$(BIN)/python -m engines.verify $(EXPORT)

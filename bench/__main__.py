@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", help=f"comma-separated, from {CPU_PARTS + GPU_PARTS} (default: all that can run)")
     ap.add_argument("--cpu", action="store_true", help="the CPU parts, then the summary JSON line")
     ap.add_argument("--layers", type=int, default=4, help="layers of the real-width model in the step part")
+    ap.add_argument("--export-layers", type=int, default=1, help="layers of the real-width model the export part exports")
+    ap.add_argument("--export-jobs", help="comma-separated job counts for the export part (default: 1 and the default)")
     a = ap.parse_args(argv)
     gpu = torch.cuda.is_available()
     parts = a.parts.split(",") if a.parts else CPU_PARTS if a.cpu else CPU_PARTS + (GPU_PARTS if gpu else [])
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {}
     if "export" in parts:
         from . import export
-        row = export.run(res)
+        row = export.run(res, a.export_layers, [int(j) for j in a.export_jobs.split(",")] if a.export_jobs else None)
         summary |= {"export_time_vs_floor": row["time_vs_floor"], "export_peak_rss_gb": row["peak_rss_gb"],
                     "export_rss_limit_gb": row["rss_limit_gb"]}
     from . import moe

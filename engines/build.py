@@ -148,6 +148,8 @@ def run_build(rt: TensorRT, manifest: Manifest, plan: BuildPlan, out: Path, sett
 
     out.mkdir(parents=True, exist_ok=True)
     index = EnginesIndex.load(out, missing_ok=True)
+    index.tensorrt_version, index.settings = rt.version, asdict(settings) | {"tensorrt": rt.kind}
+    index.manifest_sha256 = manifest.files_digest()
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_gpu_worker, args=(rt.kind, g, jobs, str(manifest.root), str(out), settings,
@@ -163,6 +165,7 @@ def run_build(rt: TensorRT, manifest: Manifest, plan: BuildPlan, out: Path, sett
             if kind == "built":
                 index.engines[what] = jobs[what].record
                 index.engines[what].build_seconds = round(detail, 1)
+                index.save(out)  # after every engine: an interrupted build resumes from here
                 bar.update()
             elif kind == "error":
                 errors.append(f"{what}: {detail}")
@@ -182,8 +185,6 @@ def run_build(rt: TensorRT, manifest: Manifest, plan: BuildPlan, out: Path, sett
         cache.combine(config.create_timing_cache(f.read_bytes()), True)
         f.unlink()
     write_bytes_atomic(out / TIMING_CACHE, bytes(cache.serialize()))
-    index.tensorrt_version, index.settings = rt.version, asdict(settings) | {"tensorrt": rt.kind}
-    index.manifest_sha256 = manifest.files_digest()
     index.save(out)
     if errors:
         raise BuildError("\n".join(errors))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from export.config import ModelConfig
-from export.sharding import Shard
+from export.preflight import layer_rank_bytes
 
 GB = 1e9
 CONTEXT_RESERVE = 1.5e9  # CUDA context, cuBLAS/NCCL workspaces, the allocator's slack
@@ -48,16 +48,6 @@ class RankMemory:
     @property
     def kv_tokens(self) -> int:
         return self.kv_cache // self.kv_per_token
-
-
-def layer_rank_bytes(cfg: ModelConfig, tp: int, expert_split: str = "intermediate") -> int:
-    H, q, kv = cfg.hidden_size, cfg.q_size // tp, cfg.kv_size // tp
-    e0, e1 = Shard(tp, 0, expert_split).expert_range(cfg)
-    i0, i1 = Shard(tp, 0, expert_split).inter_range(cfg)
-    experts, inter = e1 - e0, i1 - i0
-    attention = (q * H + 2 * kv * H + H * q) * 2 + (q + kv) * 2 + 2 * H * 2  # projections, qk norms, layer norms
-    router = cfg.num_experts * H * 4 + cfg.num_experts * 4
-    return attention + router + experts * 3 * inter * H * 2
 
 
 def scratch_bytes(cfg: ModelConfig, tp: int, max_tokens: int, batch: int, crossover: int) -> int:

@@ -2,20 +2,43 @@
 
     python -m engines.verify build/<model>/onnx/tp<N> [--engines DIR] [--tokens 1,7,300]
 
-For each engine and token count: random inputs, the engine run in BF16 (TensorRT) and the FP32 twin
-on ONNX Runtime (CPU has no BF16 MatMul), compared with a BF16 tolerance (rtol and atol 2^-5 of the
-output's scale: a few BF16 roundings through a layer).
+For each engine and token count: random inputs (and the subgraph's weight inputs, the experts, from
+the export), the engine run in BF16 (TensorRT) and the FP32 twin on ONNX Runtime (CPU has no BF16
+MatMul), compared with a BF16 tolerance (rtol and atol 2^-5 of the output's scale: a few BF16
+roundings through a layer). Exports without twins (`make engines` writes none) get each twin made
+in a temporary folder for its check.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from export.layout import random_inputs
 from export.manifest import Manifest
+
+
+@contextlib.contextmanager
+def fp32_twin(man: Manifest, subgraph: str, rank: int):
+    """The export's twin of a subgraph, or one made from its BF16 graph in a temporary folder."""
+    if "fp32" in man.subgraphs[subgraph].files[rank]:
+        yield man.path(subgraph, rank, "fp32")
+        return
+    import onnx
+
+    from export import surgery
+    bf16 = man.path(subgraph, rank, "bf16")
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = surgery.WeightsFile(Path(tmp) / "twin.weights")
+        twin = surgery.fp32_twin(onnx.load(str(bf16), load_external_data=False), bf16.parent, weights)
+        weights.close()
+        surgery.save(twin, Path(tmp) / "twin.onnx")
+        yield Path(tmp) / "twin.onnx"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,23 +66,25 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for engine_rel, rec in sorted(records.items()):
         sg = man.subgraphs[rec.subgraph]
-        twin = man.path(rec.subgraph, rec.rank, "fp32")
-        for t in (int(x) for x in a.tokens.split(",")):
-            if not any(p.min <= t <= p.max for p in rec.profiles):
-                continue
-            feed = random_inputs(sg.inputs, t, man.config.vocab_size, seed=t)
-            results = RunResults()
-            with TrtRunner(EngineFromBytes((out / engine_rel).read_bytes())) as trt_runner:
-                trt_in = {k: (v.bfloat16().cuda() if s.dtype == "bfloat16" else v.cuda())
-                          for (k, v), s in zip(feed.items(), sg.inputs)}
-                trt_out = trt_runner.infer(trt_in)
-                results.append((trt_runner.name, [{k: np.asarray(v.float().cpu()) for k, v in trt_out.items()}]))
-            with OnnxrtRunner(SessionFromOnnx(str(twin))) as ort_runner:
-                ort_out = ort_runner.infer({k: v.numpy() for k, v in feed.items()})
-                results.append((ort_runner.name, [dict(ort_out)]))
-            ok = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(rtol=2 ** -5, atol=2 ** -5))
-            failures += not bool(ok)
-            print(f"{'ok  ' if ok else 'FAIL'} {engine_rel} T={t}")
+        weights = man.weight_input_arrays(rec.subgraph, rec.rank, "float32")  # the experts, as the runtime binds them
+        with fp32_twin(man, rec.subgraph, rec.rank) as twin:
+            for t in (int(x) for x in a.tokens.split(",")):
+                if not any(p.min <= t <= p.max for p in rec.profiles):
+                    continue
+                feed = random_inputs(sg.inputs, t, man.config.vocab_size, seed=t)
+                feed |= {k: torch.from_numpy(v) for k, v in weights.items()}
+                dtypes = {s.name: s.dtype for s in list(sg.inputs) + list(sg.weight_inputs)}
+                results = RunResults()
+                with TrtRunner(EngineFromBytes((out / engine_rel).read_bytes())) as trt_runner:
+                    trt_in = {k: (v.bfloat16().cuda() if dtypes[k] == "bfloat16" else v.cuda()) for k, v in feed.items()}
+                    trt_out = trt_runner.infer(trt_in)
+                    results.append((trt_runner.name, [{k: np.asarray(v.float().cpu()) for k, v in trt_out.items()}]))
+                with OnnxrtRunner(SessionFromOnnx(str(twin))) as ort_runner:
+                    ort_out = ort_runner.infer({k: v.numpy() for k, v in feed.items()})
+                    results.append((ort_runner.name, [dict(ort_out)]))
+                ok = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(rtol=2 ** -5, atol=2 ** -5))
+                failures += not bool(ok)
+                print(f"{'ok  ' if ok else 'FAIL'} {engine_rel} T={t}")
     print(f"{failures} failure(s)")
     return 1 if failures else 0
 

@@ -1,48 +1,44 @@
 """Export a MiniMax-M2 checkpoint to per-layer ONNX subgraphs for every tensor-parallel rank.
 
-    python -m export.to_onnx CHECKPOINT [--tp 8] [--out build/<model>/onnx]
+    python -m export.to_onnx CHECKPOINT [--tp 8] [--out build/<model>/onnx] [--jobs N] [--dry-run]
 
 writes <out>/tp<N>/rank<r>/<subgraph>.onnx (BF16, what TensorRT builds) with its weights as
-external data, an FP32 twin <subgraph>.fp32.onnx (what ONNX Runtime runs on CPU), and
-<out>/tp<N>/manifest.json. One layer-rank of weights is in memory at a time. Each layer-rank is
-written to a temporary folder, checked (onnx.checker with shape inference, TensorRT op support),
-moved into place, and only then stamped; the manifest is removed when an export starts and written
-last. So an interrupted export leaves nothing a later run trusts, and a rerun redoes only what has
-no valid stamp.
+external data, and <out>/tp<N>/manifest.json. FP32 twins (<subgraph>.fp32.onnx, what ONNX Runtime
+runs on CPU) are written for models small enough for a CPU run, or with --fp32-twins on; `make
+engines` and big models do without them.
+
+Before anything is written, a preflight (export/preflight.py) checks the free disk at the output
+and the RAM for the jobs from the config alone; --dry-run prints it and stops. Layer-ranks are
+exported by --jobs worker processes side by side (the output is byte-identical to one job), each
+written to a temporary folder, checked, moved into place, and only then stamped; the manifest is
+removed when an export starts and written last. So an interrupted export leaves nothing a later run
+trusts, and a rerun redoes only what has no valid stamp.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
 import shutil
 import sys
 import time
-from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from . import surgery
-from .checkpoint import Checkpoint, CheckpointError
+from . import preflight, surgery
+from .checkpoint import Checkpoint, CheckpointError, check_names
 from .config import ConfigError
-from .atomic import sha256_file, write_json_atomic
-from .manifest import FORMAT_VERSION, MANIFEST, FileRecord, GraphFiles, Manifest, SubgraphSpec
-from .paths import export_dir, tp_dir
+from .jobs import run_parallel
 from .layout import GraphLayout, default_crossover, make_layout
-from .pieces import build_modules
+from .manifest import MANIFEST, FileRecord, GraphFiles, Manifest, SubgraphSpec
+from .paths import export_dir, tp_dir
 from .sharding import EXPERT_SPLITS, ShardingError
 from .text_config import TEXT_FILES
-from .trt_support import check_model
+from .unit import ExportError, UnitTask, code_hash, export_unit, unit_key, unit_shards, valid_stamp
 
-DTYPE = torch.bfloat16
 DEFAULT_MAX_TOKENS = 8192  # largest token count per step the engines' profiles must cover
-
-
-class ExportError(RuntimeError):
-    """A traced graph failed a check."""
+TWINS = ("auto", "on", "off")
 
 
 def measured_crossover(path: Path, cfg, tp: int, expert_split: str) -> tuple[int, str] | None:
@@ -55,90 +51,48 @@ def measured_crossover(path: Path, cfg, tp: int, expert_split: str) -> tuple[int
     return d["moe_crossover_tokens"], f"measured by make bench on {d['measured_on']}"
 
 
-def _code_hash() -> str:
-    h = hashlib.sha256()
-    for f in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(f.name.encode() + f.read_bytes())
-    return h.hexdigest()
+@dataclass
+class ExportPlan:
+    """What an export will do, decided before anything is written."""
+    ckpt: Checkpoint
+    layout: GraphLayout
+    root: Path
+    twins: bool
+    twins_source: str
+    crossover: int
+    crossover_source: str
+    max_tokens: int
+    jobs: int
+    estimate: preflight.ExportEstimate
+    specs: dict[tuple[str, int], list[SubgraphSpec]]
+    stamps: dict[tuple[str, int], dict] = field(default_factory=dict)  # units already exported
+    todo: list[UnitTask] = field(default_factory=list)
+    seconds: float = 0.0  # the run's export time, once run
+
+    @property
+    def needs(self) -> list[preflight.Need]:
+        return preflight.export_needs(self.estimate, self.root, self.twins, self.jobs, set(self.stamps))
+
+    def report(self, needs: bool = True) -> str:
+        est, tp = self.estimate, self.layout.tp
+        lines = [f"export of {self.ckpt.dir} at TP={tp} to {self.root}",
+                 f"  BF16 graphs: {est.total(False) / preflight.GB:.2f} GB ({preflight.per_rank_line(est, False)})",
+                 f"  FP32 twins: {'yes' if self.twins else 'no'} ({self.twins_source})"
+                 + (f", {(est.total(True) - est.total(False)) / preflight.GB:.2f} GB" if self.twins else ""),
+                 f"  layer-ranks: {len(self.todo)} to export, {len(self.stamps)} up to date; {self.jobs} job(s)"]
+        return "\n".join(lines + ([preflight.table(self.needs)] if needs else []))
 
 
-def _tensor_prefixes(unit: str) -> tuple[str, ...]:
-    if unit == "embed":
-        return ("model.embed_tokens.",)
-    if unit == "head":
-        return ("model.norm.", "lm_head.")
-    return (f"model.{unit}.",)
-
-
-def unit_key(ckpt: Checkpoint, layout: GraphLayout, unit: str, rank: int, twins: bool, code: str) -> str:
-    """Everything the unit's files depend on: code, settings, and the shards its tensors live in."""
-    shards = sorted({ckpt.weight_map[n] for n in ckpt.specs if n.startswith(_tensor_prefixes(unit))})
-    stats = [(s, (ckpt.dir / s).stat().st_size, (ckpt.dir / s).stat().st_mtime_ns) for s in shards]
-    blob = json.dumps([FORMAT_VERSION, code, layout.cfg.to_dict(), layout.tp, layout.expert_split, rank, unit, twins,
-                       surgery.OPSET, stats])
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def export_unit(ckpt: Checkpoint, layout: GraphLayout, unit: str, rank: int, specs: list[SubgraphSpec],
-                rank_dir: Path, twins: bool, traces: dict) -> tuple[dict[str, dict], dict[str, str]]:
-    """Write one unit's graphs into a fresh temporary folder, check them, then move them into place.
-    Returns ({subgraph: {"bf16": {"onnx", "weights"}, "fp32": {...}}}, {weights file: sha256}) with
-    paths relative to rank_dir. The big weights are streamed (export/pieces.py, stream=True): read
-    and dequantized slice by slice by a background thread while the file writes and the hashing go
-    on (all outside the GIL), never whole in memory."""
-    tmp = rank_dir / f".tmp-{unit}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    modules, chunks = build_modules(ckpt, layout, unit, rank, specs, DTYPE, stream=True)
-    files: dict[str, dict] = defaultdict(dict)
-    digests: dict[str, str] = {}
-    by_group: dict[str, list[SubgraphSpec]] = defaultdict(list)
-    for s in specs:
-        by_group[s.weights_group].append(s)
-    for group, group_specs in by_group.items():
-        weights = surgery.WeightsFile(tmp / f"{group}.weights")
-        protos, inputs_at = {}, {}
-        for s in group_specs:
-            module = modules.pop(s.name)
-            # Graphs differ between layers only in their weights; between ranks also in the expert
-            # offset (a constant) under expert parallelism.
-            key = (s.piece, s.form, getattr(getattr(module, "moe", module), "expert_offset", 0))
-            if key not in traces:
-                traces[key] = surgery.trace(module, s, layout.cfg)
-            proto, at = surgery.to_proto(traces[key], module, weights, chunks, tuple(t.name for t in s.weight_inputs))
-            protos[s.name] = surgery.tidy(proto, s)
-            inputs_at[s.name] = at
-        weights.close()
-        digests[weights.path.name] = weights.sha256
-        twin_weights = surgery.WeightsFile(tmp / f"{group}.fp32.weights") if twins else None
-        for name, proto in protos.items():
-            problems = check_model(proto)
-            if problems:
-                raise ExportError(f"{name} (rank {rank}) is outside TensorRT's ONNX support:\n  " + "\n  ".join(problems))
-            surgery.save(proto, tmp / f"{name}.onnx")
-            files[name]["bf16"] = {"onnx": f"{name}.onnx", "weights": weights.path.name, "inputs_at": inputs_at[name]}
-            if twins:
-                surgery.save(surgery.fp32_twin(proto, tmp, twin_weights), tmp / f"{name}.fp32.onnx")
-                files[name]["fp32"] = {"onnx": f"{name}.fp32.onnx", "weights": twin_weights.path.name}
-        if twins:
-            twin_weights.close()
-            digests[twin_weights.path.name] = twin_weights.sha256
-    for f in tmp.iterdir():  # weights first, graphs after: a graph never points at missing weights
-        if f.suffix == ".weights":
-            os.replace(f, rank_dir / f.name)
-    for f in tmp.iterdir():
-        os.replace(f, rank_dir / f.name)
-    tmp.rmdir()
-    return dict(files), digests
-
-
-def export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1, expert_split: str = "intermediate",
-           twins: bool = True, moe_crossover: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
-           progress: bool = True, crossover_file: str | Path | None = None) -> Path:
-    """Export (or bring up to date) and return the manifest's path. The MoE crossover is
-    `moe_crossover` if given, else the measurement in `crossover_file` when it fits this shape, else
-    experts / top_k."""
-    ckpt = Checkpoint(checkpoint)  # validates every tensor before any work
+def plan_export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1,
+                expert_split: str = "intermediate", twins: bool | None = None, moe_crossover: int | None = None,
+                max_tokens: int = DEFAULT_MAX_TOKENS, crossover_file: str | Path | None = None,
+                jobs: int | None = None, validate: bool = True) -> ExportPlan:
+    """Everything but the work: read the config and the index (and, with validate, every shard's
+    header), check the TP, choose the twins, the crossover and the job count, and find the units
+    whose stamps are current. Writes nothing."""
+    ckpt = Checkpoint(checkpoint, validate=validate)
+    if not validate:
+        check_names(ckpt.weight_map, ckpt.config, ckpt.specs)  # the index alone: no shard is opened
     layout = make_layout(ckpt.config, tp, expert_split)  # a TP that does not divide fails here
     measured = measured_crossover(crossover_file, ckpt.config, tp, expert_split) if crossover_file else None
     if moe_crossover is not None:
@@ -149,52 +103,78 @@ def export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1, e
         crossover, source = default_crossover(ckpt.config), "default: experts / top_k (not measured for this shape)"
     if crossover < 1 or max_tokens < 1:
         raise ValueError("--moe-crossover and --max-tokens must be at least 1")
-    root = tp_dir(export_dir(ckpt.dir, out), tp)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / MANIFEST).unlink(missing_ok=True)  # from here on, nothing in root is trusted until the end
-    code = _code_hash()
-    units: dict[tuple[str, int], list[SubgraphSpec]] = defaultdict(list)
+    est = preflight.estimate(layout)
+    if twins is None:
+        twins = est.auto_twins()
+        twins_source = (f"auto: a CPU run of this model takes {est.cpu_run_bytes() / preflight.GB:.1f} GB, "
+                        + ("within" if twins else "over") + f" {preflight.AUTO_TWINS_MAX_BYTES / preflight.GB:g} GB")
+    else:
+        twins_source = "asked for" if twins else "turned off"
+    specs: dict[tuple[str, int], list[SubgraphSpec]] = {}
     for s in layout.subgraphs:
         for r in s.ranks:
-            units[(s.unit, r)].append(s)
+            specs.setdefault((s.unit, r), []).append(s)
+    root = tp_dir(export_dir(ckpt.dir, out), tp)
+    code, shards = code_hash(), unit_shards(ckpt)
+    stamps, todo = {}, []
+    for unit, rank in specs:
+        task = UnitTask(unit, rank, root / f"rank{rank}", unit_key(ckpt, layout, unit, rank, code, shards[unit]))
+        stamp = valid_stamp(task, twins)
+        if stamp:
+            stamps[(unit, rank)] = stamp
+        else:
+            todo.append(task)
+    # Largest first: the embedding and the LM head do not end up last, alone, on one job.
+    todo.sort(key=lambda t: -est.units[(t.unit, t.rank)].written(twins))
+    if jobs is not None and jobs < 1:
+        raise ValueError("--jobs must be at least 1")
+    jobs = min(jobs or preflight.default_jobs(len(todo), est.total(twins, {(t.unit, t.rank) for t in todo})),
+               max(1, len(todo)))
+    return ExportPlan(ckpt, layout, root, twins, twins_source, crossover, source, max_tokens, jobs, est, specs,
+                      stamps, todo)
+
+
+def run_export(plan: ExportPlan, progress: bool = True) -> Path:
+    """Check the plan's needs, export what is not up to date, and write the manifest last."""
+    short = [n for n in plan.needs if not n.ok]
+    if short:
+        raise ExportError("preflight: " + "; ".join(n.problem for n in short))
+    layout, root, est, twins = plan.layout, plan.root, plan.estimate, plan.twins
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MANIFEST).unlink(missing_ok=True)  # from here on, nothing in root is trusted until the end
+    for task in plan.todo:
+        task.rank_dir.mkdir(exist_ok=True)
+    stamps, timings = dict(plan.stamps), []
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(units), desc=f"export tp{tp}", unit="layer-rank")
-    stamps, timings, traces = {}, [], {}
-    todo = []
-    for (unit, rank), specs in units.items():
-        rank_dir = root / f"rank{rank}"
-        rank_dir.mkdir(exist_ok=True)
-        stamp_path = rank_dir / ".stamps" / f"{unit}.json"
-        key = unit_key(ckpt, layout, unit, rank, twins, code)
-        stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else None
-        if stamp and stamp["key"] == key and all(
-                (rank_dir / f).is_file() and (rank_dir / f).stat().st_size == m["bytes"]
-                for f, m in stamp["files"].items()):
-            stamps[(unit, rank)] = stamp
-            if bar:
-                bar.update()
-        else:
-            todo.append((unit, rank, specs, rank_dir, stamp_path, key))
+        bar = tqdm(total=sum(est.units[(t.unit, t.rank)].written(twins) for t in plan.todo), unit="B",
+                   unit_scale=True, desc=f"export tp{layout.tp}, {plan.jobs} job(s)")
 
-    for unit, rank, specs, rank_dir, stamp_path, key in todo:
+    def done(task: UnitTask, stamp: dict) -> None:
+        stamps[(task.unit, task.rank)] = stamp
+        timings.append((task.unit, task.rank, stamp["seconds"]))
         if bar:
-            bar.set_postfix_str(f"{unit} rank {rank}")
-        t0 = time.perf_counter()
-        graphs, digests = export_unit(ckpt, layout, unit, rank, specs, rank_dir, twins, traces)
-        rels = {kind[k] for g in graphs.values() for kind in g.values() for k in ("onnx", "weights")}
-        stamp = {"key": key, "graphs": graphs, "seconds": round(time.perf_counter() - t0, 3),
-                 "files": {f: {"bytes": (rank_dir / f).stat().st_size,
-                               "sha256": digests.get(f) or sha256_file(rank_dir / f)} for f in sorted(rels)}}
-        write_json_atomic(stamp_path, stamp)
-        timings.append((unit, rank, stamp["seconds"]))
-        stamps[(unit, rank)] = stamp
+            bar.update(est.units[(task.unit, task.rank)].written(twins))
+            bar.set_postfix_str(f"{len(timings)}/{len(plan.todo)} layer-ranks")
+
+    t0 = time.perf_counter()
+    if plan.jobs == 1:
+        traces: dict = {}
+        for task in plan.todo:
+            done(task, export_unit(plan.ckpt, layout, task, plan.specs[(task.unit, task.rank)], twins, traces))
+    elif plan.todo:
         if bar:
-            bar.update()
+            bar.set_postfix_str("starting the jobs and tracing the graphs")
+        run_parallel(plan.ckpt, layout, plan.specs, plan.todo, twins, plan.jobs, preflight.cpu_count(), done)
+    plan.seconds = time.perf_counter() - t0
     if bar:
         bar.close()
+    return write_manifest(plan, stamps, timings)
 
+
+def write_manifest(plan: ExportPlan, stamps: dict, timings: list) -> Path:
+    layout, root, ckpt = plan.layout, plan.root, plan.ckpt
     subgraphs, files = {}, {}
     for s in layout.subgraphs:
         s.files = {r: {kind: GraphFiles(onnx=f"rank{r}/{paths['onnx']}", weights=f"rank{r}/{paths['weights']}",
@@ -211,13 +191,24 @@ def export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1, e
             shutil.copyfile(ckpt.dir / name, tmp)
             os.replace(tmp, root / name)
             text_files.append(name)
+    twins = all("fp32" in g for st in stamps.values() for g in st["graphs"].values())
     manifest = Manifest(
-        config=layout.cfg, tp=tp, expert_split=expert_split, opset=surgery.OPSET, fp32_twins=twins,
-        moe_crossover_tokens=crossover, moe_crossover_source=source, max_tokens=max_tokens, steps=layout.steps,
-        subgraphs=subgraphs, files=files, checkpoint=str(ckpt.dir.resolve()),
+        config=layout.cfg, tp=layout.tp, expert_split=layout.expert_split, opset=surgery.OPSET, fp32_twins=twins,
+        moe_crossover_tokens=plan.crossover, moe_crossover_source=plan.crossover_source, max_tokens=plan.max_tokens,
+        steps=layout.steps, subgraphs=subgraphs, files=files, checkpoint=str(ckpt.dir.resolve()),
         checkpoint_relative=os.path.relpath(ckpt.dir.resolve(), root.resolve()), text_files=text_files,
         exported=[{"unit": u, "rank": r, "seconds": s} for u, r, s in timings])
     return manifest.save(root)
+
+
+def export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1, expert_split: str = "intermediate",
+           twins: bool | None = None, moe_crossover: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
+           progress: bool = True, crossover_file: str | Path | None = None, jobs: int | None = None) -> Path:
+    """Export (or bring up to date) and return the manifest's path. twins None: auto (for models a
+    CPU can run). The MoE crossover is `moe_crossover` if given, else the measurement in
+    `crossover_file` when it fits this shape, else experts / top_k. jobs None: from cores and RAM."""
+    plan = plan_export(checkpoint, out, tp, expert_split, twins, moe_crossover, max_tokens, crossover_file, jobs)
+    return run_export(plan, progress)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,8 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="output folder (default build/<checkpoint name>/onnx)")
     ap.add_argument("--expert-split", choices=EXPERT_SPLITS, default="intermediate",
                     help="split every expert's intermediate dim across ranks, or give each rank whole experts")
-    ap.add_argument("--no-fp32-twins", action="store_true",
-                    help="skip the FP32 twins (ONNX Runtime on CPU); the full model's twins take ~900 GB")
+    ap.add_argument("--fp32-twins", choices=TWINS, default="auto",
+                    help="FP32 copies of the graphs for ONNX Runtime on CPU (`--backend ort`). auto (default): "
+                         f"only when a CPU run of the model takes at most {preflight.AUTO_TWINS_MAX_BYTES / 1e9:g} GB "
+                         "(the toy and test models; not the real one, nor `make engines`)")
+    ap.add_argument("--no-fp32-twins", dest="fp32_twins", action="store_const", const="off", help="= --fp32-twins off")
+    ap.add_argument("--jobs", type=int,
+                    help="worker processes exporting layer-ranks side by side (default: the cores, as many as "
+                         f"the available RAM holds at {preflight.JOB_RAM / 2**30:g} GiB each)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print what would be written and the preflight (disk, RAM), then stop; reads no weights")
     ap.add_argument("--moe-crossover", type=int,
                     help="largest token count that runs the gather MoE form (default: --moe-crossover-file's "
                          "measurement when it fits this expert-shard shape, else experts / top-k)")
@@ -239,14 +238,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
+    twins = {"auto": None, "on": True, "off": False}[a.fp32_twins]
     try:
-        path = export(a.checkpoint, a.out, a.tp, a.expert_split, not a.no_fp32_twins, a.moe_crossover,
-                      a.max_tokens, progress=not a.quiet, crossover_file=a.moe_crossover_file)
+        plan = plan_export(a.checkpoint, a.out, a.tp, a.expert_split, twins, a.moe_crossover, a.max_tokens,
+                           a.moe_crossover_file, a.jobs, validate=not a.dry_run)
+        if a.dry_run or not a.quiet:
+            print(plan.report(), flush=True)
+        if a.dry_run:
+            return 1 if any(not n.ok for n in plan.needs) else 0
+        path = run_export(plan, progress=not a.quiet)
+        work = sum(e["seconds"] for e in Manifest.load(path).exported)
+        if plan.todo:
+            print(f"exported {len(plan.todo)} layer-ranks in {plan.seconds:.1f} s with {plan.jobs} job(s) "
+                  f"({work:.1f} s inside the units)")
     except (CheckpointError, ConfigError, ShardingError, ExportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"wrote {path} in {time.perf_counter() - t0:.1f} s (peak RSS {peak:.2f} GiB)")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    print(f"wrote {path} in {time.perf_counter() - t0:.1f} s (peak RSS {rss:.2f} GiB"
+          + (f", largest job {workers:.2f} GiB" if workers else "") + ")")
     return 0
 
 

@@ -14,13 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from engines import build as build_mod
 from engines.plan import BuildSettings, make_build_plan
 from engines.tensorrt import TensorRT
-from export.manifest import EngineRecord, ManifestError, Profile
+from export.manifest import EngineRecord, Manifest, ManifestError, Profile
 from runtime.backends import tensorrt as trt_backend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,3 +235,26 @@ def test_trt_backend_without_engines_says_what_to_run(exported):
 
     with pytest.raises(ManifestError, match="engines.json: not found; build the engines with `make engines`"):
         LLMEngine(exported("tiny", 1).root, EngineConfig(backend="trt"))
+
+
+def test_verify_makes_the_twin_an_export_without_twins_lacks(exported, checkpoints, tmp_path):
+    """engines.verify compares engines with FP32 twins on ONNX Runtime; for an export without them
+    (what `make engines` writes) it makes each twin from the BF16 graph: the same outputs, to the
+    bit, as the export's own twin of that graph."""
+    import onnxruntime as ort
+
+    from engines.verify import fp32_twin
+    from export.layout import random_inputs
+    from export.to_onnx import export
+
+    with_twins = exported("tiny", 2)
+    without = Manifest.load(export(checkpoints["tiny"], tmp_path, tp=2, twins=False, progress=False))
+    assert not without.fp32_twins
+    for name in ("layers.1.attn_in", "layers.1.moe_gather", "head"):
+        sg = with_twins.subgraphs[name]
+        feed = {k: v.numpy() for k, v in random_inputs(sg.inputs, 5, with_twins.config.vocab_size, 0).items()}
+        feed |= with_twins.weight_input_arrays(name, 0, "float32")
+        with fp32_twin(with_twins, name, 0) as a, fp32_twin(without, name, 0) as b:
+            assert a == with_twins.path(name, 0, "fp32") and b != a
+            ra, rb = (ort.InferenceSession(str(p)).run(None, feed) for p in (a, b))
+        assert all(np.array_equal(x, y) for x, y in zip(ra, rb)), name

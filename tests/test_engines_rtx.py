@@ -67,11 +67,14 @@ def test_a_graph_tensorrt_rejects_names_node_and_op(rtx, tmp_path):
 
 def test_make_engines_here_builds_tensorrt_rtx_engines_and_the_runtime_refuses_them(checkpoints, tmp_path):
     build = tmp_path / "b"
-    r = subprocess.run(["make", "--no-print-directory", "engines", f"MODEL={checkpoints['alt']}", "TP=1",
-                        f"BUILD={build}", f"BIN={Path(sys.executable).parent}"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
+    make = ["make", "--no-print-directory", "engines", f"MODEL={checkpoints['alt']}", "TP=1", f"BUILD={build}",
+            f"BIN={Path(sys.executable).parent}"]
+    r = subprocess.run(make + ["DRY_RUN=1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "preflight: everything fits" in r.stdout and not build.exists(), r.stdout + r.stderr
+    r = subprocess.run(make, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "TensorRT-RTX engines" in r.stdout and "not in TensorRT 11" in r.stdout
+    assert not list((build / "alt" / "onnx").rglob("*.fp32.*"))  # no FP32 twins for an engine build
     engines = build / "alt" / "engines" / "tp1"
     index = EnginesIndex.load(engines)
     assert index.settings["compute_capability"] == "SM80" and len(index.engines) == 2 * 3 + 2  # attn, post x2; embed, head
@@ -84,3 +87,28 @@ def test_make_engines_here_builds_tensorrt_rtx_engines_and_the_runtime_refuses_t
         pytest.skip("no TensorRT runtime module")
     with pytest.raises(ManifestError, match="TensorRT-RTX engines .* do not load in TensorRT 11"):
         TrtBackend(man, 0, engines)
+
+
+def test_an_interrupted_build_resumes(exported, tmp_path):
+    """engines.json is written after every engine: a build killed mid-way keeps what it finished,
+    and the rerun builds only the rest."""
+    import os
+    import signal
+    import time
+
+    man = exported("tiny", 1)
+    out = tmp_path / "engines"
+    cmd = [sys.executable, "-m", "engines.build", str(man.root), "--tensorrt", "tensorrt-rtx", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "engines.json").is_file():
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the builder and its worker
+    proc.wait()
+    total = 3 * 3 + 2  # attn, post x2 per layer; embed, head
+    kept = len(EnginesIndex.load(out).engines)
+    assert 1 <= kept < total, "the kill should land mid-build"
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert f"{total - kept} to build, {kept} up to date" in r.stdout
+    assert len(EnginesIndex.load(out).engines) == total

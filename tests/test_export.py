@@ -250,6 +250,28 @@ def test_rerun_skips_and_is_deterministic(exported, checkpoints, tmp_path):
     assert fresh.files == first.files  # same bytes from a clean export
 
 
+def test_parallel_jobs_write_the_same_bytes(exported, checkpoints, tmp_path):
+    """Two worker processes (traces made once, in the parent) against the one-process export."""
+    one = exported("tiny", 2)
+    two = Manifest.load(export(checkpoints["tiny"], tmp_path, tp=2, progress=False, jobs=2))
+    assert two.files == one.files and len(two.exported) == 8
+    assert {(e["unit"], e["rank"]) for e in two.exported} == {(e["unit"], e["rank"]) for e in one.exported}
+
+
+def test_twins_only_when_asked_and_added_later(checkpoints, tmp_path):
+    """twins=False writes none; asking later adds them (re-exporting each unit), and turning them
+    off again rewrites nothing."""
+    man = Manifest.load(export(checkpoints["alt"], tmp_path, tp=1, twins=False, progress=False))
+    assert not man.fp32_twins and not [f for f in man.files if ".fp32." in f]
+    assert not list((tmp_path / "tp1").rglob("*.fp32.*"))
+    with pytest.raises(ManifestError, match="no fp32 graph"):
+        man.graph_files("layers.0.attn", 0, "fp32")
+    man = Manifest.load(export(checkpoints["alt"], tmp_path, tp=1, twins=True, progress=False))
+    assert man.fp32_twins and len(man.exported) == 4
+    again = Manifest.load(export(checkpoints["alt"], tmp_path, tp=1, twins=False, progress=False))
+    assert again.exported == [] and again.files == man.files
+
+
 def test_interrupted_export_is_not_trusted_and_resumes(checkpoints, tmp_path, exported):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "export.to_onnx", str(checkpoints["alt"]), "--out", str(out),

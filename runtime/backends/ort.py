@@ -15,7 +15,7 @@ class OrtBackend:
 
         if not manifest.fp32_twins:
             raise ManifestError("the ort backend runs the FP32 twins, and this export has none "
-                                "(exported with --no-fp32-twins)")
+                                "(export with --fp32-twins on: `make onnx TWINS=on`)")
         if verify:  # the twins, and the bf16 files the experts (weight inputs) are read from
             manifest.verify(ranks=[rank], kinds=("fp32", "bf16"))
         self.dtype, self.device = torch.float32, torch.device("cpu")

@@ -137,7 +137,7 @@ def write_repository(model: str | Path, out: str | Path, name: str = "minimax_m2
         raise RepoError(f"{engines}: no engines.json; run `make engines` or use --backend ort")
     if backend == "ort" and not manifest.fp32_twins:
         raise RepoError(f"{manifest.root}: exported without FP32 twins, which the ort backend runs; "
-                        "export again without --no-fp32-twins or use --backend trt")
+                        "export again with --fp32-twins on (`make onnx TWINS=on`) or use --backend trt")
     if backend == "torch" and copy:
         raise RepoError("the torch backend reads the checkpoint the export came from; reference it in place "
                         "(no --copy)")
