@@ -46,7 +46,7 @@ help:
 	@echo "               repository hosting the runtime (TensorRT engines if built, else ONNX Runtime)"
 	@echo "               (default REPO=build/<model>/triton; COPY=1 copies the export in instead of referencing it)"
 	@echo "make triton-serve [REPO=<dir>]: serve a repository on 127.0.0.1:8000/8001 with the local tritonserver"
-	@echo "make bench     all benchmarks (export, MoE forms, GPU decode attention, GPU decode step); JSON lines"
+	@echo "make bench     all benchmarks (export, MoE forms, engine memory, GPU decode attention, decode step, prefill); JSON lines"
 	@echo "               to stdout and build/bench/results.jsonl (GPU parts need an NVIDIA GPU)"
 	@echo "make bench-cpu the CPU parts (export, MoE forms on ONNX Runtime); last line: one JSON summary"
 	@echo "make test-gpu  the GPU-only tests (on a machine with an NVIDIA GPU)"

@@ -1,4 +1,4 @@
-"""python -m bench [--parts export,moe-cpu,engine-memory,moe-gpu,attention,step] [--cpu]
+"""python -m bench [--parts export,moe-cpu,engine-memory,moe-gpu,attention,step,prefill] [--cpu]
 
 Each measurement is one JSON line (also appended to build/bench/results.jsonl), with the machine and
 date; a short table follows. `--cpu` (make bench-cpu) runs the CPU parts and ends with one JSON
@@ -15,7 +15,7 @@ import torch
 from .common import Results
 
 CPU_PARTS = ["export", "moe-cpu", "engine-memory"]
-GPU_PARTS = ["moe-gpu", "attention", "step"]
+GPU_PARTS = ["moe-gpu", "attention", "step", "prefill"]
 
 
 def table(rows: list[dict]) -> None:
@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", help=f"comma-separated, from {CPU_PARTS + GPU_PARTS} (default: all that can run)")
     ap.add_argument("--cpu", action="store_true", help="the CPU parts, then the summary JSON line")
     ap.add_argument("--layers", type=int, default=4, help="layers of the real-width model in the step part")
+    ap.add_argument("--prefill-prompts", default="2048,8192,32768,131072",
+                    help="prompt lengths of the prefill part (default 2048,8192,32768,131072)")
     ap.add_argument("--export-layers", type=int, default=1, help="layers of the real-width model the export part exports")
     ap.add_argument("--export-jobs", help="comma-separated job counts for the export part (default: 1 and the default)")
     a = ap.parse_args(argv)
@@ -70,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     if "step" in parts:
         from . import step
         step.run(res, layers=a.layers)
+    if "prefill" in parts:
+        from . import prefill
+        prefill.run(res, layers=a.layers, prompts=tuple(int(n) for n in a.prefill_prompts.split(",")))
     table(res.rows)
     if a.cpu:
         print(json.dumps(summary))

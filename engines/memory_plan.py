@@ -4,7 +4,7 @@ scratch of the largest step, a reserve for the CUDA context, and what is left fo
 the context that allows.
 
     python -m engines.memory_plan --model /path/to/MiniMax-M2.5 --tp 8 [--gpu-gb 80] [--utilization 0.9]
-        [--max-tokens 8192] [--batch 8]
+        [--max-tokens 2048] [--batch 8]
 
 Weights are counted from the config's tensor shapes in BF16 (the router in float32), as the export
 writes them: per layer-rank the attention slices, norms, router and the rank's experts (stored once:
@@ -63,7 +63,7 @@ def scratch_bytes(cfg: ModelConfig, tp: int, max_tokens: int, batch: int, crosso
     return max(dense, gather) + hidden + logits
 
 
-def plan(cfg: ModelConfig, tp: int, gpu_bytes: float, utilization: float = 0.9, max_tokens: int = 8192,
+def plan(cfg: ModelConfig, tp: int, gpu_bytes: float, utilization: float = 0.9, max_tokens: int = 2048,
          batch: int = 8, crossover: int | None = None, expert_split: str = "intermediate") -> list[RankMemory]:
     crossover = crossover if crossover is not None else max(1, cfg.num_experts // cfg.top_k)
     layers = cfg.num_hidden_layers * layer_rank_bytes(cfg, tp, expert_split)
@@ -91,13 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tp", type=int, help="tensor parallelism (default: the export's)")
     ap.add_argument("--gpu-gb", type=float, default=80.0, help="memory per GPU in GB (default 80: A100-80GB)")
     ap.add_argument("--utilization", type=float, default=0.9, help="fraction of it to plan with (default 0.9)")
-    ap.add_argument("--max-tokens", type=int, help="largest step in tokens (default: the export's, else 8192)")
+    ap.add_argument("--max-tokens", type=int, help="largest step in tokens (default: the export's, else the export's default, 2048)")
     ap.add_argument("--batch", type=int, default=8, help="sequences to divide the KV cache among (default 8)")
     a = ap.parse_args(argv)
     path = Path(a.model)
     try:
         if (path / "config.json").is_file():  # a checkpoint
-            cfg, tp, max_tokens, cross = ModelConfig.from_checkpoint(path), a.tp or 1, a.max_tokens or 8192, None
+            cfg, tp, max_tokens, cross = ModelConfig.from_checkpoint(path), a.tp or 1, a.max_tokens or 2048, None
         else:
             from export.manifest import Manifest, find_manifest
             man = Manifest.load(find_manifest(path))

@@ -132,11 +132,13 @@ class Moe(nn.Module):
       expert once; costs E/k times the useful FLOPs; the form for many tokens (prefill).
     """
 
-    def __init__(self, w: LayerWeights, cfg: ModelConfig, form: str = "gather", gather_kernel=None):
-        """gather_kernel: a fused kernel for the gather form, f(x, local_expert_ids, weights, w13, w2)
-        -> [T, H] float32 (the runtime's GPU path passes one); never given when exporting."""
+    def __init__(self, w: LayerWeights, cfg: ModelConfig, form: str = "gather", gather_kernel=None,
+                 grouped_kernel=None):
+        """gather_kernel / grouped_kernel: fused kernels for the gather / dense form, f(x,
+        local_expert_ids, weights, w13, w2) -> [T, H] float32 (the runtime's GPU path passes them; the
+        grouped one does only the top-k work); never given when exporting."""
         super().__init__()
-        self.gather_kernel = gather_kernel
+        self.gather_kernel, self.grouped_kernel = gather_kernel, grouped_kernel
         if form not in MOE_FORMS:
             raise ValueError(f"MoE form {form!r} is not one of {MOE_FORMS}")
         self.form, self.eps, self.top_k = form, cfg.rms_norm_eps, cfg.top_k
@@ -159,14 +161,15 @@ class Moe(nn.Module):
         x = rms_norm(h, self.norm, self.eps)
         idx, weights = self.route(x)
         n_local, inter = self.w13.shape[0], self.w2.shape[2]
-        if self.form == "gather":
+        kernel = self.gather_kernel if self.form == "gather" else self.grouped_kernel
+        if self.form == "gather" or kernel is not None:
             local = idx - self.expert_offset
             if n_local != self.num_experts:  # expert parallel: other ranks' experts contribute nothing here
                 mine = (local >= 0) & (local < n_local)
                 weights = weights * mine.float()
                 local = torch.where(mine, local, torch.zeros_like(local))
-            if self.gather_kernel is not None:
-                return h, self.gather_kernel(x, local, weights, self.w13, self.w2).to(h.dtype)
+            if kernel is not None:
+                return h, kernel(x, local, weights, self.w13, self.w2).to(h.dtype)
             flat = local.reshape(-1)  # a plain Gather on axis 0 of the stacked experts
             w13 = self.w13.index_select(0, flat).reshape(*local.shape, *self.w13.shape[1:])  # [T, k, 2I, H]
             y = (w13 @ x[:, None, :, None]).squeeze(-1)             # [T, k, 2I]
@@ -214,9 +217,9 @@ class AttnBlock(nn.Module):
 class PostBlock(nn.Module):
     """TP=1: OProj and Moe in one graph."""
 
-    def __init__(self, w: LayerWeights, cfg: ModelConfig, form: str, gather_kernel=None):
+    def __init__(self, w: LayerWeights, cfg: ModelConfig, form: str, gather_kernel=None, grouped_kernel=None):
         super().__init__()
-        self.o_proj, self.moe = OProj(w), Moe(w, cfg, form, gather_kernel)
+        self.o_proj, self.moe = OProj(w), Moe(w, cfg, form, gather_kernel, grouped_kernel)
 
     def forward(self, h, attn):
         return self.moe(h, self.o_proj(attn))

@@ -23,12 +23,12 @@ def _row_chunks(ckpt: Checkpoint, name: str, rows: int, dtype: torch.dtype):
 
 
 def build_modules(ckpt: Checkpoint, layout: GraphLayout, unit: str, rank: int, specs: list[SubgraphSpec],
-                  dtype: torch.dtype, stream: bool = False, gather_kernel=None
+                  dtype: torch.dtype, stream: bool = False, gather_kernel=None, grouped_kernel=None
                   ) -> tuple[dict[str, torch.nn.Module], Chunks | None]:
     """The unit's modules by subgraph name. stream: the big weights (experts, embedding, LM head) are
     meta tensors and the returned `chunks(param name)` yields them slice by slice, read and
     dequantized as it goes: what the export writes, never holding them whole (such modules cannot
-    run). gather_kernel: passed to the MoE modules (the runtime's fused GPU kernel)."""
+    run). gather_kernel, grouped_kernel: passed to the MoE modules (the runtime's fused GPU kernels)."""
     cfg, all_ = layout.cfg, (slice(None),)
     V, H = cfg.vocab_size, cfg.hidden_size
     if unit in ("embed", "head"):
@@ -44,8 +44,8 @@ def build_modules(ckpt: Checkpoint, layout: GraphLayout, unit: str, rank: int, s
     w = ckpt.layer(specs[0].layer, dtype, Shard(layout.tp, rank, layout.expert_split), stream)
     make = {"attn": lambda s: AttnBlock(w, cfg), "attn_in": lambda s: AttnIn(w, cfg),
             "qk_rope": lambda s: QkRope(w, cfg), "o_proj": lambda s: OProj(w),
-            "moe": lambda s: Moe(w, cfg, s.form, gather_kernel),
-            "post": lambda s: PostBlock(w, cfg, s.form, gather_kernel)}
+            "moe": lambda s: Moe(w, cfg, s.form, gather_kernel, grouped_kernel),
+            "post": lambda s: PostBlock(w, cfg, s.form, gather_kernel, grouped_kernel)}
     modules = {s.name: make[s.piece](s) for s in specs}
     chunks = (lambda param: w.expert_chunks(param.rsplit(".", 1)[-1])) if stream else None
     return modules, chunks

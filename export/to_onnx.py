@@ -37,7 +37,7 @@ from .sharding import EXPERT_SPLITS, ShardingError
 from .text_config import TEXT_FILES
 from .unit import ExportError, UnitTask, code_hash, export_unit, unit_key, unit_shards, valid_stamp
 
-DEFAULT_MAX_TOKENS = 8192  # largest token count per step the engines' profiles must cover
+DEFAULT_MAX_TOKENS = 2048  # the per-step token budget the engines cover; longer prompts run in chunks
 TWINS = ("auto", "on", "off")
 
 

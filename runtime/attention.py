@@ -16,6 +16,14 @@ class AttentionMetadata:
     q_lens: list[int]            # new tokens per sequence, in packing order
     context_lens: list[int]      # tokens in the cache per sequence after this step's writes
     block_tables: list[list[int]]
+    _tables: torch.Tensor | None = None  # block_tables padded, on the device: made once a step
+
+    def table_tensor(self, device) -> torch.Tensor:
+        if self._tables is None:
+            width = max(len(t) for t in self.block_tables)
+            self._tables = torch.tensor([t + [0] * (width - len(t)) for t in self.block_tables], dtype=torch.int32,
+                                        device=device)
+        return self._tables
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -24,10 +32,33 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
+def _prefill_kernel():
+    """The Triton paged prefill kernel, where it can run (a CUDA device and the triton package)."""
+    try:
+        from .kernels.paged_prefill import paged_prefill
+    except ImportError:
+        return None
+    return paged_prefill
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q [T, Hq, d], k/v [T, Hkv, d] -> [T, Hq * d]."""
+    """q [T, Hq, d], k/v [T, Hkv, d] -> [T, Hq * d]. On a GPU the Triton kernel reads every sequence's
+    keys in place through its block table; elsewhere each sequence's keys are copied out and SDPA
+    runs on them."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    if q.is_cuda and max(meta.q_lens) == 1 and (decode := _decode_kernel()) is not None:
+        # decode steps that run eagerly (contexts past the CUDA graphs' limit): split-K over the context
+        ctx = torch.tensor(meta.context_lens, dtype=torch.int32, device=q.device)
+        return decode(q, k_cache, v_cache, meta.table_tensor(q.device), ctx, scale)
+    if q.is_cuda and (prefill := _prefill_kernel()) is not None:
+        return prefill(q, k_cache, v_cache, meta.table_tensor(q.device), meta.q_lens, meta.context_lens, scale)
+    return sdpa_prefill(q, k_cache, v_cache, meta, scale)
+
+
+def sdpa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                 scale: float) -> torch.Tensor:
+    """The portable version: each sequence's keys copied out of the cache, SDPA with a causal mask."""
     block_size = k_cache.shape[1]
     out, start = [], 0
     for q_len, ctx, table in zip(meta.q_lens, meta.context_lens, meta.block_tables):

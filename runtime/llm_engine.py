@@ -112,11 +112,11 @@ class LLMEngine:
         bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise RequestError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
-        limit = min(self.max_model_len - 1, self.max_num_batched_tokens)
+        limit = self.max_model_len - 1  # longer prompts than a step run in chunks
         if len(prompt) > limit:
             raise RequestError(f"the prompt has {len(prompt)} tokens, longer than the context allows "
-                               f"({limit}: max_model_len {self.max_model_len}, one step "
-                               f"{self.max_num_batched_tokens} tokens)")
+                               f"({limit}: max_model_len {self.max_model_len}, which the model's context "
+                               "and the KV cache bound)")
         try:
             params.validate(vocab)
         except ValueError as e:
@@ -153,7 +153,7 @@ class LLMEngine:
             q_lens.append(n)
             ctx_lens.append(start + n)
             tables.append(seq.block_table)
-            if n > 1 or seq.num_computed == 0:
+            if n > 1 or not seq.output:
                 self.stats.prefill_tokens += n
                 seq.num_prefilled += n
             else:
@@ -165,11 +165,18 @@ class LLMEngine:
         self.stats.steps += 1
         form = self.executor.last_form
         self.stats.forms[form] = self.stats.forms.get(form, 0) + 1
-        tokens = self.sampler.sample(logits, [s.id for s in batch.seqs], [s.params for s in batch.seqs])
+        # A prompt chunk that leaves more of its prompt to compute samples nothing.
+        done = [i for i in range(len(batch.seqs)) if batch.completes(i)]
+        sampled = dict(zip(done, self.sampler.sample(
+            logits[done] if len(done) < len(batch.seqs) else logits,
+            [batch.seqs[i].id for i in done], [batch.seqs[i].params for i in done]))) if done else {}
         out = []
-        for seq, n, tok in zip(batch.seqs, batch.num_new, tokens):
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
             seq.num_computed += n
             self.blocks.cache_full_blocks(seq)
+            if i not in sampled:
+                continue
+            tok = sampled[i]
             seq.output.append(tok)
             reason = self._stop_reason(seq, tok)
             if reason:

@@ -1,7 +1,11 @@
-"""Continuous batching: every step runs all running sequences' next token plus as many waiting
-prompts as the limits allow, in one packed batch. When the KV cache is full, the newest running
-sequence is preempted: its blocks are freed and it is recomputed later (prefix caching usually
-finds most of its blocks again)."""
+"""Continuous batching with chunked prefill: every step runs, in one packed batch and within the
+step's token budget, first every running sequence's next token (decodes), then the next chunk of
+each running prompt that is not computed yet, then new prompts, first come first served, each as
+much of it as the budget has left (vLLM's default order). So a prompt longer than a step runs over
+several steps, beside the decodes. A prompt's blocks are all taken when it is admitted. When the
+KV cache is full, the newest running sequence is preempted: its blocks are freed and it is
+recomputed later (the prefix cache usually finds most of its blocks again, also those of a prompt
+preempted between its chunks)."""
 from __future__ import annotations
 
 from collections import deque
@@ -14,7 +18,11 @@ from .sequence import Sequence, Status
 @dataclass
 class ScheduledBatch:
     seqs: list[Sequence]
-    num_new: list[int]  # tokens each sequence computes this step (prompt remainder, or 1)
+    num_new: list[int]  # tokens each sequence computes this step (a prompt chunk, or 1)
+
+    def completes(self, i: int) -> bool:
+        """Whether sequence i has all its tokens computed after this step (so it samples one)."""
+        return self.seqs[i].num_computed + self.num_new[i] == len(self.seqs[i])
 
 
 class Scheduler:
@@ -42,8 +50,10 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         seqs, num_new = [], []
         budget = self.max_num_batched_tokens
-        # Running sequences first: each needs room for its newest token.
-        for seq in list(self.running):
+        # Running sequences: decodes first, then the prompts still being prefilled, oldest first.
+        decoding = [s for s in self.running if len(s) - s.num_computed == 1]
+        prefilling = [s for s in self.running if len(s) - s.num_computed > 1]
+        for seq in decoding + prefilling:
             if seq not in self.running:  # preempted below to make room for an older one
                 continue
             while not self.blocks.can_append(seq):
@@ -55,22 +65,19 @@ class Scheduler:
                 continue
             self.blocks.append(seq)
             seqs.append(seq)
-            num_new.append(len(seq) - seq.num_computed)
+            num_new.append(min(len(seq) - seq.num_computed, budget))
             budget -= num_new[-1]
-        # Then waiting prompts, first come first served, while they fit.
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        # Then waiting prompts, first come first served, while blocks and budget last.
+        while self.waiting and len(self.running) < self.max_num_seqs and budget >= 1:
             seq = self.waiting[0]
             if not self.blocks.can_allocate(seq):
                 break
             self.blocks.allocate(seq)
-            if len(seq) - seq.num_computed > budget:
-                self.blocks.free_seq(seq)
-                break
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
             seqs.append(seq)
-            num_new.append(len(seq) - seq.num_computed)
+            num_new.append(min(len(seq) - seq.num_computed, budget))
             budget -= num_new[-1]
         return ScheduledBatch(seqs, num_new)
 

@@ -73,7 +73,7 @@ def test_gpu_bfloat16_agrees_with_cpu_float32_within_bf16_tolerance(exported):
     engine.sampler.sample = recording
     seqs = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True))
     engine.close()
-    model = Model(Checkpoint(man.data["checkpoint"]), torch.float32)
+    model = Model(Checkpoint(man.checkpoint_dir()), torch.float32)
     errors, equal = [], 0
     for prompt, seq in zip(PROMPTS, seqs):
         ref = model.logits(torch.tensor(prompt + seq.output[:-1]))[len(prompt) - 1:]

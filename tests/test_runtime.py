@@ -83,6 +83,86 @@ def test_alone_batched_staggered_cached_and_preempted_agree(exported, reference)
     small.blocks.check([])
 
 
+def test_chunked_prefill_gives_transformers_tokens(exported, reference):
+    """Steps of 7 tokens: the 21-token prompt runs in three chunks and the 9-token one in two, beside
+    the others' decodes (decodes first in every step); a 40-token prompt, longer than five steps, is
+    accepted. Tokens equal transformers' exactly (float32 twins)."""
+    man = exported("tiny", 1)
+    ps = prompts(man.config.vocab_size)
+    g = torch.Generator().manual_seed(5)
+    long = torch.randint(0, man.config.vocab_size, (40,), generator=g).tolist()
+    e = engine(man, block_size=4, max_num_batched_tokens=7)
+    seqs = []
+    for p in ps + [long]:  # staggered: chunks share steps with running decodes
+        seqs.append(e.add_request(p, GREEDY))
+        e.step()
+    while e.has_unfinished():
+        e.step()
+    assert [s.output for s in seqs] == [reference("tiny", tuple(p)) for p in ps + [long]]
+    assert all(s.num_prefilled >= len(s.prompt) for s in seqs)
+    e.blocks.check([])
+
+
+def test_scheduler_runs_decodes_first_then_chunks_within_the_budget():
+    from runtime.scheduler import Scheduler
+
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=8)
+    seqs = [Sequence(list(range(n)), GREEDY) for n in (3, 20, 5)]
+    for s in seqs:
+        sched.add(s)
+    mixed = 0
+    for _ in range(40):
+        if not sched.has_unfinished():
+            break
+        batch = sched.schedule()
+        assert sum(batch.num_new) <= 8 and all(n >= 1 for n in batch.num_new)
+        kinds = ["decode" if len(s) - s.num_computed == 1 else "prefill" for s in batch.seqs]
+        assert kinds == sorted(kinds)  # every decode before every prompt chunk
+        mixed += "decode" in kinds and "prefill" in kinds
+        for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new)):
+            done = batch.completes(i)
+            s.num_computed += n
+            if done:
+                s.output.append(0)
+                if len(s.output) == 4:
+                    sched.finish(s, "length")
+    assert not sched.has_unfinished() and mixed > 0 and all(len(s.output) == 4 for s in seqs)
+    bm.check([])
+
+
+def test_chunked_prompt_hits_the_prefix_cache_and_survives_preemption(exported, reference):
+    man = exported("tiny", 1)
+    g = torch.Generator().manual_seed(6)
+    long = torch.randint(0, man.config.vocab_size, (33,), generator=g).tolist()
+    want = reference("tiny", tuple(long))
+    e = engine(man, block_size=4, max_num_batched_tokens=6)
+    first = e.generate([long], GREEDY)[0]
+    assert first.output == want
+    # the same prompt again: its full blocks (32 tokens) come from the cache; one chunk computes the rest
+    again = e.add_request(long, GREEDY)
+    e.step()
+    assert again.num_cached_prompt == 32 and again.num_computed == 33 and len(again.output) == 1
+    while e.has_unfinished():
+        e.step()
+    assert again.output == want
+    # preemption between chunks: with 18 blocks of 4, the 30- and 33-token prompts are admitted
+    # together, and the first one's decodes take the blocks of the second while that one is still
+    # prefilling; it resumes from the blocks it had cached
+    other = torch.randint(0, man.config.vocab_size, (30,), generator=g).tolist()
+    small = engine(man, block_size=4, num_blocks=18, max_num_batched_tokens=6)
+    a, b = small.add_request(other, GREEDY), small.add_request(long, GREEDY)
+    preempted_mid_prompt = False
+    while small.has_unfinished():
+        before = small.scheduler.num_preemptions
+        small.step()
+        if small.scheduler.num_preemptions > before and b.status.value == "waiting" and not b.output:
+            preempted_mid_prompt = True
+    assert preempted_mid_prompt
+    assert a.output == reference("tiny", tuple(other)) and b.output == want
+    small.blocks.check([])
+
+
 def test_second_turn_prefills_only_new_tokens(exported):
     man = exported("tiny", 1)
     bs = 4

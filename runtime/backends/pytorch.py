@@ -38,22 +38,24 @@ class TorchBackend:
                 by_unit.setdefault(s.unit, []).append(s)
                 self.inputs[s.name] = [t.name for t in s.inputs]
                 self.outputs[s.name] = [t.name for t in s.outputs]
-        kernel = self._gather_kernel()
+        gather, grouped = self._moe_kernels()
         for unit, specs in by_unit.items():
-            modules, _ = build_modules(ckpt, layout, unit, rank, specs, dtype, gather_kernel=kernel)
+            modules, _ = build_modules(ckpt, layout, unit, rank, specs, dtype, gather_kernel=gather,
+                                       grouped_kernel=grouped)
             for name, m in modules.items():
                 self.modules[name] = m.to(self.device).eval()
 
-    def _gather_kernel(self):
-        """The fused gather-MoE kernel on a GPU in bfloat16 (float32 runs keep the PyTorch form, which
-        the CPU path computes the same way)."""
+    def _moe_kernels(self):
+        """The fused MoE kernels on a GPU in bfloat16: gather (few tokens) and grouped GEMM (many:
+        top-k work only). float32 runs keep the PyTorch forms, which the CPU path computes the same way."""
         if self.device.type != "cuda" or self.dtype != torch.bfloat16:
-            return None
+            return None, None
         try:
             from ..kernels.fused_moe import gather_moe
+            from ..kernels.grouped_moe import grouped_moe
         except ImportError:
-            return None
-        return gather_moe
+            return None, None
+        return gather_moe, grouped_moe
 
     @torch.no_grad()
     def run(self, name: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,165 @@
+"""Part: time to first token of one long prompt on the GPU, MiniMax-M2.5's true width with a few
+layers (random bf16 weights made on the GPU, as the step part), torch backend, chunked prefill in
+steps of `chunk` tokens. The MoE of each chunk runs as the grouped-GEMM kernel (top-k work only) or,
+for comparison, the dense form (every expert on every token). Against the FLOP floor of the useful
+work: per token and layer the attention projections, the attention itself over the tokens before it
+(causal), the top-k experts' three matmuls, the router; the LM head once; at the bf16 matmul rate
+measured in the same run (8192^3). Peak GPU memory is reported per run.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from export.config import parse_hf_config
+from export.model import Moe
+from export.tiny import PRESETS, hf_config
+from runtime.backends.pytorch import TorchBackend
+from runtime.config import EngineConfig
+from runtime.llm_engine import LLMEngine
+from runtime.sampling import SamplingParams
+
+from .common import Results, cuda_seconds, gpu_bandwidth
+from .step import RandomWeights, write_export
+
+
+def matmul_flops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    return 2 * 8192 ** 3 / cuda_seconds(lambda: a @ b, reps=10)
+
+
+def useful_flops(cfg, layers: int, tokens: int) -> float:
+    H, hd, k, inter = cfg.hidden_size, cfg.head_dim, cfg.top_k, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    proj = 2 * tokens * H * (2 * q + 2 * kv)
+    attn = 2 * 2 * cfg.num_attention_heads * hd * tokens * (tokens + 1) / 2  # QK^T and PV, causal
+    experts = 2 * tokens * k * 3 * H * inter
+    router = 2 * tokens * H * cfg.num_experts
+    return layers * (proj + attn + experts + router) + 2 * H * cfg.vocab_size
+
+
+def moe_alone(res: Results, cfg, peak: float, tokens: int) -> None:
+    """One MoE at `tokens` tokens: the grouped kernel and the dense PyTorch form against the FLOP
+    floor of the top-k work (where the time of a chunk goes)."""
+    from runtime.kernels.grouped_moe import grouped_moe
+    H, inter, E, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.top_k
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(tokens, H, device="cuda", generator=g).to(torch.bfloat16)
+    w13 = (torch.randn(E, 2 * inter, H, device="cuda", generator=g) * H ** -0.5).to(torch.bfloat16)
+    w2 = (torch.randn(E, H, inter, device="cuda", generator=g) * inter ** -0.5).to(torch.bfloat16)
+    experts = torch.rand(tokens, E, device="cuda", generator=g).topk(k, -1).indices
+    weights = torch.rand(tokens, k, device="cuda", generator=g)
+    floor = 2 * tokens * k * 3 * H * inter / peak
+
+    def dense():
+        onehot = torch.zeros(tokens, E, device="cuda").scatter_(1, experts, weights)
+        y = w13 @ x.T[None]
+        a = torch.nn.functional.silu(y[:, :inter]) * y[:, inter:]
+        return ((w2 @ a).float() * onehot.T[:, None, :]).sum(0).T
+
+    for form, fn in (("grouped", lambda: grouped_moe(x, experts, weights, w13, w2)), ("dense", dense)):
+        t = cuda_seconds(fn, reps=5)
+        res.add("prefill", what="moe_alone", form=form, tokens=tokens, ms=round(t * 1e3, 3),
+                floor_ms=round(floor * 1e3, 3), vs_floor=round(t / floor, 2))
+    del w13, w2
+    torch.cuda.empty_cache()
+
+
+def attention_alone(res: Results, cfg, peak: float, chunk: int, context: int) -> None:
+    """One layer's paged attention of a `chunk`-token chunk at the end of a `context`-token prompt: the
+    runtime's Triton kernel (keys read in place) and the portable op (the sequence's blocks copied
+    out, SDPA with a causal mask)."""
+    from runtime.attention import AttentionMetadata, paged_attention, sdpa_prefill
+    bs, hq, hkv, hd = 16, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    blocks = context // bs
+    kc = torch.randn(blocks + 1, bs, hkv, hd, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    q = torch.randn(chunk, hq, hd, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(chunk, hkv, hd, device="cuda", dtype=torch.bfloat16)
+    start = context - chunk
+    meta = AttentionMetadata(torch.arange(start, context, device="cuda"), [chunk], [context], [list(range(blocks))])
+    flops = 2 * 2 * hq * hd * chunk * (start + (chunk + 1) / 2)
+    for how, fn in (("kernel", lambda: paged_attention(q, k, k, kc, vc, meta, hd ** -0.5)),
+                    ("sdpa", lambda: sdpa_prefill(q, kc, vc, meta, hd ** -0.5))):
+        t = cuda_seconds(fn, reps=5)
+        res.add("prefill", what="attention_alone", how=how, chunk=chunk, context=context, ms=round(t * 1e3, 3),
+                floor_ms=round(flops / peak * 1e3, 3), vs_floor=round(t * peak / flops, 2))
+
+
+def decode_after(res: Results, engine: LLMEngine, prompt: list[int], cfg, layers: int, bw: float,
+                 steps: int = 16) -> None:
+    """Decode at this prompt's context, eagerly (past the CUDA graphs' context limit, 8192 by default,
+    the runtime runs decode steps eagerly): time per token against the bytes floor of the step part."""
+    from .step import floor_bytes
+    engine.generate([prompt], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))  # cached prompt
+    seq = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True))
+    while len(seq.output) < 4:
+        engine.step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    per = (time.perf_counter() - t0) / steps
+    floor = floor_bytes(cfg, layers, 1, len(seq)) / bw
+    res.add("prefill", what="decode_after", layers=layers, context=len(seq), cuda_graphs=False,
+            step_ms=round(per * 1e3, 3), floor_ms=round(floor * 1e3, 3), vs_floor=round(per / floor, 2))
+    while engine.has_unfinished():
+        engine.step()
+
+
+def run(res: Results, layers: int = 4, prompts=(2048, 8192, 32768, 131072), chunk: int = 2048) -> None:
+    spec = replace(PRESETS["real"], num_hidden_layers=layers)
+    cfg = parse_hf_config(hf_config(spec))
+    peak = matmul_flops()
+    bw = gpu_bandwidth()
+    res.add("prefill", what="bf16_matmul", tflops=round(peak / 1e12, 1), copy_gb_per_s=round(bw / 1e9))
+    moe_alone(res, cfg, peak, chunk)
+    for context in (chunk, 8 * chunk, 64 * chunk):
+        attention_alone(res, cfg, peak, chunk, context)
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = write_export(cfg, Path(tmp), max_tokens=chunk)
+        backend = TorchBackend(manifest, 0, "cuda", torch.bfloat16, checkpoint=RandomWeights(cfg))
+        moes = [sub for mod in backend.modules.values() for sub in mod.modules() if isinstance(sub, Moe)]
+        kernel = moes[0].grouped_kernel
+        for form in ("grouped", "dense"):
+            for m in moes:
+                m.grouped_kernel = kernel if form == "grouped" else None
+            for n in prompts:
+                if form == "dense" and n > 8192:
+                    continue  # minutes per prompt: the comparison is made at the shorter ones
+                kv_gb = layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2 * (2 * n + 128) / 2**30 + 0.5
+                engine = LLMEngine(tmp, EngineConfig(backend="torch", device="cuda", dtype="bfloat16",
+                                                  kv_cache_gb=kv_gb, max_num_seqs=1, cuda_graphs=False,
+                                                  max_num_batched_tokens=chunk, max_model_len=n + 64),
+                                   backend=backend)
+                prompt = torch.randint(0, 2000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+                params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+                if n == prompts[0]:  # warm-up (another prompt: no prefix-cache hits): kernels compiled
+                    warm = torch.randint(2000, 4000, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+                    engine.generate([warm], params)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                try:
+                    seq = engine.generate([prompt], params)[0]
+                    torch.cuda.synchronize()
+                except torch.OutOfMemoryError as e:
+                    res.add("prefill", form=form, layers=layers, prompt=n, chunk=chunk, error=f"out of memory: {e}"[:200])
+                    engine.close()
+                    continue
+                ttft = time.perf_counter() - t0
+                floor = useful_flops(cfg, layers, n) / peak
+                assert len(seq.output) == 1
+                res.add("prefill", form=form, layers=layers, prompt=n, chunk=chunk, ttft_s=round(ttft, 3),
+                        tokens_per_s=round(n / ttft), floor_s=round(floor, 3), ttft_vs_floor=round(ttft / floor, 2),
+                        peak_gpu_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+                if form == "grouped":
+                    decode_after(res, engine, prompt, cfg, layers, bw)
+                engine.close()
+                torch.cuda.empty_cache()
