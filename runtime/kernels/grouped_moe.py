@@ -102,7 +102,8 @@ def align_by_expert(experts: torch.Tensor, num_experts: int, block: int) -> tupl
 
 
 def grouped_moe(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-                w2: torch.Tensor, block: int = 64) -> torch.Tensor:
+                w2: torch.Tensor, block: int = 64, bn: int = 64, bk: int = 64, num_warps: int = 4,
+                num_stages: int = 3) -> torch.Tensor:
     """x [T, H]; experts [T, k] local expert ids; weights [T, k] float32 (zero for experts not on
     this rank); w13 [E, 2I, H], w2 [E, H, I] -> [T, H] float32, the weighted sum of the experts."""
     T, H = x.shape
@@ -112,12 +113,11 @@ def grouped_moe(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w
     pairs, block_expert = align_by_expert(experts, E, block)
     ieee = x.dtype == torch.float32  # float32 runs (tests) stay exact; bf16 takes the tensor cores
     a = torch.empty(T * k, inter, dtype=x.dtype, device=x.device)
-    BN, BK = 64, 64
-    _up_kernel[(block_expert.numel(), triton.cdiv(inter, BN))](
+    _up_kernel[(block_expert.numel(), triton.cdiv(inter, bn))](
         x, pairs, block_expert, w13, a, w13.stride(0), w13.stride(1), T * k, H=H, INTER=inter, K=k, BM=block,
-        BN=BN, BK=BK, IEEE=ieee, num_warps=4)
+        BN=bn, BK=bk, IEEE=ieee, num_warps=num_warps, num_stages=num_stages)
     o = torch.empty(T * k, H, dtype=torch.float32, device=x.device)
-    _down_kernel[(block_expert.numel(), triton.cdiv(H, BN))](
+    _down_kernel[(block_expert.numel(), triton.cdiv(H, bn))](
         a, pairs, block_expert, weights.reshape(-1).float().contiguous(), w2, o, w2.stride(0), w2.stride(1), T * k,
-        H=H, INTER=inter, BM=block, BN=BN, BK=BK, IEEE=ieee, num_warps=4)
+        H=H, INTER=inter, BM=block, BN=bn, BK=bk, IEEE=ieee, num_warps=num_warps, num_stages=num_stages)
     return o.view(T, k, H).sum(1)
