@@ -21,9 +21,9 @@ GB = 1e9
 GRAPH_BYTES = 5 * 1024    # one .onnx file: nodes, names and the small inline tensors (toy: 0.4-9 KB)
 ALIGN = 4096              # each external tensor starts on a page (export/surgery.py)
 # Peak RSS of one export job: the interpreter with torch and onnx (~0.45 GiB), one streamed slice of
-# experts in flight on each of its threads, the traced graphs. Measured 0.61 GiB for a real-width
-# layer-rank (docs/BENCHMARKS.md); the margin covers the embedding's 48 MiB row chunks.
-JOB_RAM = int(1.0 * 2**30)
+# experts in flight on each of its threads, the traces. Measured at real width (docs/BENCHMARKS.md):
+# 1.06-1.22 GiB for the largest of 8-16 jobs, 1.27 GiB for a one-process export (which also traces).
+JOB_RAM = int(1.25 * 2**30)
 PARENT_RAM = int(0.75 * 2**30)
 SMALL_EXPORT_BYTES = int(1e9)   # below this, one job  # the process that plans and hands out the work
 # FP32 twins are for CPU runs (ONNX Runtime has no BF16 MatMul): written by default only when a CPU
