@@ -66,16 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for engine_rel, rec in sorted(records.items()):
         sg = man.subgraphs[rec.subgraph]
-        weights = man.weight_input_arrays(rec.subgraph, rec.rank, "float32")  # the experts, as the runtime binds them
+        # the experts, as the runtime binds them
+        weights = {k: torch.from_numpy(v) for k, v in man.weight_input_arrays(rec.subgraph, rec.rank, "float32").items()}
+        dtypes = {s.name: s.dtype for s in list(sg.inputs) + list(sg.weight_inputs)}
+        engine = (out / engine_rel).read_bytes()
         with fp32_twin(man, rec.subgraph, rec.rank) as twin:
             for t in (int(x) for x in a.tokens.split(",")):
                 if not any(p.min <= t <= p.max for p in rec.profiles):
                     continue
                 feed = random_inputs(sg.inputs, t, man.config.vocab_size, seed=t)
-                feed |= {k: torch.from_numpy(v) for k, v in weights.items()}
-                dtypes = {s.name: s.dtype for s in list(sg.inputs) + list(sg.weight_inputs)}
+                feed |= weights
                 results = RunResults()
-                with TrtRunner(EngineFromBytes((out / engine_rel).read_bytes())) as trt_runner:
+                with TrtRunner(EngineFromBytes(engine)) as trt_runner:
                     trt_in = {k: (v.bfloat16().cuda() if dtypes[k] == "bfloat16" else v.cuda()) for k, v in feed.items()}
                     trt_out = trt_runner.infer(trt_in)
                     results.append((trt_runner.name, [{k: np.asarray(v.float().cpu()) for k, v in trt_out.items()}]))

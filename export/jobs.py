@@ -27,11 +27,7 @@ def _init(checkpoint: str, tp: int, expert_split: str, threads: int) -> None:
     torch.set_num_threads(threads)
     ckpt = Checkpoint(checkpoint, validate=False)  # the parent validated it
     layout = make_layout(ckpt.config, tp, expert_split)
-    specs: dict[tuple[str, int], list[SubgraphSpec]] = {}
-    for s in layout.subgraphs:
-        for r in s.ranks:
-            specs.setdefault((s.unit, r), []).append(s)
-    _worker.update(ckpt=ckpt, layout=layout, specs=specs, traces={})
+    _worker.update(ckpt=ckpt, layout=layout, specs=layout.units(), traces={})
 
 
 def _trace(unit: str, rank: int, name: str) -> tuple[tuple, object]:

@@ -26,6 +26,14 @@ class GraphLayout:
     subgraphs: list[SubgraphSpec] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
 
+    def units(self) -> dict[tuple[str, int], list[SubgraphSpec]]:
+        """The subgraphs of each unit of export work: (unit, rank) -> its subgraphs, in layout order."""
+        out: dict[tuple[str, int], list[SubgraphSpec]] = {}
+        for s in self.subgraphs:
+            for r in s.ranks:
+                out.setdefault((s.unit, r), []).append(s)
+        return out
+
 
 def default_crossover(cfg: ModelConfig) -> int:
     """Token count up to which the gather MoE form runs. Where T*k reaches E the gather form reads as

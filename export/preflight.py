@@ -62,9 +62,9 @@ def layer_rank_bytes(cfg: ModelConfig, tp: int, expert_split: str = "intermediat
     return (p["attention"] + p["experts"]) * 2 + p["router"] * 4
 
 
-def unit_bytes(layout: GraphLayout, unit: str, rank: int) -> UnitBytes:
+def unit_bytes(layout: GraphLayout, unit: str, graphs: int) -> UnitBytes:
+    """A unit's bytes (the same on every rank: both expert splits give every rank equal shares)."""
     cfg = layout.cfg
-    graphs = sum(1 for s in layout.subgraphs if s.unit == unit and rank in s.ranks)
     V, H = cfg.vocab_size, cfg.hidden_size
     if unit == "embed":
         return UnitBytes(V * H * 2, 0, 1, graphs)
@@ -99,28 +99,27 @@ class ExportEstimate:
 
 
 def estimate(layout: GraphLayout) -> ExportEstimate:
-    est = ExportEstimate(layout)
-    for s in layout.subgraphs:
-        for r in s.ranks:
-            if (s.unit, r) not in est.units:
-                est.units[(s.unit, r)] = unit_bytes(layout, s.unit, r)
-    return est
+    return ExportEstimate(layout, {(unit, rank): unit_bytes(layout, unit, len(specs))
+                                   for (unit, rank), specs in layout.units().items()})
 
 
-def free_bytes(path: Path) -> tuple[Path, int]:
-    """Free bytes on the filesystem that will hold `path` (its nearest existing ancestor)."""
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest existing ancestor: where a folder still to be made will live."""
     p = Path(path).absolute()
     while not p.exists():
         p = p.parent
+    return p
+
+
+def free_bytes(path: Path) -> tuple[Path, int]:
+    """Free bytes on the filesystem that will hold `path`."""
+    p = _existing(path)
     st = os.statvfs(p)
     return p, st.f_bavail * st.f_frsize
 
 
 def filesystem(path: Path) -> int:
-    p = Path(path).absolute()
-    while not p.exists():
-        p = p.parent
-    return os.stat(p).st_dev
+    return os.stat(_existing(path)).st_dev
 
 
 def available_ram() -> int:

@@ -67,7 +67,8 @@ class ExportPlan:
     specs: dict[tuple[str, int], list[SubgraphSpec]]
     stamps: dict[tuple[str, int], dict] = field(default_factory=dict)  # units already exported
     todo: list[UnitTask] = field(default_factory=list)
-    seconds: float = 0.0  # the run's export time, once run
+    seconds: float = 0.0       # the run's export time, once run
+    unit_seconds: float = 0.0  # of which, summed over the units (more than `seconds` with several jobs)
 
     @property
     def needs(self) -> list[preflight.Need]:
@@ -110,10 +111,7 @@ def plan_export(checkpoint: str | Path, out: str | Path | None = None, tp: int =
                         + ("within" if twins else "over") + f" {preflight.AUTO_TWINS_MAX_BYTES / preflight.GB:g} GB")
     else:
         twins_source = "asked for" if twins else "turned off"
-    specs: dict[tuple[str, int], list[SubgraphSpec]] = {}
-    for s in layout.subgraphs:
-        for r in s.ranks:
-            specs.setdefault((s.unit, r), []).append(s)
+    specs = layout.units()
     root = tp_dir(export_dir(ckpt.dir, out), tp)
     code, shards = code_hash(), unit_shards(ckpt)
     stamps, todo = {}, []
@@ -168,6 +166,7 @@ def run_export(plan: ExportPlan, progress: bool = True) -> Path:
             bar.set_postfix_str("starting the jobs and tracing the graphs")
         run_parallel(plan.ckpt, layout, plan.specs, plan.todo, twins, plan.jobs, preflight.cpu_count(), done)
     plan.seconds = time.perf_counter() - t0
+    plan.unit_seconds = sum(seconds for _, _, seconds in timings)
     if bar:
         bar.close()
     return write_manifest(plan, stamps, timings)
@@ -247,10 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.dry_run:
             return 1 if any(not n.ok for n in plan.needs) else 0
         path = run_export(plan, progress=not a.quiet)
-        work = sum(e["seconds"] for e in Manifest.load(path).exported)
         if plan.todo:
             print(f"exported {len(plan.todo)} layer-ranks in {plan.seconds:.1f} s with {plan.jobs} job(s) "
-                  f"({work:.1f} s inside the units)")
+                  f"({plan.unit_seconds:.1f} s inside the units)")
     except (CheckpointError, ConfigError, ShardingError, ExportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,7 +4,9 @@ A batch may mix prefills (many new tokens) and decodes (one). This is the portab
 (CPU, and GPU fallback)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -16,14 +18,19 @@ class AttentionMetadata:
     q_lens: list[int]            # new tokens per sequence, in packing order
     context_lens: list[int]      # tokens in the cache per sequence after this step's writes
     block_tables: list[list[int]]
-    _tables: torch.Tensor | None = None  # block_tables padded, on the device: made once a step
+    _on_device: tuple | None = None
 
-    def table_tensor(self, device) -> torch.Tensor:
-        if self._tables is None:
+    def on_device(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(block tables padded [S, M], first query row, query count, context length per sequence) as
+        int32 device tensors, for the GPU kernels: made once a step, shared by every layer."""
+        if self._on_device is None:
             width = max(len(t) for t in self.block_tables)
-            self._tables = torch.tensor([t + [0] * (width - len(t)) for t in self.block_tables], dtype=torch.int32,
-                                        device=device)
-        return self._tables
+            starts = [0]
+            for n in self.q_lens[:-1]:
+                starts.append(starts[-1] + n)
+            self._on_device = tuple(torch.tensor(x, dtype=torch.int32, device=device) for x in (
+                [t + [0] * (width - len(t)) for t in self.block_tables], starts, self.q_lens, self.context_lens))
+        return self._on_device
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -32,27 +39,17 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def _prefill_kernel():
-    """The Triton paged prefill kernel, where it can run (a CUDA device and the triton package)."""
-    try:
-        from .kernels.paged_prefill import paged_prefill
-    except ImportError:
-        return None
-    return paged_prefill
-
-
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, Hq, d], k/v [T, Hkv, d] -> [T, Hq * d]. On a GPU the Triton kernel reads every sequence's
     keys in place through its block table; elsewhere each sequence's keys are copied out and SDPA
     runs on them."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-    if q.is_cuda and max(meta.q_lens) == 1 and (decode := _decode_kernel()) is not None:
-        # decode steps that run eagerly (contexts past the CUDA graphs' limit): split-K over the context
-        ctx = torch.tensor(meta.context_lens, dtype=torch.int32, device=q.device)
-        return decode(q, k_cache, v_cache, meta.table_tensor(q.device), ctx, scale)
-    if q.is_cuda and (prefill := _prefill_kernel()) is not None:
-        return prefill(q, k_cache, v_cache, meta.table_tensor(q.device), meta.q_lens, meta.context_lens, scale)
+    if q.is_cuda and (kernels := _kernels()) is not None:
+        tables, starts, q_lens, ctx = meta.on_device(q.device)
+        if max(meta.q_lens) == 1:  # decode steps run eagerly (contexts past the CUDA graphs' limit)
+            return kernels.paged_decode(q, k_cache, v_cache, tables, ctx, scale)
+        return kernels.paged_prefill(q, k_cache, v_cache, tables, starts, q_lens, ctx, max(meta.q_lens), scale)
     return sdpa_prefill(q, k_cache, v_cache, meta, scale)
 
 
@@ -76,13 +73,14 @@ def sdpa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return torch.cat(out)
 
 
-def _decode_kernel():
-    """The Triton paged-decode kernel, where it can run (a CUDA device and the triton package)."""
+@functools.cache
+def _kernels():
+    """The Triton attention kernels (`.paged_decode`, `.paged_prefill`), where the triton package is."""
     try:
-        from .kernels.paged_decode import paged_decode
+        from .kernels import paged_decode, paged_prefill
     except ImportError:
         return None
-    return paged_decode
+    return SimpleNamespace(paged_decode=paged_decode.paged_decode, paged_prefill=paged_prefill.paged_prefill)
 
 
 def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -93,8 +91,8 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     On a GPU the Triton kernel reads only each sequence's own blocks; the
     PyTorch version below reads M blocks per sequence and masks past each context length."""
     write_kv(k_cache, v_cache, k, v, slot_mapping)
-    if q.is_cuda and (paged_decode := _decode_kernel()) is not None:
-        return paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+    if q.is_cuda and (kernels := _kernels()) is not None:
+        return kernels.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
     return sdpa_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 

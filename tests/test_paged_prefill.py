@@ -46,7 +46,7 @@ def run_both(q, k, v, k_cache, v_cache, meta, scale):
 
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     ref = sdpa_prefill(q, k_cache, v_cache, meta, scale)
-    out = paged_prefill(q, k_cache, v_cache, meta.table_tensor(q.device), meta.q_lens, meta.context_lens, scale)
+    out = paged_prefill(q, k_cache, v_cache, *meta.on_device(q.device), max(meta.q_lens), scale)
     return out, ref
 
 

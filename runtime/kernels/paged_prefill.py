@@ -61,21 +61,19 @@ def _prefill_kernel(Q, K, V, Out, Tables, QStart, QLen, Ctx, scale, stride_tb,
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                  q_lens: list[int], context_lens: list[int], scale: float) -> torch.Tensor:
+                  q_starts: torch.Tensor, q_lens: torch.Tensor, context_lens: torch.Tensor, max_q_len: int,
+                  scale: float) -> torch.Tensor:
     """q [T, Hq, d] packed (sequence after sequence); k_cache/v_cache [blocks, block_size, Hkv, d]
-    (this step's keys already written); block_tables [S, M] int32; q_lens / context_lens per sequence
-    (context = cached tokens after this step's writes) -> [T, Hq * d]."""
+    (this step's keys already written); per sequence, as int32 device tensors: block_tables [S, M],
+    its first row in q, its query count, and its context (cached tokens after this step's writes);
+    max_q_len: the largest query count -> [T, Hq * d]."""
     T, HQ, D = q.shape
     HKV, BS = k_cache.shape[2], k_cache.shape[1]
-    dev = q.device
-    starts = torch.tensor([sum(q_lens[:i]) for i in range(len(q_lens))], dtype=torch.int32, device=dev)
-    lens = torch.tensor(q_lens, dtype=torch.int32, device=dev)
-    ctx = torch.tensor(context_lens, dtype=torch.int32, device=dev)
-    out = torch.empty(T, HQ * D, dtype=q.dtype, device=dev)
+    out = torch.empty(T, HQ * D, dtype=q.dtype, device=q.device)
     BM, BN = 64, 64
     q = q.contiguous()
-    _prefill_kernel[(triton.cdiv(max(q_lens), BM), len(q_lens), HQ)](
-        q, k_cache, v_cache, out, block_tables, starts, lens, ctx, scale, block_tables.stride(0),
+    _prefill_kernel[(triton.cdiv(max_q_len, BM), q_lens.numel(), HQ)](
+        q, k_cache, v_cache, out, block_tables, q_starts, q_lens, context_lens, scale, block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HQ=HQ, GROUP=HQ // HKV, D=D, BS=BS, BM=BM, BN=BN,
         IEEE=q.dtype == torch.float32, num_warps=4)
     return out
