@@ -13,7 +13,7 @@ OUT    ?=
 MODEL_BUILD := $(BUILD)/$(notdir $(abspath $(MODEL)))
 EXPORT_DIR  := $(if $(OUT),$(OUT),$(MODEL_BUILD)/onnx)
 EXPORT      := $(EXPORT_DIR)/tp$(TP)
-CROSSOVER   := $(BUILD)/bench/moe_crossover.json
+MOE_FORMS   := $(BUILD)/bench/moe_forms.json
 # Which TensorRT builds the engines: auto (TensorRT 11 if installed, else TensorRT-RTX ahead of time
 # for SM80, whose engines check the graphs but do not load in TensorRT 11), tensorrt, tensorrt-rtx.
 TENSORRT    ?= auto
@@ -22,7 +22,7 @@ JOBS        ?=
 MAX_TOKENS  ?=
 TWINS       ?=
 EXPORT_ARGS  = $(if $(JOBS),--jobs $(JOBS)) $(if $(MAX_TOKENS),--max-tokens $(MAX_TOKENS)) \
-               $(if $(wildcard $(CROSSOVER)),--moe-crossover-file $(CROSSOVER))
+               $(if $(wildcard $(MOE_FORMS)),--moe-forms-file $(MOE_FORMS))
 
 .PHONY: help setup tiny demo chat generate onnx engines verify-engines serve triton triton-server triton-serve bench bench-cpu test test-gpu clean
 
@@ -68,7 +68,7 @@ generate: setup
 	$(BIN)/python -m export.generate $(MODEL) --ids $(IDS) --max-new-tokens $(N)
 
 # The embedded checkpoint is written first when it is the one asked for.
-# The MoE crossover `make bench` measured is an explicit input (used when it fits the model's shape).
+# The MoE form schedule `make bench` measured is an explicit input (used when it fits the model's shape).
 onnx: setup $(if $(filter $(MODEL),$(TINY)),$(TINY)/config.json)
 	$(BIN)/python -m export.to_onnx $(MODEL) --tp $(TP) --out $(EXPORT_DIR) $(EXPORT_ARGS) \
 		$(if $(TWINS),--fp32-twins $(TWINS)) $(EXPORT_FLAGS)

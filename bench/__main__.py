@@ -2,7 +2,7 @@
 
 Each measurement is one JSON line (also appended to build/bench/results.jsonl), with the machine and
 date; a short table follows. `--cpu` (make bench-cpu) runs the CPU parts and ends with one JSON
-object: export_time_vs_floor, export_peak_rss_gb, moe_gather_t1_vs_floor, moe_crossover_tokens.
+object: export_time_vs_floor, export_peak_rss_gb, moe_gather_t1_vs_floor, moe_forms.
 """
 from __future__ import annotations
 
@@ -54,18 +54,17 @@ def main(argv: list[str] | None = None) -> int:
                     "export_rss_limit_gb": row["rss_limit_gb"]}
     from . import moe
     if "moe-gpu" in parts:
-        cross = moe.run_gpu(res)
-        moe.save_crossover(cross, f"gpu: {torch.cuda.get_device_name()}")
+        moe.save_schedule(moe.run_gpu(res), f"gpu: {torch.cuda.get_device_name()}")
     if "engine-memory" in parts:
         from . import engine_memory
         row = engine_memory.run(res)
         summary |= {"layer_rank_gpu_gb": row["layer_rank_gb"], "layer_rank_gpu_target_gb": row["target_gb"]}
     if "moe-cpu" in parts:
-        cross = moe.run_cpu(res)
-        if not moe.CROSSOVER_FILE.is_file() or "gpu" not in json.loads(moe.CROSSOVER_FILE.read_text())["measured_on"]:
-            moe.save_crossover(cross, "cpu (onnxruntime)")
+        spec = moe.run_cpu(res)
+        if not moe.FORMS_FILE.is_file() or "gpu" not in json.loads(moe.FORMS_FILE.read_text())["measured_on"]:
+            moe.save_schedule(spec, "cpu (onnxruntime)")
         t1 = next(r for r in res.rows if r["part"] == "moe" and r.get("device") == "cpu" and r.get("tokens") == 1)
-        summary |= {"moe_gather_t1_vs_floor": t1["gather_vs_floor"], "moe_crossover_tokens": cross}
+        summary |= {"moe_gather_t1_vs_floor": t1["gather_vs_floor"], "moe_forms": spec}
     if "attention" in parts:
         from . import attention
         attention.run(res)

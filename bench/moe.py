@@ -1,10 +1,11 @@
-"""Part 2: the two MoE forms on one real-width tensor-parallel expert shard (MiniMax-M2.5 at TP=8:
-256 experts of 3072 x 192), for T tokens: the gather form (reads the T*k chosen experts) and the
-dense form (every expert on every token), against the floor of the distinct chosen experts' bytes
-(plus the router) over measured memory bandwidth. On ONNX Runtime's CPU provider (the FP32 twins
-the export writes, traced the same way) and on the GPU (the same PyTorch module in bf16, replayed
-from a CUDA graph as the runtime's decode steps are). The measured crossover, the largest T at which
-the gather form is faster, goes to build/bench/moe_crossover.json, which `make onnx` passes to the export (--moe-crossover-file).
+"""Part 2: the MoE forms on one real-width tensor-parallel expert shard (MiniMax-M2.5 at TP=8: 256
+experts of 3072 x 192), for T tokens: gather (the T*k chosen experts), dense (every expert on every
+token) and block (block-padded dispatch: top-k work plus padding), against the floor of the distinct
+chosen experts' bytes (plus the router) over measured memory bandwidth. On ONNX Runtime's CPU
+provider (the FP32 twins the export writes, traced the same way) and on the GPU (the same PyTorch
+modules in bf16, replayed from CUDA graphs; with the runtime's fused and grouped kernels beside
+them). The schedule, the fastest ONNX form at each T, goes to build/bench/moe_forms.json, which
+`make onnx` passes to the export (--moe-forms-file).
 """
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ from export.checkpoint import LayerWeights
 from export.config import parse_hf_config
 from export.model import Moe, rms_norm
 from export.layout import make_layout
+from export.moe_forms import FORMS, ShardShape, merge_ranges
 from export.tiny import PRESETS, hf_config
 
 from .common import OUT, Results, cpu_bandwidth, cpu_seconds, cuda_seconds, gpu_bandwidth, graphed
 
 TP = 8
-TOKENS = (1, 4, 16, 64, 256, 1024)
-CROSSOVER_FILE = OUT / "moe_crossover.json"
+TOKENS = (1, 4, 16, 64, 256, 1024, 2048)
+FORMS_FILE = OUT / "moe_forms.json"
 
 
 def shard_module(form: str, dtype: torch.dtype, device: str) -> tuple[Moe, object]:
@@ -50,43 +52,60 @@ def floor_bytes(m: Moe, distinct: int, elem: int) -> int:
 
 
 def record_row(res: Results, device: str, T: int, m: Moe, h, a, seconds: dict, bw: float, elem: int) -> None:
-    """One JSON line: each form's time (None: skipped) in us and against its floor."""
-    floors = {"gather": floor_bytes(m, distinct_experts(m, h, a), elem) / bw,
-              "dense": floor_bytes(m, m.w13.shape[0], elem) / bw}
-    row = {"tokens": T, "distinct_experts": distinct_experts(m, h, a),
-           "gather_floor_us": round(floors["gather"] * 1e6, 1), "dense_floor_us": round(floors["dense"] * 1e6, 1)}
+    """One JSON line: each form's time (None: skipped) in us and against the floor of the distinct
+    chosen experts' bytes (the least any form must read)."""
+    floor = floor_bytes(m, distinct_experts(m, h, a), elem) / bw
+    row = {"tokens": T, "distinct_experts": distinct_experts(m, h, a), "floor_us": round(floor * 1e6, 1)}
     for form, t in seconds.items():
-        floor = floors["dense" if form == "dense" else "gather"]
         row[f"{form}_us"] = None if t is None else round(t * 1e6, 1)
         row[f"{form}_vs_floor"] = None if t is None else round(t / floor, 2)
     res.add("moe", device=device, **row)
 
 
-def _crossover(times: dict[int, tuple[float | None, float]], measure) -> int:
-    """Largest T where gather is faster; bisected between the grid points around the switch."""
+def _fastest(times: dict[str, float | None]) -> str:
+    return min((f for f in FORMS if times.get(f) is not None), key=lambda f: times[f])
+
+
+def schedule(times: dict[int, dict[str, float | None]], measure) -> str:
+    """The --moe-forms spec: the fastest ONNX form at each grid T; where it changes between two grid
+    points, the switch is bisected between those two forms. The last form takes the rest."""
     grid = sorted(times)
-    lo = max([t for t in grid if times[t][0] is not None and times[t][0] <= times[t][1]], default=0)
-    above = [t for t in grid if t > lo]
-    if lo == 0 or not above:
-        return max(lo, 1)
-    hi = above[0]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        gather, dense = measure(mid)
-        lo, hi = (mid, hi) if gather is not None and gather <= dense else (lo, mid)
-    return lo
+    best = {T: _fastest(times[T]) for T in grid}
+    ranges: list[tuple[str, int]] = []
+    for lo, hi in zip(grid, grid[1:]):
+        a, b = best[lo], best[hi]
+        if a == b:
+            continue
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            t = measure(mid)
+            lo, hi = (mid, hi) if t[a] is not None and (t[b] is None or t[a] <= t[b]) else (lo, mid)
+        ranges.append((a, lo))
+    ranges.append((best[grid[-1]], 0))
+    return ",".join(f if i == len(ranges) - 1 else f"{f}:{hi}"
+                    for i, (f, hi) in enumerate(merge_ranges(ranges)))
 
 
-def run_gpu(res: Results, tokens=TOKENS, gather_limit_gb: float = 12.0) -> int:
+def run_gpu(res: Results, tokens=TOKENS, gather_limit_gb: float = 12.0) -> str:
+    """The three ONNX forms as PyTorch modules in bf16 (the ops the engines run; no TensorRT here),
+    and the runtime's own GPU kernels beside them (fused gather; grouped GEMM for many tokens)."""
     bw = gpu_bandwidth()
     res.add("moe", device="gpu", what="gpu_copy_bandwidth", gb_per_s=round(bw / 1e9, 1))
+    from runtime.kernels import moe_route
     from runtime.kernels.fused_moe import gather_moe
+    from runtime.kernels.grouped_moe import grouped_moe
 
-    mods = {f: shard_module(f, torch.bfloat16, "cuda")[0] for f in ("gather", "dense")}
-    mods["dense"].w13, mods["dense"].w2 = mods["gather"].w13, mods["gather"].w2  # one copy of the experts
-    mods["fused"] = shard_module("gather", torch.bfloat16, "cuda")[0]  # what the runtime runs on GPUs
-    mods["fused"].w13, mods["fused"].w2 = mods["gather"].w13, mods["gather"].w2
-    mods["fused"].gather_kernel = gather_moe
+    mods = {f: shard_module(f, torch.bfloat16, "cuda")[0] for f in FORMS}
+    # what the runtime's torch backend runs: the fused gather kernels after the fused router (few
+    # tokens), the grouped GEMM (many); "fused_unrouted" keeps the PyTorch router, for comparison
+    for extra, form, attr, kernel in (("fused", "gather", "gather_kernel", gather_moe),
+                                      ("fused_unrouted", "gather", "gather_kernel", gather_moe),
+                                      ("grouped", "block", "grouped_kernel", grouped_moe)):
+        mods[extra] = shard_module(form, torch.bfloat16, "cuda")[0]
+        setattr(mods[extra], attr, kernel)
+    mods["fused"].route_kernel, mods["fused"].small_tokens = moe_route.route, moe_route.MAX_TOKENS
+    for m in mods.values():  # one copy of the experts
+        m.w13, m.w2 = mods["gather"].w13, mods["gather"].w2
     per_expert = (mods["gather"].w13[0].numel() + mods["gather"].w2[0].numel()) * 2
 
     def measure(T: int, record: bool = False):
@@ -100,15 +119,16 @@ def run_gpu(res: Results, tokens=TOKENS, gather_limit_gb: float = 12.0) -> int:
                 continue
             replay = graphed(lambda: m(h, a))
             out[form] = cuda_seconds(replay, reps=20)
+            del replay
+            torch.cuda.empty_cache()
         if record:
             record_row(res, "gpu", T, mods["gather"], h, a, out, bw, 2)
-        torch.cuda.empty_cache()
-        return out["fused"], out["dense"]  # the crossover is for what the runtime runs
+        return out
 
     times = {T: measure(T, record=True) for T in tokens}
-    cross = _crossover(times, measure)
-    res.add("moe", device="gpu", what="crossover", moe_crossover_tokens=cross)
-    return cross
+    spec = schedule(times, measure)
+    res.add("moe", device="gpu", what="schedule", moe_forms=spec)
+    return spec
 
 
 def _ort_sessions(tmp: Path):
@@ -119,7 +139,7 @@ def _ort_sessions(tmp: Path):
     sessions, mods = {}, {}
     bf16 = surgery.WeightsFile(tmp / "moe.weights")
     protos = {}
-    for form in ("gather", "dense"):
+    for form in FORMS:
         m, cfg = shard_module(form, torch.bfloat16, "cpu")
         spec = next(s for s in make_layout(cfg, TP).subgraphs if s.name == f"layers.0.moe_{form}")
         protos[form] = surgery.tidy(surgery.to_proto(surgery.trace(m, spec, cfg), m, bf16), spec)
@@ -136,7 +156,10 @@ def _ort_sessions(tmp: Path):
     return sessions, mods
 
 
-def run_cpu(res: Results, tokens=TOKENS, gather_limit_gb: float = 4.0) -> int:
+CPU_TOKENS = (1, 4, 16, 64, 256)  # two cores would take minutes per dense run beyond
+
+
+def run_cpu(res: Results, tokens=CPU_TOKENS, gather_limit_gb: float = 4.0) -> str:
     bw = cpu_bandwidth()
     res.add("moe", device="cpu", what="cpu_copy_bandwidth", gb_per_s=round(bw / 1e9, 1))
     OUT.mkdir(parents=True, exist_ok=True)
@@ -158,19 +181,18 @@ def run_cpu(res: Results, tokens=TOKENS, gather_limit_gb: float = 4.0) -> int:
                 out[form] = cpu_seconds(lambda: s.run(None, feed), reps=reps)
             if record:
                 record_row(res, "cpu", T, mods["gather"], h, a, out, bw, 4)
-            return out["gather"], out["dense"]
+            return out
 
         times = {T: measure(T, record=True) for T in tokens}
-        cross = _crossover(times, measure)
-    res.add("moe", device="cpu", what="crossover", moe_crossover_tokens=cross)
-    return cross
+        spec = schedule(times, measure)
+    res.add("moe", device="cpu", what="schedule", moe_forms=spec)
+    return spec
 
 
-def save_crossover(tokens: int, device: str) -> None:
-    """What the export reads (export/to_onnx.py: measured_crossover) for this shard shape."""
+def save_schedule(spec: str, device: str) -> None:
+    """What the export reads (export/to_onnx.py: measured_schedule) for this expert-shard shape."""
     cfg = parse_hf_config(hf_config(PRESETS["real"]))
-    CROSSOVER_FILE.parent.mkdir(parents=True, exist_ok=True)
-    CROSSOVER_FILE.write_text(json.dumps({
-        "num_experts": cfg.num_experts, "top_k": cfg.top_k, "hidden_size": cfg.hidden_size,
-        "shard_intermediate": cfg.intermediate_size // TP, "moe_crossover_tokens": tokens, "measured_on": device,
-    }, indent=1))
+    s = ShardShape.of(cfg, TP, "intermediate")
+    FORMS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    FORMS_FILE.write_text(json.dumps({"experts": s.experts, "inter": s.inter, "hidden": s.hidden, "top_k": s.top_k,
+                                      "moe_forms": spec, "measured_on": device}, indent=1))

@@ -1,7 +1,8 @@
 """Part: time to first token of one long prompt on the GPU, MiniMax-M2.5's true width with a few
 layers (random bf16 weights made on the GPU, as the step part), torch backend, chunked prefill in
 steps of `chunk` tokens. The MoE of each chunk runs as the grouped-GEMM kernel (top-k work only) or,
-for comparison, the dense form (every expert on every token). Against the FLOP floor of the useful
+for comparison, as the ONNX graphs' block and dense forms in PyTorch ops (block-padded dispatch;
+every expert on every token; prompts up to 8192). Against the FLOP floor of the useful
 work: per token and layer the attention projections, the attention itself over the tokens before it
 (causal), the top-k experts' three matmuls, the router; the LM head once; at the bf16 matmul rate
 measured in the same run (8192^3). Peak GPU memory is reported per run.
@@ -127,11 +128,12 @@ def run(res: Results, layers: int = 4, prompts=(2048, 8192, 32768, 131072), chun
         backend = TorchBackend(manifest, 0, "cuda", torch.bfloat16, checkpoint=RandomWeights(cfg))
         moes = [sub for mod in backend.modules.values() for sub in mod.modules() if isinstance(sub, Moe)]
         kernel = moes[0].grouped_kernel
-        for form in ("grouped", "dense"):
+        for form in ("grouped", "block", "dense"):  # the kernel, then the ONNX forms as PyTorch ops
             for m in moes:
-                m.grouped_kernel = kernel if form == "grouped" else None
+                if m.form != "gather":
+                    m.grouped_kernel, m.form = (kernel, "block") if form == "grouped" else (None, form)
             for n in prompts:
-                if form == "dense" and n > 8192:
+                if form != "grouped" and n > 8192:
                     continue  # minutes per prompt: the comparison is made at the shorter ones
                 kv_gb = layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2 * (2 * n + 128) / 2**30 + 0.5
                 engine = LLMEngine(tmp, EngineConfig(backend="torch", device="cuda", dtype="bfloat16",

@@ -17,7 +17,8 @@ import torch
 
 from export.checkpoint import LayerWeights
 from export.config import parse_hf_config
-from export.layout import default_crossover, make_layout
+from export.layout import make_layout
+from export.moe_forms import MoeSchedule
 from export.manifest import Manifest
 from export.tiny import PRESETS, hf_config, write_text_files
 from runtime.backends.pytorch import TorchBackend
@@ -42,11 +43,16 @@ class RandomWeights:
         return (torch.randn(*shape, device=self.device, generator=self.g) * scale).to(dtype)
 
     def read(self, requests):
+        """Random tables of the rows asked for (a slice of the vocabulary, or all of it)."""
         c = self.config
-        make = {"model.embed_tokens.weight": lambda: self._w(c.vocab_size, c.hidden_size, scale=1.0),
-                "model.norm.weight": lambda: torch.ones(c.hidden_size, device=self.device, dtype=torch.bfloat16),
-                "lm_head.weight": lambda: self._w(c.vocab_size, c.hidden_size)}
-        return {name: make[name]() for name in requests}
+
+        def rows(name):
+            r = requests[name][0] if requests[name] else slice(None)
+            return len(range(*r.indices(c.vocab_size)))
+        make = {"model.embed_tokens.weight": lambda n: self._w(rows(n), c.hidden_size, scale=1.0),
+                "model.norm.weight": lambda n: torch.ones(c.hidden_size, device=self.device, dtype=torch.bfloat16),
+                "lm_head.weight": lambda n: self._w(rows(n), c.hidden_size)}
+        return {name: make[name](name) for name in requests}
 
     def layer(self, n, dtype, shard, stream=False):
         c = self.config
@@ -63,9 +69,10 @@ class RandomWeights:
 
 def write_export(cfg, root: Path, max_tokens: int) -> Manifest:
     """A manifest with no graph files (the torch backend needs only the layout) and a tokenizer."""
-    layout = make_layout(cfg, 1)
-    man = Manifest(config=cfg, tp=1, expert_split="intermediate", opset=0, fp32_twins=False,
-                   moe_crossover_tokens=default_crossover(cfg), moe_crossover_source="default", max_tokens=max_tokens,
+    # The torch backend's kernels: fused gather up to E/k tokens, grouped GEMM (block form) beyond.
+    moe = MoeSchedule.parse(f"gather:{cfg.num_experts // cfg.top_k},block", max_tokens, "bench: the GPU kernels")
+    layout = make_layout(cfg, 1, forms=moe.forms)
+    man = Manifest(config=cfg, tp=1, expert_split="intermediate", opset=0, fp32_twins=False, moe=moe, max_tokens=max_tokens,
                    steps=layout.steps, subgraphs={s.name: s for s in layout.subgraphs}, files={},
                    producer="bench.step (random weights)")
     man.save(root)

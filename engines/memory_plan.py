@@ -8,10 +8,11 @@ the context that allows.
 
 Weights are counted from the config's tensor shapes in BF16 (the router in float32), as the export
 writes them: per layer-rank the attention slices, norms, router and the rank's experts (stored once:
-both MoE engines bind one copy), plus the embedding and the LM head on rank 0. The measured engines
+every MoE form binds one copy), the embedding on rank 0, and each rank's slice of the LM head. The measured engines
 (docs/BENCHMARKS.md) are within 1% of these bytes. Scratch is an upper bound from the graphs' largest
-live tensors at the largest step: with the dense MoE form that is [experts, intermediate/hidden,
-tokens] products, which is why the per-step token budget matters.
+live tensors at the largest step: each MoE form of the export's schedule at the top of its range
+(export/moe_forms.py; the dense form's [experts, intermediate/hidden, tokens] products, the block
+form's gathered expert copies per block), which is why the per-step token budget matters.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from export.config import ModelConfig
+from export.moe_forms import MoeSchedule, ShardShape, modeled_schedule, schedule_scratch
 from export.preflight import layer_rank_bytes
 
 GB = 1e9
@@ -31,7 +33,7 @@ CONTEXT_RESERVE = 1.5e9  # CUDA context, cuBLAS/NCCL workspaces, the allocator's
 class RankMemory:
     rank: int
     layer_weights: int     # bytes, all layers of this rank
-    global_weights: int    # embed + norm + head (rank 0)
+    global_weights: int    # the LM head's vocabulary slice and final norm; the embedding on rank 0
     scratch: int           # activation upper bound of the largest step
     reserve: int
     budget: int            # gpu bytes x utilization
@@ -50,27 +52,27 @@ class RankMemory:
         return self.kv_cache // self.kv_per_token
 
 
-def scratch_bytes(cfg: ModelConfig, tp: int, max_tokens: int, batch: int, crossover: int) -> int:
-    """The largest step's live activations: the dense MoE's [E, 2I, T] / [E, I, T] (bf16) and
-    [E, H, T] (float32) products when the step is past the crossover, else the gather form's per-pair
-    rows; the sampled rows' float32 logits; the layer's [T, H] tensors."""
-    E, H, I, k = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size // tp, cfg.top_k
-    T = max_tokens
-    dense = T * E * (2 * I * 2 + I * 2 + H * 4) if T > crossover else 0
-    gather = min(T, crossover) * k * (2 * I * H * 2 + H * I * 2)  # the gathered expert copies (ONNX form)
-    hidden = 8 * T * H * 4
+def scratch_bytes(cfg: ModelConfig, tp: int, max_tokens: int, batch: int, moe: MoeSchedule,
+                  expert_split: str = "intermediate") -> int:
+    """The largest step's live activations: the MoE's largest (each form of the schedule at the top of
+    its range: export/moe_forms.py), the sampled rows' float32 logits, the layer's [T, H] tensors."""
+    moe_bytes = schedule_scratch(moe.upto(max_tokens), ShardShape.of(cfg, tp, expert_split))
+    hidden = 8 * max_tokens * cfg.hidden_size * 4
     logits = batch * cfg.vocab_size * 4
-    return max(dense, gather) + hidden + logits
+    return moe_bytes + hidden + logits
 
 
 def plan(cfg: ModelConfig, tp: int, gpu_bytes: float, utilization: float = 0.9, max_tokens: int = 2048,
-         batch: int = 8, crossover: int | None = None, expert_split: str = "intermediate") -> list[RankMemory]:
-    crossover = crossover if crossover is not None else max(1, cfg.num_experts // cfg.top_k)
+         batch: int = 8, moe: MoeSchedule | None = None, expert_split: str = "intermediate") -> list[RankMemory]:
+    """moe: the export's MoE form schedule (default: the modeled one)."""
+    moe = moe or modeled_schedule(cfg, tp, expert_split, max_tokens)
     layers = cfg.num_hidden_layers * layer_rank_bytes(cfg, tp, expert_split)
-    global_ = 2 * cfg.vocab_size * cfg.hidden_size * 2 + cfg.hidden_size * 2
+    # The embedding on rank 0; every rank its slice of the LM head's vocabulary and the final norm.
+    embed = cfg.vocab_size * cfg.hidden_size * 2
+    head = (-(-cfg.vocab_size // tp) + 1) * cfg.hidden_size * 2
     kv_per_token = cfg.num_hidden_layers * 2 * (cfg.num_key_value_heads // tp) * cfg.head_dim * 2
-    scratch = scratch_bytes(cfg, tp, max_tokens, batch, crossover)
-    return [RankMemory(r, layers, global_ if r == 0 else 0, scratch, int(CONTEXT_RESERVE), int(gpu_bytes * utilization),
+    scratch = scratch_bytes(cfg, tp, max_tokens, batch, moe, expert_split)
+    return [RankMemory(r, layers, head + (embed if r == 0 else 0), scratch, int(CONTEXT_RESERVE), int(gpu_bytes * utilization),
                        kv_per_token) for r in range(tp)]
 
 
@@ -97,16 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(a.model)
     try:
         if (path / "config.json").is_file():  # a checkpoint
-            cfg, tp, max_tokens, cross = ModelConfig.from_checkpoint(path), a.tp or 1, a.max_tokens or 2048, None
+            cfg, tp, max_tokens, moe = ModelConfig.from_checkpoint(path), a.tp or 1, a.max_tokens or 2048, None
         else:
             from export.manifest import Manifest, find_manifest
             man = Manifest.load(find_manifest(path))
             cfg, tp = man.config, a.tp or man.tp
-            max_tokens, cross = a.max_tokens or man.max_tokens, man.moe_crossover_tokens
+            max_tokens, moe = a.max_tokens or man.max_tokens, man.moe
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ranks = plan(cfg, tp, a.gpu_gb * GB, a.utilization, max_tokens, a.batch, cross)
+    ranks = plan(cfg, tp, a.gpu_gb * GB, a.utilization, max_tokens, a.batch, moe)
     print(f"{cfg.num_hidden_layers} layers, TP={tp}, {a.gpu_gb:g} GB GPUs at {a.utilization:g}, steps of up to "
           f"{max_tokens} tokens\n")
     print(table(cfg, ranks, a.batch))
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if short:
         need = ranks[0].weights + ranks[0].scratch + ranks[0].reserve
         print(f"\nerror: rank 0 needs {need / GB:.1f} GB before any KV cache and has {ranks[0].budget / GB:.1f} GB; "
-              "lower --max-tokens (the dense MoE scratch grows with it) or raise TP", file=sys.stderr)
+              "lower --max-tokens (the MoE scratch grows with it) or raise TP", file=sys.stderr)
         return 1
     return 0
 

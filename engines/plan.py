@@ -1,8 +1,8 @@
 """What `make engines` builds: a plain function of the export manifest and the build settings.
 
 One engine per (subgraph, rank). Each engine gets optimization profiles over the token dimension T:
-the gather MoE form covers 1..crossover tokens, the dense form crossover+1..max_tokens, and every
-other subgraph a decode profile (1..decode_max) and a prefill profile (1..max_tokens), so the runtime
+each MoE form covers its range of the manifest's schedule (export/moe_forms.py), and every other
+subgraph a decode profile (1..decode_max) and a prefill profile (1..max_tokens), so the runtime
 picks a profile by token count. Engines whose key (ONNX sha256, settings, TensorRT version, profiles)
 matches the one recorded by the last build are skipped. Work is spread over the GPUs, largest first,
 each to the least-loaded GPU.
@@ -66,13 +66,12 @@ class BuildPlan:
 
 
 def profiles_for(manifest: Manifest, name: str, settings: BuildSettings) -> list[Profile]:
-    max_tokens, cross = manifest.max_tokens, manifest.moe_crossover_tokens
+    max_tokens = manifest.max_tokens
     sg = manifest.subgraphs[name]
-    if sg.form == "gather":
-        return [Profile("gather", 1, min(8, cross), cross)]
-    if sg.form == "dense":
-        lo = min(cross + 1, max_tokens)
-        return [Profile("dense", lo, min(max(lo, 1024), max_tokens), max_tokens)]
+    if sg.form is not None:
+        lo, hi = manifest.moe.span(sg.form)
+        opt = min(8, hi) if lo == 1 else min(max(lo, 1024), hi)  # decode-sized when it starts at 1
+        return [Profile(sg.form, lo, opt, hi)]
     decode_max = min(settings.decode_max, max_tokens)
     profiles = [Profile("decode", 1, min(8, decode_max), decode_max)]
     if max_tokens > decode_max:

@@ -43,7 +43,7 @@ def engine_bytes(layout: GraphLayout) -> dict[int, int]:
         if s.unit == "embed":
             own = cfg.vocab_size * cfg.hidden_size * 2
         elif s.unit == "head":
-            own = (cfg.vocab_size + 1) * cfg.hidden_size * 2
+            own = (-(-cfg.vocab_size // layout.tp) + 1) * cfg.hidden_size * 2
         elif s.piece in ("moe", "post"):
             own = parts["router"] * 4 + cfg.hidden_size * 2
             if s.piece == "post":  # TP=1: o_proj is in the post-attention graph
@@ -93,7 +93,7 @@ def gpu_needs(plan: ExportPlan, gpu_gb: float | None, utilization: float, batch:
         if len(found) < tp:
             rows[-1].has += f" (serving TP={tp} needs {tp}; building works on fewer)"
     gpu_bytes = gpu_gb * GB if gpu_gb else (smallest if found else 80 * GB)
-    ranks = memory_plan.plan(cfg, tp, gpu_bytes, utilization, plan.max_tokens, batch, plan.crossover,
+    ranks = memory_plan.plan(cfg, tp, gpu_bytes, utilization, plan.max_tokens, batch, plan.moe,
                              plan.layout.expert_split)
     tight = max(ranks, key=lambda m: m.weights + m.scratch + m.reserve)
     before_kv = tight.weights + tight.scratch + tight.reserve
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="whether the export writes FP32 twins (`make engines`: off unless TWINS=on)")
     ap.add_argument("--tensorrt", choices=KINDS, default="auto", help="the builder (as engines.build)")
     ap.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="the export's largest step")
-    ap.add_argument("--moe-crossover-file", help="the crossover `make bench` measured (as the export takes it)")
+    ap.add_argument("--moe-forms-file", help="the MoE form schedule `make bench` measured (as the export takes it)")
     ap.add_argument("--gpu-gb", type=float, help="GPU memory to plan serving with (default: the smallest GPU "
                                                  "here, else 80 GB, an A100-80GB)")
     ap.add_argument("--utilization", type=float, default=0.9, help="share of GPU memory to use (default 0.9)")
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         plan = plan_export(a.checkpoint, a.out, a.tp, twins={"auto": None, "on": True, "off": False}[a.fp32_twins], max_tokens=a.max_tokens,
-                           crossover_file=a.moe_crossover_file, jobs=a.jobs, validate=False)
+                           forms_file=a.moe_forms_file, jobs=a.jobs, validate=False)
     except (CheckpointError, ConfigError, ShardingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

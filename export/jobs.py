@@ -23,10 +23,10 @@ from .unit import UnitTask, export_unit, trace_key, trace_missing
 _worker: dict = {}
 
 
-def _init(checkpoint: str, tp: int, expert_split: str, threads: int) -> None:
+def _init(checkpoint: str, tp: int, expert_split: str, forms: tuple[str, ...], threads: int) -> None:
     torch.set_num_threads(threads)
     ckpt = Checkpoint(checkpoint, validate=False)  # the parent validated it
-    layout = make_layout(ckpt.config, tp, expert_split)
+    layout = make_layout(ckpt.config, tp, expert_split, forms)
     _worker.update(ckpt=ckpt, layout=layout, specs=layout.units(), traces={})
 
 
@@ -56,7 +56,7 @@ def run_parallel(ckpt: Checkpoint, layout: GraphLayout, specs: dict[tuple[str, i
         for s in specs[(t.unit, t.rank)]:
             needed.setdefault(trace_key(layout, s, t.rank), (t.unit, t.rank, s.name))
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init,
-                             initargs=(str(Path(ckpt.dir)), layout.tp, layout.expert_split, threads)) as pool:
+                             initargs=(str(Path(ckpt.dir)), layout.tp, layout.expert_split, layout.forms, threads)) as pool:
         futures = [pool.submit(_trace, *where) for where in needed.values()]
         try:
             traces = dict(f.result() for f in futures)

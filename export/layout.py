@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from .config import ModelConfig
 from .manifest import (TOKENS, AllReduceStep, AttentionStep, BroadcastStep, Step, SubgraphSpec, SubgraphStep,
                        TensorSpec)
-from .model import MOE_FORMS
+from .moe_forms import FORMS
 from .sharding import Shard
 
 
@@ -23,6 +23,7 @@ class GraphLayout:
     cfg: ModelConfig
     tp: int
     expert_split: str
+    forms: tuple[str, ...] = FORMS  # the MoE forms exported
     subgraphs: list[SubgraphSpec] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
 
@@ -35,20 +36,16 @@ class GraphLayout:
         return out
 
 
-def default_crossover(cfg: ModelConfig) -> int:
-    """Token count up to which the gather MoE form runs. Where T*k reaches E the gather form reads as
-    many expert bytes as the dense form, which also reads them once; a placeholder until measured."""
-    return max(1, cfg.num_experts // cfg.top_k)
-
-
-def make_layout(cfg: ModelConfig, tp: int = 1, expert_split: str = "intermediate") -> GraphLayout:
+def make_layout(cfg: ModelConfig, tp: int = 1, expert_split: str = "intermediate",
+                forms: tuple[str, ...] = FORMS) -> GraphLayout:
+    """`forms`: the MoE forms exported (the schedule's; each a variant of the layer's MoE step)."""
     Shard(tp, 0, expert_split).check(cfg)
     H, hd, V = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
     nh, nkv = cfg.num_attention_heads // tp, cfg.num_key_value_heads // tp
     T, bf, f32, i64 = TOKENS, "bfloat16", "float32", "int64"
     t = TensorSpec
     all_ranks = tuple(range(tp))
-    layout = GraphLayout(cfg, tp, expert_split)
+    layout = GraphLayout(cfg, tp, expert_split, tuple(forms))
 
     # The experts, per rank: every expert's slice (intermediate split) or this rank's whole experts.
     # They are inputs of the MoE subgraphs, not constants: both forms bind one device copy.
@@ -82,7 +79,7 @@ def make_layout(cfg: ModelConfig, tp: int = 1, expert_split: str = "intermediate
             layout.steps.append(SubgraphStep(add(
                 p + "attn", "attn", n, None, pair + [t("positions", i64, (T,))], [h, q_rot, k_rot, v3], p + "attn")))
             layout.steps.append(attention)
-            variants = {f: add(p + f"post_{f}", "post", n, f, [h, attn], pair, p + "post") for f in MOE_FORMS}
+            variants = {f: add(p + f"post_{f}", "post", n, f, [h, attn], pair, p + "post") for f in forms}
             layout.steps.append(SubgraphStep(p + "post", variants))
             continue
         ssq = [t("q_ssq", f32, (T, 1)), t("k_ssq", f32, (T, 1))]
@@ -97,11 +94,13 @@ def make_layout(cfg: ModelConfig, tp: int = 1, expert_split: str = "intermediate
             AllReduceStep(("attn_out",)),
         ]
         variants = {f: add(p + f"moe_{f}", "moe", n, f, [h, t("attn_out", bf, (T, H))], pair, p + "moe")
-                    for f in MOE_FORMS}
+                    for f in forms}
         layout.steps += [SubgraphStep(p + "moe", variants), AllReduceStep(("delta",))]
-    # Logits are needed once: rank 0 computes them from the residual pair (the same on every rank).
-    layout.steps.append(SubgraphStep(add("head", "head", None, None, pair, [t("logits", f32, (T, V))], "head",
-                                       ranks=(0,))))
+    # Vocabulary-parallel LM head: every rank computes the logits of its slice of the vocabulary
+    # from the residual pair (the same on every rank); the runtime gathers what sampling needs.
+    vocab_rows = Shard(tp, 0, expert_split).vocab_rows(cfg)
+    layout.steps.append(SubgraphStep(add("head", "head", None, None, pair, [t("logits", f32, (T, vocab_rows))],
+                                         "head")))
     return layout
 
 

@@ -4,8 +4,9 @@ typed dataclasses here and nowhere else is their JSON spelled.
 
 manifest.json, at <export>/tp<N>/, format FORMAT_VERSION:
 - `model`: the ModelConfig (special ids included); `tp`, `expert_split`, `opset`, `fp32_twins`;
-- `moe_crossover_tokens` (steps of at most this many tokens run the gather MoE form, larger ones the
-  dense form) and where it came from; `max_tokens`, the largest step the graphs and engines take;
+- `moe_forms`: which MoE form runs at which step size, as [form, largest token count] ranges
+  (export/moe_forms.py), and `moe_forms_source` (measured, given or modeled); `max_tokens`, the
+  largest step the graphs and engines take;
 - `subgraphs`: name -> SubgraphSpec (piece, layer, MoE form, typed inputs and outputs with the symbolic
   token dimension "T", the ranks that run it, its weights group) with its files per rank and kind
   ("bf16": what TensorRT builds; "fp32": the twin ONNX Runtime runs on CPU);
@@ -30,8 +31,10 @@ from typing import Union
 
 from .atomic import sha256_file, write_json_atomic
 from .config import ModelConfig
+from .moe_forms import MoeSchedule, ScheduleError
 
-FORMAT_VERSION = 4  # 2: special ids from the text files; 3: typed steps, .engine files; 4: experts as inputs
+FORMAT_VERSION = 5  # 2: special ids from the text files; 3: typed steps, .engine files; 4: experts as inputs;
+#                    5: a schedule of MoE forms (block form added) in place of one crossover
 MANIFEST = "manifest.json"
 ENGINES_JSON = "engines.json"
 TOKENS = "T"  # the one symbolic dimension: tokens of all sequences in a step, packed
@@ -183,8 +186,7 @@ class Manifest:
     expert_split: str
     opset: int
     fp32_twins: bool
-    moe_crossover_tokens: int
-    moe_crossover_source: str
+    moe: MoeSchedule
     max_tokens: int
     steps: list[Step]
     subgraphs: dict[str, SubgraphSpec]
@@ -204,7 +206,7 @@ class Manifest:
             "checkpoint_relative": self.checkpoint_relative, "model": self.config.to_dict(), "tp": self.tp,
             "expert_split": self.expert_split, "opset": self.opset, "dtype": self.dtype,
             "fp32_twins": self.fp32_twins, "text_files": self.text_files,
-            "moe_crossover_tokens": self.moe_crossover_tokens, "moe_crossover_source": self.moe_crossover_source,
+            "moe_forms": self.moe.to_json(), "moe_forms_source": self.moe.source,
             "max_tokens": self.max_tokens, "steps": [step_to_json(s) for s in self.steps],
             "subgraphs": {n: s.to_json() for n, s in self.subgraphs.items()},
             "files": {k: asdict(v) for k, v in sorted(self.files.items())}, "exported": self.exported,
@@ -230,15 +232,15 @@ class Manifest:
         try:
             return cls(
                 config=ModelConfig.from_dict(d["model"]), tp=d["tp"], expert_split=d["expert_split"],
-                opset=d["opset"], fp32_twins=d["fp32_twins"], moe_crossover_tokens=d["moe_crossover_tokens"],
-                moe_crossover_source=d["moe_crossover_source"], max_tokens=d["max_tokens"],
+                opset=d["opset"], fp32_twins=d["fp32_twins"],
+                moe=MoeSchedule.from_json(d["moe_forms"], d.get("moe_forms_source", "")), max_tokens=d["max_tokens"],
                 steps=[step_from_json(s) for s in d["steps"]],
                 subgraphs={n: SubgraphSpec.from_json(s) for n, s in d["subgraphs"].items()},
                 files={k: FileRecord(**v) for k, v in d["files"].items()}, checkpoint=d.get("checkpoint", ""),
                 checkpoint_relative=d.get("checkpoint_relative", ""), text_files=d.get("text_files", []),
                 exported=d.get("exported", []), producer=d.get("producer", ""), dtype=d.get("dtype", "bfloat16"),
                 root=path.parent)
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ScheduleError) as e:
             raise ManifestError(f"{path}: not a valid manifest ({type(e).__name__}: {e}); export again") from e
 
     # ---- queries ------------------------------------------------------------------------------

@@ -21,15 +21,38 @@ float32, the weighted sum over experts in float32; everything else in the weight
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import Checkpoint, LayerWeights
 from .config import ModelConfig
+from .moe_forms import BLOCK_ROWS, FORMS as MOE_FORMS
 from .sharding import Shard
 
-MOE_FORMS = ("gather", "dense")
+
+@dataclass(frozen=True)
+class Kernels:
+    """Fused GPU kernels the runtime's torch backend passes into the pieces (never given when
+    exporting: the graphs keep the PyTorch ops). The MoE ones: f(x, local_expert_ids, weights, w13, w2)
+    -> [T, H] float32: `gather` for the gather form, `grouped` (top-k work only) for the dense and block
+    forms. For steps of at most `small_tokens`: `route` f(h, attn_out, norm, eps, gate, bias, k) ->
+    (h + attn_out, its RMSNorm, expert ids [T, k], weights [T, k]); `add_norm` f(a, b, weight, eps)
+    -> (a + b, its RMSNorm); `sum_squares` f(q, k) -> float32 [T, 1] each; `norm_rope` f(x, ssq,
+    weight, width, eps, positions, inv_freq, head_dim, rotary_dim) -> [T, heads, head_dim]."""
+    gather: Callable | None = None
+    grouped: Callable | None = None
+    route: Callable | None = None
+    add_norm: Callable | None = None
+    sum_squares: Callable | None = None
+    norm_rope: Callable | None = None
+    small_tokens: int = 0
+
+
+NO_KERNELS = Kernels()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -71,9 +94,10 @@ class AttnIn(nn.Module):
     """Residual add, input RMSNorm, this rank's q/k/v, and the per-token sums of squares of q and k
     that the full-width QK norm needs from every rank. v goes to the attention as [T, kv_heads, hd]."""
 
-    def __init__(self, w: LayerWeights, cfg: ModelConfig):
+    def __init__(self, w: LayerWeights, cfg: ModelConfig, kernels: Kernels = NO_KERNELS):
         super().__init__()
         self.eps, self.head_dim = cfg.rms_norm_eps, cfg.head_dim
+        self.add_norm, self.sum_squares, self.small_tokens = kernels.add_norm, kernels.sum_squares, kernels.small_tokens
         self.norm = _frozen(w.input_norm)
         # F.linear traces to Gemm(transB=1) on the stored [out, in] weight: no transposed copy.
         self.wq = _frozen(w.q_proj)
@@ -81,11 +105,17 @@ class AttnIn(nn.Module):
         self.wv = _frozen(w.v_proj)
 
     def forward(self, residual: torch.Tensor, delta: torch.Tensor):
-        h = residual + delta
-        x = rms_norm(h, self.norm, self.eps)
+        if self.add_norm is not None and residual.shape[0] <= self.small_tokens:
+            h, x = self.add_norm(residual, delta, self.norm, self.eps)
+        else:
+            h = residual + delta
+            x = rms_norm(h, self.norm, self.eps)
         q, k, v = F.linear(x, self.wq), F.linear(x, self.wk), F.linear(x, self.wv)
-        q_ssq = q.float().pow(2).sum(-1, keepdim=True)
-        k_ssq = k.float().pow(2).sum(-1, keepdim=True)
+        if self.sum_squares is not None and q.shape[0] <= self.small_tokens:
+            q_ssq, k_ssq = self.sum_squares(q, k)
+        else:
+            q_ssq = q.float().pow(2).sum(-1, keepdim=True)
+            k_ssq = k.float().pow(2).sum(-1, keepdim=True)
         return h, q, k, v.reshape(v.shape[0], -1, self.head_dim), q_ssq, k_ssq
 
 
@@ -93,15 +123,20 @@ class QkRope(nn.Module):
     """Finish the QK norm with the all-reduced sums, then partial neox RoPE.
     Returns q [T, heads_local, hd] and k [T, kv_heads_local, hd]."""
 
-    def __init__(self, w: LayerWeights, cfg: ModelConfig):
+    def __init__(self, w: LayerWeights, cfg: ModelConfig, kernels: Kernels = NO_KERNELS):
         super().__init__()
         self.eps, self.hd, self.rotary_dim = cfg.rms_norm_eps, cfg.head_dim, cfg.rotary_dim
+        self.norm_rope, self.small_tokens = kernels.norm_rope, kernels.small_tokens
         self.q_width, self.k_width = float(cfg.q_size), float(cfg.kv_size)
         self.q_norm = _frozen(w.q_norm)
         self.k_norm = _frozen(w.k_norm)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def forward(self, q, k, q_ssq, k_ssq, positions):
+        if self.norm_rope is not None and q.shape[0] <= self.small_tokens:
+            f = self.norm_rope
+            return (f(q, q_ssq, self.q_norm, self.q_width, self.eps, positions, self.inv_freq, self.hd, self.rotary_dim),
+                    f(k, k_ssq, self.k_norm, self.k_width, self.eps, positions, self.inv_freq, self.hd, self.rotary_dim))
         dtype = q.dtype
         q = self.q_norm * (q.float() * torch.rsqrt(q_ssq / self.q_width + self.eps)).to(dtype)
         k = self.k_norm * (k.float() * torch.rsqrt(k_ssq / self.k_width + self.eps)).to(dtype)
@@ -124,21 +159,17 @@ class OProj(nn.Module):
 
 class Moe(nn.Module):
     """Residual add, post-attention RMSNorm, float32 sigmoid router with bias-corrected top-k, and this
-    rank's experts, in one of two static-shaped forms:
+    rank's experts, in one of three static-shaped forms (export/moe_forms.py says which runs when):
 
-    - gather: gathers the T*k chosen experts' weights and runs batched matmuls. Reads only the chosen
-      experts; the form for few tokens (decode).
-    - dense: every expert on every token, combined by a one-hot weight matrix [T, E]. Reads every
-      expert once; costs E/k times the useful FLOPs; the form for many tokens (prefill).
+    - gather: gathers the T*k chosen experts' weights and runs batched matmuls (decode).
+    - dense: every expert on every token, combined by a one-hot weight matrix [T, E].
+    - block: block-padded dispatch, only the top-k work plus padding (prefill).
     """
 
-    def __init__(self, w: LayerWeights, cfg: ModelConfig, form: str = "gather", gather_kernel=None,
-                 grouped_kernel=None):
-        """gather_kernel / grouped_kernel: fused kernels for the gather / dense form, f(x,
-        local_expert_ids, weights, w13, w2) -> [T, H] float32 (the runtime's GPU path passes them; the
-        grouped one does only the top-k work); never given when exporting."""
+    def __init__(self, w: LayerWeights, cfg: ModelConfig, form: str = "gather", kernels: Kernels = NO_KERNELS):
         super().__init__()
-        self.gather_kernel, self.grouped_kernel = gather_kernel, grouped_kernel
+        self.gather_kernel, self.grouped_kernel = kernels.gather, kernels.grouped
+        self.route_kernel, self.small_tokens = kernels.route, kernels.small_tokens
         if form not in MOE_FORMS:
             raise ValueError(f"MoE form {form!r} is not one of {MOE_FORMS}")
         self.form, self.eps, self.top_k = form, cfg.rms_norm_eps, cfg.top_k
@@ -157,12 +188,15 @@ class Moe(nn.Module):
         return idx, weights / weights.sum(-1, keepdim=True)
 
     def forward(self, h: torch.Tensor, attn_out: torch.Tensor):
-        h = h + attn_out
-        x = rms_norm(h, self.norm, self.eps)
-        idx, weights = self.route(x)
+        if self.route_kernel is not None and h.shape[0] <= self.small_tokens:
+            h, x, idx, weights = self.route_kernel(h, attn_out, self.norm, self.eps, self.gate, self.bias, self.top_k)
+        else:
+            h = h + attn_out
+            x = rms_norm(h, self.norm, self.eps)
+            idx, weights = self.route(x)
         n_local, inter = self.w13.shape[0], self.w2.shape[2]
         kernel = self.gather_kernel if self.form == "gather" else self.grouped_kernel
-        if self.form == "gather" or kernel is not None:
+        if self.form != "dense" or kernel is not None:
             local = idx - self.expert_offset
             if n_local != self.num_experts:  # expert parallel: other ranks' experts contribute nothing here
                 mine = (local >= 0) & (local < n_local)
@@ -170,6 +204,8 @@ class Moe(nn.Module):
                 local = torch.where(mine, local, torch.zeros_like(local))
             if kernel is not None:
                 return h, kernel(x, local, weights, self.w13, self.w2).to(h.dtype)
+            if self.form == "block":
+                return h, block_dispatch(x, local, weights, self.w13, self.w2).to(h.dtype)
             flat = local.reshape(-1)  # a plain Gather on axis 0 of the stacked experts
             w13 = self.w13.index_select(0, flat).reshape(*local.shape, *self.w13.shape[1:])  # [T, k, 2I, H]
             y = (w13 @ x[:, None, :, None]).squeeze(-1)             # [T, k, 2I]
@@ -190,7 +226,44 @@ class Moe(nn.Module):
         return h, out.to(h.dtype)
 
 
+def block_dispatch(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+                   w2: torch.Tensor, rows: int = BLOCK_ROWS) -> torch.Tensor:
+    """The block form: x [T, H], local expert ids [T, k], float32 weights [T, k] -> [T, H] float32.
+
+    Pair p = (token, choice) goes to row start[e] + (its rank among e's pairs), where each expert's
+    rows are padded to a multiple of `rows`; ceil(T*k / rows) + E blocks hold any routing, so every
+    shape is a function of T. Each block gathers its expert's weights once. Padding rows compute on
+    token 0 and are never read back. Positions come from a float CumSum (exact below 2**24 pairs)."""
+    T, k = local.shape
+    E, inter = w13.shape[0], w2.shape[2]
+    pairs = T * k
+    nb = (pairs + rows - 1) // rows + E
+    flat = local.reshape(-1)
+    onehot = (flat[:, None] == torch.arange(E, device=x.device)).float()       # [P, E]
+    rank_in_expert = (onehot.cumsum(0) * onehot).sum(1) - 1                   # [P]
+    padded = torch.ceil(onehot.sum(0) / rows) * rows                          # [E] rows per expert
+    ends = padded.cumsum(0)
+    row = ((ends - padded).index_select(0, flat) + rank_in_expert).long()      # [P] its row
+    pair_of_row = torch.zeros(nb * rows, dtype=torch.long, device=x.device).scatter(
+        0, row, torch.arange(pairs, device=x.device))
+    starts = torch.arange(nb, device=x.device).float() * rows
+    # [NB]; blocks past the last used one -> E-1 (their rows are never read). Min, not Clip: float
+    # counts keep every op in TensorRT's float support.
+    last = torch.full((), E - 1, dtype=torch.float32, device=x.device)
+    expert_of_block = torch.minimum((ends[None, :] <= starts[:, None]).float().sum(1), last).long()
+    xb = x.index_select(0, pair_of_row // k).reshape(nb, rows, -1)           # [NB, B, H]
+    # Token-last, as in the dense form: the matmuls take the stored [out, in] weights as they are.
+    y = w13.index_select(0, expert_of_block) @ xb.transpose(1, 2)             # [NB, 2I, B]
+    a = F.silu(y[:, :inter]) * y[:, inter:]
+    o = w2.index_select(0, expert_of_block) @ a                                # [NB, H, B]
+    o = o.transpose(1, 2).reshape(nb * rows, -1).index_select(0, row).reshape(T, k, -1)
+    return (o.float() * weights[..., None]).sum(1)
+
+
 class Head(nn.Module):
+    """Final norm and the LM head: logits [T, rows] float32 of the rows it holds (with TP, one rank's
+    slice of the vocabulary)."""
+
     def __init__(self, norm: torch.Tensor, lm_head: torch.Tensor, cfg: ModelConfig):
         super().__init__()
         self.eps = cfg.rms_norm_eps
@@ -204,9 +277,9 @@ class Head(nn.Module):
 class AttnBlock(nn.Module):
     """TP=1: AttnIn and QkRope in one graph (no all-reduce between them)."""
 
-    def __init__(self, w: LayerWeights, cfg: ModelConfig):
+    def __init__(self, w: LayerWeights, cfg: ModelConfig, kernels: Kernels = NO_KERNELS):
         super().__init__()
-        self.attn_in, self.qk_rope = AttnIn(w, cfg), QkRope(w, cfg)
+        self.attn_in, self.qk_rope = AttnIn(w, cfg, kernels), QkRope(w, cfg, kernels)
 
     def forward(self, residual, delta, positions):
         h, q, k, v, q_ssq, k_ssq = self.attn_in(residual, delta)
@@ -217,9 +290,9 @@ class AttnBlock(nn.Module):
 class PostBlock(nn.Module):
     """TP=1: OProj and Moe in one graph."""
 
-    def __init__(self, w: LayerWeights, cfg: ModelConfig, form: str, gather_kernel=None, grouped_kernel=None):
+    def __init__(self, w: LayerWeights, cfg: ModelConfig, form: str, kernels: Kernels = NO_KERNELS):
         super().__init__()
-        self.o_proj, self.moe = OProj(w), Moe(w, cfg, form, gather_kernel, grouped_kernel)
+        self.o_proj, self.moe = OProj(w), Moe(w, cfg, form, kernels)
 
     def forward(self, h, attn):
         return self.moe(h, self.o_proj(attn))

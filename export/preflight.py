@@ -68,8 +68,8 @@ def unit_bytes(layout: GraphLayout, unit: str, graphs: int) -> UnitBytes:
     V, H = cfg.vocab_size, cfg.hidden_size
     if unit == "embed":
         return UnitBytes(V * H * 2, 0, 1, graphs)
-    if unit == "head":
-        return UnitBytes((V * H + H) * 2, 0, 2, graphs)
+    if unit == "head":  # this rank's vocabulary rows (padded) and the final norm
+        return UnitBytes((Shard(layout.tp, 0, layout.expert_split).vocab_rows(cfg) * H + H) * 2, 0, 2, graphs)
     p = layer_parts(cfg, layout.tp, layout.expert_split)
     # q, k, v, o, the two norms, the router's two tensors, w13, w2 (QK norms: inline or one page each)
     return UnitBytes((p["attention"] + p["experts"]) * 2, p["router"] * 4, 12, graphs, p["experts"] * 2)

@@ -2,7 +2,8 @@
 
 Attention is split by heads (q/k/v rows, o_proj columns, the QK-norm weights with them). Experts are
 split either by intermediate dim (w1/w3 rows, w2 columns; every rank holds every expert) or, as
-expert parallelism, by whole experts. Norms, the router gate and its bias are replicated.
+expert parallelism, by whole experts. The LM head is split by vocabulary rows. Norms, the router gate
+and its bias are replicated; the embedding table lives on rank 0.
 """
 from __future__ import annotations
 
@@ -62,6 +63,16 @@ class Shard:
         if self.expert_split == "expert":
             return 0, cfg.intermediate_size
         return self._part(cfg.intermediate_size)
+
+    def vocab_rows(self, cfg: ModelConfig) -> int:
+        """LM-head rows per rank (vocabulary-parallel): ceil(V / tp); the last rank's slice is padded
+        with zero rows to this size, and the runtime masks the padding."""
+        return -(-cfg.vocab_size // self.tp)
+
+    def vocab_range(self, cfg: ModelConfig) -> tuple[int, int]:
+        """The vocabulary ids whose logits this rank computes."""
+        per = self.vocab_rows(cfg)
+        return min(cfg.vocab_size, self.rank * per), min(cfg.vocab_size, (self.rank + 1) * per)
 
     def expert_range(self, cfg: ModelConfig) -> tuple[int, int]:
         if self.expert_split == "intermediate":

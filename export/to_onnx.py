@@ -30,7 +30,8 @@ from . import preflight, surgery
 from .checkpoint import Checkpoint, CheckpointError, check_names
 from .config import ConfigError
 from .jobs import run_parallel
-from .layout import GraphLayout, default_crossover, make_layout
+from .layout import GraphLayout, make_layout
+from .moe_forms import MoeSchedule, ScheduleError, ShardShape, modeled_schedule
 from .manifest import MANIFEST, FileRecord, GraphFiles, Manifest, SubgraphSpec
 from .paths import export_dir, tp_dir
 from .sharding import EXPERT_SPLITS, ShardingError
@@ -41,14 +42,35 @@ DEFAULT_MAX_TOKENS = 2048  # the per-step token budget the engines cover; longer
 TWINS = ("auto", "on", "off")
 
 
-def measured_crossover(path: Path, cfg, tp: int, expert_split: str) -> tuple[int, str] | None:
-    """The crossover `make bench` measured (build/bench/moe_crossover.json), when it was measured on
-    this model's expert-shard shape; None otherwise."""
+# Traces per layout shape, kept for the process: a later export of the same shapes (a rerun, other
+# twins, the tests' many exports) reuses them. They hold graphs without weights: small.
+_TRACES: dict[str, dict] = {}
+
+
+def _traces_of(layout: GraphLayout) -> dict:
+    key = json.dumps([layout.cfg.to_dict(), layout.tp, layout.expert_split, list(layout.forms)], sort_keys=True)
+    return _TRACES.setdefault(key, {})
+
+
+def measured_schedule(path: Path, cfg, tp: int, expert_split: str, max_tokens: int) -> MoeSchedule | None:
+    """The MoE form schedule `make bench` measured (build/bench/moe_forms.json), when it was measured
+    on this model's expert-shard shape; None otherwise."""
     d = json.loads(Path(path).read_text())
-    if expert_split != "intermediate" or (d["num_experts"], d["top_k"], d["hidden_size"], d["shard_intermediate"]) != \
-            (cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.intermediate_size // tp):
+    s = ShardShape.of(cfg, tp, expert_split)
+    if (d.get("experts"), d.get("inter"), d.get("hidden"), d.get("top_k")) != (s.experts, s.inter, s.hidden, s.top_k):
         return None
-    return d["moe_crossover_tokens"], f"measured by make bench on {d['measured_on']}"
+    return MoeSchedule.parse(d["moe_forms"], max_tokens, f"measured by make bench on {d['measured_on']}")
+
+
+def choose_schedule(cfg, tp: int, expert_split: str, max_tokens: int, spec: str | None = None,
+                    forms_file: str | Path | None = None) -> MoeSchedule:
+    """--moe-forms if given, else the benchmark's measurement when it fits this shape, else the model."""
+    if max_tokens < 1:
+        raise ValueError("--max-tokens must be at least 1")
+    if spec:
+        return MoeSchedule.parse(spec, max_tokens, "given (--moe-forms)")
+    measured = measured_schedule(forms_file, cfg, tp, expert_split, max_tokens) if forms_file else None
+    return measured or modeled_schedule(cfg, tp, expert_split, max_tokens)
 
 
 @dataclass
@@ -59,8 +81,7 @@ class ExportPlan:
     root: Path
     twins: bool
     twins_source: str
-    crossover: int
-    crossover_source: str
+    moe: MoeSchedule
     max_tokens: int
     jobs: int
     estimate: preflight.ExportEstimate
@@ -78,6 +99,7 @@ class ExportPlan:
         est, tp = self.estimate, self.layout.tp
         lines = [f"export of {self.ckpt.dir} at TP={tp} to {self.root}",
                  f"  BF16 graphs: {est.total(False) / preflight.GB:.2f} GB ({preflight.per_rank_line(est, False)})",
+                 f"  MoE forms: {self.moe.spec()} ({self.moe.source})",
                  f"  FP32 twins: {'yes' if self.twins else 'no'} ({self.twins_source})"
                  + (f", {(est.total(True) - est.total(False)) / preflight.GB:.2f} GB" if self.twins else ""),
                  f"  layer-ranks: {len(self.todo)} to export, {len(self.stamps)} up to date; {self.jobs} job(s)"]
@@ -85,25 +107,18 @@ class ExportPlan:
 
 
 def plan_export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1,
-                expert_split: str = "intermediate", twins: bool | None = None, moe_crossover: int | None = None,
-                max_tokens: int = DEFAULT_MAX_TOKENS, crossover_file: str | Path | None = None,
+                expert_split: str = "intermediate", twins: bool | None = None, moe_forms: str | None = None,
+                max_tokens: int = DEFAULT_MAX_TOKENS, forms_file: str | Path | None = None,
                 jobs: int | None = None, validate: bool = True) -> ExportPlan:
     """Everything but the work: read the config and the index (and, with validate, every shard's
-    header), check the TP, choose the twins, the crossover and the job count, and find the units
+    header), check the TP, choose the twins, the MoE forms and the job count, and find the units
     whose stamps are current. Writes nothing."""
     ckpt = Checkpoint(checkpoint, validate=validate)
     if not validate:
         check_names(ckpt.weight_map, ckpt.config, ckpt.specs)  # the index alone: no shard is opened
-    layout = make_layout(ckpt.config, tp, expert_split)  # a TP that does not divide fails here
-    measured = measured_crossover(crossover_file, ckpt.config, tp, expert_split) if crossover_file else None
-    if moe_crossover is not None:
-        crossover, source = moe_crossover, "given (--moe-crossover)"
-    elif measured:
-        crossover, source = measured
-    else:
-        crossover, source = default_crossover(ckpt.config), "default: experts / top_k (not measured for this shape)"
-    if crossover < 1 or max_tokens < 1:
-        raise ValueError("--moe-crossover and --max-tokens must be at least 1")
+    make_layout(ckpt.config, tp, expert_split)  # a TP that does not divide fails here, before the schedule
+    moe = choose_schedule(ckpt.config, tp, expert_split, max_tokens, moe_forms, forms_file)
+    layout = make_layout(ckpt.config, tp, expert_split, moe.forms)
     est = preflight.estimate(layout)
     if twins is None:
         twins = est.auto_twins()
@@ -128,7 +143,7 @@ def plan_export(checkpoint: str | Path, out: str | Path | None = None, tp: int =
         raise ValueError("--jobs must be at least 1")
     jobs = min(jobs or preflight.default_jobs(len(todo), est.total(twins, {(t.unit, t.rank) for t in todo})),
                max(1, len(todo)))
-    return ExportPlan(ckpt, layout, root, twins, twins_source, crossover, source, max_tokens, jobs, est, specs,
+    return ExportPlan(ckpt, layout, root, twins, twins_source, moe, max_tokens, jobs, est, specs,
                       stamps, todo)
 
 
@@ -158,7 +173,7 @@ def run_export(plan: ExportPlan, progress: bool = True) -> Path:
 
     t0 = time.perf_counter()
     if plan.jobs == 1:
-        traces: dict = {}
+        traces = _traces_of(layout)
         for task in plan.todo:
             done(task, export_unit(plan.ckpt, layout, task, plan.specs[(task.unit, task.rank)], twins, traces))
     elif plan.todo:
@@ -193,7 +208,7 @@ def write_manifest(plan: ExportPlan, stamps: dict, timings: list) -> Path:
     twins = all("fp32" in g for st in stamps.values() for g in st["graphs"].values())
     manifest = Manifest(
         config=layout.cfg, tp=layout.tp, expert_split=layout.expert_split, opset=surgery.OPSET, fp32_twins=twins,
-        moe_crossover_tokens=plan.crossover, moe_crossover_source=plan.crossover_source, max_tokens=plan.max_tokens,
+        moe=plan.moe, max_tokens=plan.max_tokens,
         steps=layout.steps, subgraphs=subgraphs, files=files, checkpoint=str(ckpt.dir.resolve()),
         checkpoint_relative=os.path.relpath(ckpt.dir.resolve(), root.resolve()), text_files=text_files,
         exported=[{"unit": u, "rank": r, "seconds": s} for u, r, s in timings])
@@ -201,12 +216,12 @@ def write_manifest(plan: ExportPlan, stamps: dict, timings: list) -> Path:
 
 
 def export(checkpoint: str | Path, out: str | Path | None = None, tp: int = 1, expert_split: str = "intermediate",
-           twins: bool | None = None, moe_crossover: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
-           progress: bool = True, crossover_file: str | Path | None = None, jobs: int | None = None) -> Path:
+           twins: bool | None = None, moe_forms: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
+           progress: bool = True, forms_file: str | Path | None = None, jobs: int | None = None) -> Path:
     """Export (or bring up to date) and return the manifest's path. twins None: auto (for models a
-    CPU can run). The MoE crossover is `moe_crossover` if given, else the measurement in
-    `crossover_file` when it fits this shape, else experts / top_k. jobs None: from cores and RAM."""
-    plan = plan_export(checkpoint, out, tp, expert_split, twins, moe_crossover, max_tokens, crossover_file, jobs)
+    CPU can run). The MoE forms: `moe_forms` ("gather:32,dense:256,block") if given, else the
+    measurement in `forms_file` when it fits this shape, else the A100 model. jobs None: from cores and RAM."""
+    plan = plan_export(checkpoint, out, tp, expert_split, twins, moe_forms, max_tokens, forms_file, jobs)
     return run_export(plan, progress)
 
 
@@ -228,10 +243,11 @@ def main(argv: list[str] | None = None) -> int:
                          f"the available RAM holds at {preflight.JOB_RAM / 2**30:g} GiB each)")
     ap.add_argument("--dry-run", action="store_true",
                     help="print what would be written and the preflight (disk, RAM), then stop; reads no weights")
-    ap.add_argument("--moe-crossover", type=int,
-                    help="largest token count that runs the gather MoE form (default: --moe-crossover-file's "
-                         "measurement when it fits this expert-shard shape, else experts / top-k)")
-    ap.add_argument("--moe-crossover-file", help="a crossover measured by `make bench` (build/bench/moe_crossover.json)")
+    ap.add_argument("--moe-forms", metavar="SPEC",
+                    help="which MoE form runs up to which step size, e.g. gather:16,dense:400,block (the last "
+                         "takes the rest; forms left out are not exported). Default: --moe-forms-file's "
+                         "measurement when it fits this expert-shard shape, else modeled for an A100")
+    ap.add_argument("--moe-forms-file", help="a schedule measured by `make bench` (build/bench/moe_forms.json)")
     ap.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                     help=f"largest tokens per step the engines must take (default {DEFAULT_MAX_TOKENS})")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -239,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     twins = {"auto": None, "on": True, "off": False}[a.fp32_twins]
     try:
-        plan = plan_export(a.checkpoint, a.out, a.tp, a.expert_split, twins, a.moe_crossover, a.max_tokens,
-                           a.moe_crossover_file, a.jobs, validate=not a.dry_run)
+        plan = plan_export(a.checkpoint, a.out, a.tp, a.expert_split, twins, a.moe_forms, a.max_tokens,
+                           a.moe_forms_file, a.jobs, validate=not a.dry_run)
         if a.dry_run or not a.quiet:
             print(plan.report(), flush=True)
         if a.dry_run:

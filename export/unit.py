@@ -63,7 +63,7 @@ def unit_key(ckpt: Checkpoint, layout: GraphLayout, unit: str, rank: int, code: 
     (`unit_shards`). Not whether twins are written: a stamp says which kinds it has."""
     stats = [(s, (ckpt.dir / s).stat().st_size, (ckpt.dir / s).stat().st_mtime_ns) for s in shards]
     blob = json.dumps([FORMAT_VERSION, code, layout.cfg.to_dict(), layout.tp, layout.expert_split, rank, unit,
-                       surgery.OPSET, stats])
+                       surgery.OPSET, stats] + ([list(layout.forms)] if unit.startswith("layers.") else []))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

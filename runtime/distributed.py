@@ -60,6 +60,12 @@ class TorchComm:
         self._guard(dist.all_reduce, t)
         return t
 
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """[world, *t.shape]: every rank's t, in rank order."""
+        out = torch.empty((self.world * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+        self._guard(dist.all_gather_into_tensor, out, t.contiguous())  # gloo takes only the concatenated form
+        return out.view(self.world, *t.shape)
+
     def broadcast(self, t: torch.Tensor | None, src: int, like: torch.Tensor | None = None) -> torch.Tensor:
         buf = t.contiguous() if self.rank == src else like
         self._guard(dist.broadcast, buf, src)

@@ -10,6 +10,7 @@ from export.manifest import AllReduceStep, AttentionStep, BroadcastStep, Manifes
 
 from .attention import AttentionMetadata, paged_attention, paged_decode_attention
 from .kv_cache import KVCache
+from .vocab_parallel import VocabGather
 
 
 class SingleRank:
@@ -22,6 +23,9 @@ class SingleRank:
 
     def broadcast(self, t: torch.Tensor | None, src: int, like: torch.Tensor | None = None) -> torch.Tensor:
         return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        return t[None]
 
     def share_step(self, payload):
         return payload
@@ -43,9 +47,11 @@ class StepExecutor:
                  decode: DecodeSettings | None = None):
         self.manifest, self.backend, self.kv, self.rank = manifest, backend, kv, rank
         self.comm = comm or SingleRank()
-        self.crossover = manifest.moe_crossover_tokens
+        self.moe = manifest.moe  # which MoE form runs at which token count
         self.hidden = manifest.config.hidden_size
         self.last_form = ""  # MoE form of the last step (for stats)
+        head = manifest.subgraphs["head"].outputs[0]
+        self.vocab = VocabGather(self.comm, manifest.config.vocab_size, head.shape[-1])
         self.decode_graphs = None
         if decode is not None:
             from .cuda_graphs import DecodeGraphs
@@ -54,12 +60,14 @@ class StepExecutor:
                                               decode.use_graphs)
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-            logits_rows: torch.Tensor) -> torch.Tensor | None:
-        """One forward step over packed tokens; returns float32 logits of `logits_rows` (rank 0).
-        Rank 0 first sends the step's metadata to the other ranks, which run the same step."""
+            logits_rows: torch.Tensor, candidates: int = 0) -> torch.Tensor | None:
+        """One forward step over packed tokens; returns float32 logits [len(logits_rows), V] on rank 0.
+        Rank 0 first sends the step's metadata to the other ranks, which run the same step.
+        candidates: what sampling needs of each rank's vocabulary slice (runtime/vocab_parallel.py):
+        1 greedy, k the top k, 0 everything; entries not sent are -inf."""
         if self.comm.world > 1:
-            self.comm.share_step((ids, positions, meta, logits_rows))
-        return self._run(ids, positions, meta, logits_rows)
+            self.comm.share_step((ids, positions, meta, logits_rows, candidates))
+        return self._run(ids, positions, meta, logits_rows, candidates)
 
     def serve(self) -> None:
         """The loop of ranks other than 0: run each step rank 0 sends, until it sends None."""
@@ -75,15 +83,17 @@ class StepExecutor:
             if self.backend.device.type == "cuda":
                 torch.cuda.synchronize(self.backend.device)
 
-    def _run(self, ids, positions, meta, logits_rows):
+    def _run(self, ids, positions, meta, logits_rows, candidates=0):
         if self.decode_graphs is not None and self.decode_graphs.can_run(meta.q_lens, meta.block_tables):
-            self.last_form = "gather" if self.decode_graphs.bucket(len(meta.q_lens)) <= self.crossover else "dense"
-            return self.decode_graphs.run(ids, positions, meta.slot_mapping, meta.q_lens, meta.context_lens,
-                                          meta.block_tables)
-        dev = self.backend.device
-        meta = AttentionMetadata(meta.slot_mapping.to(dev), meta.q_lens, meta.context_lens, meta.block_tables)
-        self.last_form = "gather" if ids.numel() <= self.crossover else "dense"
-        return self.forward(ids.to(dev), positions.to(dev), logits_rows.to(dev), meta=meta)
+            self.last_form = self.moe.pick(self.decode_graphs.bucket(len(meta.q_lens)))
+            local = self.decode_graphs.run(ids, positions, meta.slot_mapping, meta.q_lens, meta.context_lens,
+                                           meta.block_tables)
+        else:
+            dev = self.backend.device
+            meta = AttentionMetadata(meta.slot_mapping.to(dev), meta.q_lens, meta.context_lens, meta.block_tables)
+            self.last_form = self.moe.pick(ids.numel())
+            local = self.forward(ids.to(dev), positions.to(dev), logits_rows.to(dev), meta=meta)
+        return self.vocab.finish(local, candidates)
 
     def forward(self, ids, positions, logits_rows, meta: AttentionMetadata | None = None, decode=None):
         """The manifest's steps on device tensors. Attention through `meta` (any batch), or for a
@@ -91,7 +101,7 @@ class StepExecutor:
         tensors, which is what a CUDA graph captures."""
         dev = self.backend.device
         env = {"ids": ids, "positions": positions}
-        form = "gather" if ids.numel() <= self.crossover else "dense"
+        form = self.moe.pick(ids.numel())
         for step in self.manifest.steps:
             if isinstance(step, SubgraphStep):
                 name = step.pick(form)
@@ -118,4 +128,4 @@ class StepExecutor:
                     env[step.out] = paged_attention(q, k, v, self.kv.k[n], self.kv.v[n], meta, step.scale)
             else:
                 raise ValueError(f"unknown step {step!r} in the manifest")
-        return env.get("logits")
+        return env["logits"]  # this rank's vocabulary slice

@@ -20,6 +20,7 @@ from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 from .text import TextCodec
+from .vocab_parallel import candidates_needed
 
 
 class RequestError(ValueError):
@@ -160,7 +161,8 @@ class LLMEngine:
                 self.stats.decode_tokens += n
         meta = AttentionMetadata(torch.tensor(slots), q_lens, ctx_lens, tables)
         t0 = time.perf_counter()
-        logits = self.executor.run(torch.tensor(ids), torch.tensor(positions), meta, torch.tensor(rows))
+        logits = self.executor.run(torch.tensor(ids), torch.tensor(positions), meta, torch.tensor(rows),
+                                   candidates_needed([s.params for i, s in enumerate(batch.seqs) if batch.completes(i)]))
         self.stats.forward_seconds += time.perf_counter() - t0
         self.stats.steps += 1
         form = self.executor.last_form

@@ -30,7 +30,7 @@ def kv_cache_bytes(manifest: Manifest, c: EngineConfig, device: str) -> float:
         import torch
         gpu = torch.cuda.get_device_properties(torch.device(device)).total_memory
     ranks = plan(manifest.config, manifest.tp, gpu, c.gpu_memory_utilization,
-                 c.max_num_batched_tokens or manifest.max_tokens, c.max_num_seqs, manifest.moe_crossover_tokens,
+                 c.max_num_batched_tokens or manifest.max_tokens, c.max_num_seqs, manifest.moe,
                  manifest.expert_split)
     left = min(r.kv_cache for r in ranks)
     if left <= 0:

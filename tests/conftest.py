@@ -39,6 +39,11 @@ def hf_model(checkpoints, tmp_path_factory):
     return get
 
 
+# Every MoE form runs in the tests' short prompts and small batches (the modeled default gives the
+# toy models' gather form one token only).
+TEST_MOE_FORMS = "gather:4,dense:16,block"
+
+
 @pytest.fixture(scope="session")
 def exported(checkpoints, tmp_path_factory):
     """exported(name, tp) -> Manifest of that checkpoint's export, made once per session."""
@@ -47,6 +52,6 @@ def exported(checkpoints, tmp_path_factory):
     @functools.cache
     def get(name: str, tp: int = 1) -> Manifest:
         from export.to_onnx import export
-        return Manifest.load(export(checkpoints[name], root / name, tp=tp, progress=False))
+        return Manifest.load(export(checkpoints[name], root / name, tp=tp, progress=False, moe_forms=TEST_MOE_FORMS))
 
     return get

@@ -152,9 +152,11 @@ def test_build_plan_is_a_function_of_manifest_and_settings(exported):
     pairs = {(j.record.subgraph, j.record.rank) for j in plan.jobs}
     assert pairs == {(n, r) for n, sg in man.subgraphs.items() for r in sg.ranks}
     by = {(j.record.subgraph, j.record.rank): j.record for j in plan.jobs}
-    cross, max_tokens = man.moe_crossover_tokens, man.max_tokens
-    assert [(p.min, p.max) for p in by[("layers.0.moe_gather", 1)].profiles] == [(1, cross)]
-    assert [(p.min, p.max) for p in by[("layers.0.moe_dense", 0)].profiles] == [(cross + 1, max_tokens)]
+    max_tokens = man.max_tokens
+    assert man.moe.spec() == f"gather:4,dense:16,block:{max_tokens}"  # conftest's schedule
+    assert [(p.min, p.max) for p in by[("layers.0.moe_gather", 1)].profiles] == [(1, 4)]
+    assert [(p.min, p.max) for p in by[("layers.0.moe_dense", 0)].profiles] == [(5, 16)]
+    assert [(p.min, p.max) for p in by[("layers.0.moe_block", 0)].profiles] == [(17, max_tokens)]
     assert [(p.name, p.min, p.max) for p in by[("layers.1.attn_in", 0)].profiles] == \
         [("decode", 1, 64), ("prefill", 1, max_tokens)]
     assert all(p.min <= p.opt <= p.max for j in plan.jobs for p in j.record.profiles)

@@ -35,6 +35,8 @@ def test_every_subgraph_builds_for_sm80(rtx, exported, tmp_path, name, tp):
     settings = BuildSettings(compute_capability="SM80", decode_max=64)
     plan = make_build_plan(man, settings, rtx.version, [0])
     assert len(plan.jobs) == sum(len(sg.ranks) for sg in man.subgraphs.values())
+    ranks = {0, 1, tp - 1}  # ranks 1..N-1 have the same graphs with other weights: rank 1 and the last stand for them
+    plan.jobs = [j for j in plan.jobs if j.record.rank in ranks]
     out = tmp_path / "engines"
     build_mod.run_build(rtx, man, plan, out, settings)
     index = EnginesIndex.load(out)
@@ -46,7 +48,7 @@ def test_every_subgraph_builds_for_sm80(rtx, exported, tmp_path, name, tp):
     # built once: a second plan finds everything up to date
     again = make_build_plan(man, settings, rtx.version, [0], index.engines,
                             {str(p.relative_to(out)) for p in out.glob("rank*/*.engine")})
-    assert not again.to_build
+    assert not [j for j in again.to_build if j.record.rank in ranks]
 
 
 def test_a_graph_tensorrt_rejects_names_node_and_op(rtx, tmp_path):
@@ -77,10 +79,12 @@ def test_make_engines_here_builds_tensorrt_rtx_engines_and_the_runtime_refuses_t
     assert not list((build / "alt" / "onnx").rglob("*.fp32.*"))  # no FP32 twins for an engine build
     engines = build / "alt" / "engines" / "tp1"
     index = EnginesIndex.load(engines)
-    assert index.settings["compute_capability"] == "SM80" and len(index.engines) == 2 * 3 + 2  # attn, post x2; embed, head
     from runtime.backends.tensorrt import TrtBackend
     from export.manifest import Manifest
     man = Manifest.load(build / "alt" / "onnx" / "tp1")
+    assert "modeled" in man.moe.source and man.moe.forms == ("gather", "dense", "block")  # no measurement given
+    # per layer attn and one post per MoE form; embed, head
+    assert index.settings["compute_capability"] == "SM80" and len(index.engines) == 2 * (1 + 3) + 2
     try:
         import tensorrt_lean  # noqa: F401 - the runtime needs a TensorRT module to start at all
     except ImportError:
@@ -105,7 +109,7 @@ def test_an_interrupted_build_resumes(exported, tmp_path):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the builder and its worker
     proc.wait()
-    total = 3 * 3 + 2  # attn, post x2 per layer; embed, head
+    total = 3 * (1 + len(man.moe.forms)) + 2  # attn and one post per MoE form per layer; embed, head
     kept = len(EnginesIndex.load(out).engines)
     assert 1 <= kept < total, "the kill should land mid-build"
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)

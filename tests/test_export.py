@@ -32,6 +32,7 @@ from export.pieces import build_modules
 from export.sharding import ShardingError
 from export.to_onnx import export
 from export.trt_support import check_model
+from tests.conftest import TEST_MOE_FORMS
 from tests.reference import bf16_weight_reference
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -112,11 +113,12 @@ def run_chain(man: Manifest, ids: list[int], form: str) -> np.ndarray:
                 env[step.out] = attention_np(env[step.q], env[step.k], env[step.v], step.scale)
         else:
             raise AssertionError(f"unknown step {step}")
-    return envs[0]["logits"]
+    # the vocabulary-parallel head: each rank's slice, in rank order, padding cut
+    return np.concatenate([env["logits"] for env in envs], axis=-1)[:, :man.config.vocab_size]
 
 
 @pytest.mark.parametrize("name,tp", EXPORTS)
-@pytest.mark.parametrize("form", ["gather", "dense"])
+@pytest.mark.parametrize("form", ["gather", "dense", "block"])
 def test_chained_twins_match_transformers(name, tp, form, exported, hf_model):
     man = exported(name, tp)
     ref = bf16_weight_reference(hf_model(name))
@@ -129,9 +131,10 @@ def test_chained_twins_match_transformers(name, tp, form, exported, hf_model):
 
 
 @pytest.mark.parametrize("name,tp,rank,names", [
-    ("tiny", 1, 0, ["embed", "layers.0.attn", "layers.0.post_gather", "layers.0.post_dense", "head"]),
+    ("tiny", 1, 0, ["embed", "layers.0.attn", "layers.0.post_gather", "layers.0.post_dense", "layers.0.post_block",
+                    "head"]),
     ("tiny", 2, 1, ["layers.1.attn_in", "layers.1.qk_rope", "layers.1.o_proj", "layers.1.moe_gather",
-                    "layers.1.moe_dense"]),
+                    "layers.1.moe_dense", "layers.1.moe_block"]),
 ])
 def test_bf16_graphs_on_reference_evaluator(name, tp, rank, names, exported, checkpoints):
     """The BF16 graphs themselves (what TensorRT parses), run by onnx's reference evaluator."""
@@ -182,13 +185,15 @@ def test_manifest_contents(exported):
     d = json.loads((man.root / "manifest.json").read_text())  # the file as written, read here
     assert d["format_version"] == FORMAT_VERSION
     assert d["tp"] == 2 and d["model"]["hidden_size"] == 256 and d["fp32_twins"]
-    assert d["moe_crossover_tokens"] == 16 // 4
+    assert d["moe_forms"] == [["gather", 4], ["dense", 16], ["block", d["max_tokens"]]]
+    assert d["moe_forms_source"] == "given (--moe-forms)"
     ops = [s["op"] for s in d["steps"]]
     assert ops.count("attention") == 3 and ops.count("all_reduce") == 3 * 3 and ops.count("broadcast") == 1
     for s in d["steps"]:
         for n in ([s["name"]] if s["op"] == "subgraph" and "variants" not in s else s.get("variants", {}).values()):
             assert n in d["subgraphs"]
-    assert d["subgraphs"]["head"]["ranks"] == [0] and d["subgraphs"]["embed"]["ranks"] == [0]
+    assert d["subgraphs"]["head"]["ranks"] == [0, 1] and d["subgraphs"]["embed"]["ranks"] == [0]
+    assert d["subgraphs"]["head"]["outputs"][0]["shape"] == ["T", d["model"]["vocab_size"] // 2]  # vocab-parallel
     # Both MoE forms of a layer-rank read one weights file, and take the experts as inputs at the
     # same bytes of it: stored once on disk, loaded once per GPU.
     g = d["subgraphs"]["layers.0.moe_gather"]["files"]["1"]["bf16"]
@@ -203,7 +208,7 @@ def test_manifest_contents(exported):
     assert shared["layers.0.moe_gather"]["w13"] is shared["layers.0.moe_dense"]["w13"]
     # The typed contract reads back what was written, and writes it again the same.
     assert man.to_json() == d
-    assert isinstance(man.steps[0], SubgraphStep) and man.subgraphs["head"].ranks == (0,)
+    assert isinstance(man.steps[0], SubgraphStep) and man.subgraphs["head"].ranks == (0, 1)
     man.verify()
 
 
@@ -244,9 +249,10 @@ def test_manifest_detects_changed_files(exported, tmp_path):
 
 def test_rerun_skips_and_is_deterministic(exported, checkpoints, tmp_path):
     first = exported("alt", 1)
-    again = Manifest.load(export(checkpoints["alt"], first.root.parent, tp=1, progress=False))
-    assert again.exported == []  # everything was up to date
-    fresh = Manifest.load(export(checkpoints["alt"], tmp_path, tp=1, progress=False))
+    # the fixture's own settings: the export is shared with later tests
+    again = Manifest.load(export(checkpoints["alt"], first.root.parent, tp=1, progress=False, moe_forms=TEST_MOE_FORMS))
+    assert again.exported == [] and again.moe == first.moe  # everything was up to date
+    fresh = Manifest.load(export(checkpoints["alt"], tmp_path, tp=1, progress=False, moe_forms=TEST_MOE_FORMS))
     assert fresh.files == first.files  # same bytes from a clean export
 
 
@@ -254,7 +260,7 @@ def test_parallel_jobs_write_the_same_bytes(exported, checkpoints, tmp_path):
     """Two worker processes (traces made once, in the parent) against the one-process export."""
     one = exported("tiny", 2)
     two = Manifest.load(export(checkpoints["tiny"], tmp_path, tp=2, progress=False, jobs=2))
-    assert two.files == one.files and len(two.exported) == 8
+    assert two.files == one.files and len(two.exported) == 3 * 2 + 1 + 2  # layers x ranks, embed, head x ranks
     assert {(e["unit"], e["rank"]) for e in two.exported} == {(e["unit"], e["rank"]) for e in one.exported}
 
 
@@ -358,26 +364,29 @@ def test_op_support_cli(exported, tmp_path):
     assert r.returncode == 1 and "node nz (NonZero)" in r.stdout
 
 
-def test_export_uses_the_benchmarks_crossover_only_for_its_shape(tmp_path, checkpoints):
+def test_export_uses_the_benchmarks_schedule_only_for_its_shape(tmp_path, checkpoints):
     from export.config import parse_hf_config
     from export.tiny import PRESETS, hf_config
-    from export.to_onnx import export, measured_crossover
+    from export.to_onnx import export, measured_schedule
 
     real = parse_hf_config(hf_config(PRESETS["real"]))
-    f = tmp_path / "moe_crossover.json"
-    f.write_text(json.dumps({"num_experts": 256, "top_k": 8, "hidden_size": 3072, "shard_intermediate": 192,
-                             "moe_crossover_tokens": 15, "measured_on": "gpu: test"}))
-    assert measured_crossover(f, real, 8, "intermediate") == (15, "measured by make bench on gpu: test")
-    assert measured_crossover(f, real, 4, "intermediate") is None   # another shard width
-    assert measured_crossover(f, real, 8, "experts") is None        # another split
+    f = tmp_path / "moe_forms.json"
+    f.write_text(json.dumps({"experts": 256, "inter": 192, "hidden": 3072, "top_k": 8,
+                             "moe_forms": "gather:15,dense:300,block", "measured_on": "gpu: test"}))
+    got = measured_schedule(f, real, 8, "intermediate", 2048)
+    assert got.spec() == "gather:15,dense:300,block:2048" and got.source == "measured by make bench on gpu: test"
+    assert measured_schedule(f, real, 4, "intermediate", 2048) is None   # another shard width
+    assert measured_schedule(f, real, 8, "expert", 2048) is None         # another split: 32 whole experts
     tiny = parse_hf_config(hf_config(PRESETS["tiny"]))
-    assert measured_crossover(f, tiny, 1, "intermediate") is None
-    # An explicit input of the export: a measurement for the alt model's shape is used and recorded.
-    f.write_text(json.dumps({"num_experts": 8, "top_k": 2, "hidden_size": 128, "shard_intermediate": 256,
-                             "moe_crossover_tokens": 3, "measured_on": "gpu: test"}))
-    man = Manifest.load(export(checkpoints["alt"], tmp_path / "x", tp=1, twins=False, progress=False,
-                               crossover_file=f))
-    assert (man.moe_crossover_tokens, man.moe_crossover_source) == (3, "measured by make bench on gpu: test")
+    assert measured_schedule(f, tiny, 1, "intermediate", 2048) is None
+    # An explicit input of the export: a measurement for the alt model's shape is used and recorded,
+    # and only its forms are exported.
+    alt = parse_hf_config(hf_config(PRESETS["alt"]))
+    f.write_text(json.dumps({"experts": alt.num_experts, "inter": alt.intermediate_size, "hidden": alt.hidden_size,
+                             "top_k": alt.top_k, "moe_forms": "gather:3,block", "measured_on": "gpu: test"}))
+    man = Manifest.load(export(checkpoints["alt"], tmp_path / "x", tp=1, twins=False, progress=False, forms_file=f))
+    assert (man.moe.spec(), man.moe.source) == ("gather:3,block:2048", "measured by make bench on gpu: test")
+    assert not any(n.endswith("_dense") for n in man.subgraphs) and "layers.0.post_block" in man.subgraphs
 
 
 def test_streamed_weights_are_the_same_bytes_and_hash_and_fail_loudly(tmp_path):

@@ -50,7 +50,7 @@ def models(checkpoints):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-@pytest.mark.parametrize("form", ["gather", "dense"])
+@pytest.mark.parametrize("form", ["gather", "dense", "block"])
 def test_float32_logits(name, form, models, hf_model):
     ours, ref = models(name, torch.float32, form), hf_model(name)
     for ids in prompts(ours.cfg.vocab_size):
@@ -58,7 +58,7 @@ def test_float32_logits(name, form, models, hf_model):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-@pytest.mark.parametrize("form", ["gather", "dense"])
+@pytest.mark.parametrize("form", ["gather", "dense", "block"])
 def test_greedy_tokens(name, form, models, hf_model):
     ours, ref = models(name, torch.float32, form), hf_model(name)
     for ids in prompts(ours.cfg.vocab_size)[1:3]:
@@ -66,14 +66,15 @@ def test_greedy_tokens(name, form, models, hf_model):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_gather_and_dense_forms_agree(name, models):
+def test_the_moe_forms_agree(name, models):
     ids = torch.tensor(prompts(512)[3])
-    g, d = models(name, torch.float32, "gather"), models(name, torch.float32, "dense")
-    torch.testing.assert_close(g.logits(ids), d.logits(ids), atol=F32_ATOL, rtol=0)
+    g = models(name, torch.float32, "gather").logits(ids)
+    for form in ("dense", "block"):
+        torch.testing.assert_close(models(name, torch.float32, form).logits(ids), g, atol=F32_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-@pytest.mark.parametrize("form", ["gather", "dense"])
+@pytest.mark.parametrize("form", ["gather", "dense", "block"])
 def test_bfloat16_logits(name, form, models, hf_model):
     ours, ref32, ref16 = models(name, torch.bfloat16, form), hf_model(name), hf_model(name, torch.bfloat16)
     g = torch.Generator().manual_seed(3)

@@ -46,6 +46,25 @@ def test_tp2_equals_tp1_and_transformers(name, backend, exported, hf_model):
     assert not workers_of(exported(name, 2).root)  # clean shutdown: no rank left running
 
 
+def test_seeded_sampling_is_the_same_at_tp1_and_tp2(exported):
+    """The LM head is vocabulary-parallel: with top-k each rank sends its top k candidates, without it
+    the full logits; either way a seed gives the tokens of TP=1 (float32 twins on both)."""
+    from runtime.sampling import SamplingParams
+
+    prompts = [[1, 5, 9], list(range(40, 57))]
+    outs = {}
+    for tp in (1, 2):
+        e = LLMEngine.start(exported("tiny", tp).root, EngineConfig(backend="ort"))
+        try:
+            for top_k in (5, 0):
+                p = SamplingParams(temperature=1.0, top_k=top_k, top_p=1.0, seed=11, max_tokens=12, ignore_eos=True)
+                outs[tp, top_k] = [s.output for s in e.generate(prompts, p)]
+        finally:
+            e.close()
+    assert outs[1, 5] == outs[2, 5] and outs[1, 0] == outs[2, 0]
+    assert outs[1, 5] != outs[1, 0]  # the two paths sampled differently: both were exercised
+
+
 @pytest.mark.slow
 def test_tp8_eight_gloo_ranks_equal_tp1_and_transformers(exported, hf_model):
     """The user's configuration on the CPU: 8 KV heads, TP=8 -- one KV head per rank, QK-norm sums of

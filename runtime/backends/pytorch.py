@@ -7,6 +7,7 @@ import torch
 from export.checkpoint import Checkpoint, CheckpointError
 from export.layout import make_layout
 from export.manifest import Manifest, ManifestError
+from export.model import NO_KERNELS, Kernels
 from export.pieces import build_modules
 
 
@@ -38,24 +39,27 @@ class TorchBackend:
                 by_unit.setdefault(s.unit, []).append(s)
                 self.inputs[s.name] = [t.name for t in s.inputs]
                 self.outputs[s.name] = [t.name for t in s.outputs]
-        gather, grouped = self._moe_kernels()
+        kernels = self._kernels()
         for unit, specs in by_unit.items():
-            modules, _ = build_modules(ckpt, layout, unit, rank, specs, dtype, gather_kernel=gather,
-                                       grouped_kernel=grouped)
+            modules, _ = build_modules(ckpt, layout, unit, rank, specs, dtype, kernels=kernels)
             for name, m in modules.items():
                 self.modules[name] = m.to(self.device).eval()
 
-    def _moe_kernels(self):
-        """The fused MoE kernels on a GPU in bfloat16: gather (few tokens) and grouped GEMM (many:
-        top-k work only). float32 runs keep the PyTorch forms, which the CPU path computes the same way."""
+    def _kernels(self) -> Kernels:
+        """The fused Triton kernels on a GPU in bfloat16: the MoE's gather (few tokens) and grouped GEMM
+        (many: top-k work only); for decode-sized steps the residual add + RMSNorm (with the router
+        before the experts), and the QK norm's sums of squares and the QK norm + RoPE. float32 runs keep the PyTorch ops, which the CPU path computes the same way."""
         if self.device.type != "cuda" or self.dtype != torch.bfloat16:
-            return None, None
+            return NO_KERNELS
         try:
+            from ..kernels import moe_route, qk_rope
             from ..kernels.fused_moe import gather_moe
             from ..kernels.grouped_moe import grouped_moe
         except ImportError:
-            return None, None
-        return gather_moe, grouped_moe
+            return NO_KERNELS
+        return Kernels(gather=gather_moe, grouped=grouped_moe, route=moe_route.route, add_norm=moe_route.add_rms_norm,
+                       sum_squares=qk_rope.sum_squares, norm_rope=qk_rope.norm_rope,
+                       small_tokens=min(moe_route.MAX_TOKENS, qk_rope.MAX_TOKENS))
 
     @torch.no_grad()
     def run(self, name: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

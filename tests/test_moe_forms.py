@@ -1,0 +1,92 @@
+"""The block-padded MoE form against a per-pair float64 loop, and the schedule of MoE forms."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from export.config import parse_hf_config
+from export.model import block_dispatch
+from export.moe_forms import (FORMS, MoeSchedule, ScheduleError, ShardShape, blocks, merge_ranges,
+                              modeled_schedule, schedule_scratch)
+from export.tiny import PRESETS, hf_config
+
+
+def loop_reference(x, local, weights, w13, w2):
+    """Each (token, choice) pair on its own, in float64: no blocks, no padding, no sorting."""
+    inter = w2.shape[2]
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(local.shape[0]):
+        for j in range(local.shape[1]):
+            e = int(local[t, j])
+            y = w13[e].double() @ x[t].double()
+            a = F.silu(y[:inter]) * y[inter:]
+            out[t] += float(weights[t, j]) * (w2[e].double() @ a)
+    return out
+
+
+@pytest.mark.parametrize("routing", ["random", "one_expert", "few_experts", "masked"])
+@pytest.mark.parametrize("T,rows", [(1, 4), (7, 4), (33, 8), (64, 128)])
+def test_block_dispatch_matches_a_pair_loop(routing, T, rows):
+    E, H, inter, k = 12, 16, 8, 4
+    g = torch.Generator().manual_seed(T * 31 + rows)
+    x = torch.randn(T, H, generator=g)
+    w13, w2 = torch.randn(E, 2 * inter, H, generator=g), torch.randn(E, H, inter, generator=g)
+    if routing == "random":
+        local = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    elif routing == "one_expert":  # every pair on one expert: the most blocks any expert can need
+        local = torch.full((T, k), 5)
+    elif routing == "few_experts":
+        local = torch.randint(0, 2, (T, k), generator=g) * (E - 1)  # experts 0 and E-1 only
+    else:  # expert parallel: other ranks' experts come as id 0 with weight 0
+        local = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    weights = torch.rand(T, k, generator=g)
+    if routing == "masked":
+        mine = local < E // 2
+        weights, local = weights * mine, torch.where(mine, local, torch.zeros_like(local))
+    got = block_dispatch(x, local, weights, w13, w2, rows)
+    # float32 matmuls against float64: relative 1e-5 of the output's scale covers summation order
+    want = loop_reference(x, local, weights, w13, w2)
+    torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=0)
+
+
+def test_block_count_bounds_every_routing():
+    s = ShardShape(experts=256, inter=192, hidden=3072, top_k=8)
+    for T in (1, 31, 32, 2048):
+        # worst case: every expert has some pairs, each expert's count just past a block boundary
+        per = [0] * 256
+        for p in range(T * 8):
+            per[p % 256] += 1
+        assert sum(-(-c // 128) for c in per) <= blocks(s, T)
+    assert blocks(s, 2048) == 2048 * 8 // 128 + 256
+
+
+def test_schedule_spec_pick_and_span():
+    s = MoeSchedule.parse("gather:4,dense:16,block", 2048, "given")
+    assert s.ranges == (("gather", 4), ("dense", 16), ("block", 2048)) and s.forms == FORMS
+    assert [s.pick(t) for t in (1, 4, 5, 16, 17, 2048)] == ["gather"] * 2 + ["dense"] * 2 + ["block"] * 2
+    assert s.span("dense") == (5, 16) and s.span("block") == (17, 2048)
+    with pytest.raises(ValueError, match="past the export's largest"):
+        s.pick(2049)
+    assert MoeSchedule.parse("gather:32,block:100000", 2048).ranges == (("gather", 32), ("block", 2048))
+    assert MoeSchedule.parse("gather:4000,dense", 2048).ranges == (("gather", 2048),)  # dense gets no tokens
+    assert MoeSchedule.parse("gather:8", 2048).ranges == (("gather", 2048),)  # the last form takes the rest
+    assert s.upto(10).ranges == (("gather", 4), ("dense", 10))
+    assert MoeSchedule.from_json(s.to_json(), "x") == MoeSchedule(s.ranges, "x")
+    for bad in ("gather:4,dense:2,block", "gather,block", "gather:4,sparse", "gather:4,gather", "gather:x,block", ""):
+        with pytest.raises(ScheduleError):
+            MoeSchedule.parse(bad, 2048)
+
+
+def test_merge_ranges_keeps_one_range_per_form():
+    assert merge_ranges([("gather", 3), ("dense", 9), ("gather", 12), ("block", 20)]) == \
+        [("gather", 3), ("dense", 12), ("block", 20)]
+
+
+def test_modeled_schedule_at_real_width():
+    """At TP=8 on an A100 (the model): copies of chosen experts only for a few tokens, block-padded
+    dispatch for prefill-sized steps, and its scratch far below the dense form's at 2048 tokens."""
+    cfg = parse_hf_config(hf_config(PRESETS["real"]))
+    s = modeled_schedule(cfg, 8, "intermediate", 2048)
+    assert s.pick(1) == "gather" and s.pick(2048) == "block" and "A100" in s.source
+    shape = ShardShape.of(cfg, 8, "intermediate")
+    dense_only = MoeSchedule((("dense", 2048),))
+    assert schedule_scratch(s, shape) < schedule_scratch(dense_only, shape) / 2
