@@ -69,7 +69,7 @@ class RandomWeights:
 
 def write_export(cfg, root: Path, max_tokens: int) -> Manifest:
     """A manifest with no graph files (the torch backend needs only the layout) and a tokenizer."""
-    # The torch backend's kernels: fused gather up to E/k tokens, grouped GEMM (block form) beyond.
+    # With both MoE kernels the torch backend picks by step size; the schedule names the form in stats.
     moe = MoeSchedule.parse(f"gather:{cfg.num_experts // cfg.top_k},block", max_tokens, "bench: the GPU kernels")
     layout = make_layout(cfg, 1, forms=moe.forms)
     man = Manifest(config=cfg, tp=1, expert_split="intermediate", opset=0, fp32_twins=False, moe=moe, max_tokens=max_tokens,

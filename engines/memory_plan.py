@@ -24,6 +24,7 @@ from pathlib import Path
 from export.config import ModelConfig
 from export.moe_forms import MoeSchedule, ShardShape, modeled_schedule, schedule_scratch
 from export.preflight import layer_rank_bytes
+from export.sharding import Shard
 
 GB = 1e9
 CONTEXT_RESERVE = 1.5e9  # CUDA context, cuBLAS/NCCL workspaces, the allocator's slack
@@ -69,7 +70,7 @@ def plan(cfg: ModelConfig, tp: int, gpu_bytes: float, utilization: float = 0.9, 
     layers = cfg.num_hidden_layers * layer_rank_bytes(cfg, tp, expert_split)
     # The embedding on rank 0; every rank its slice of the LM head's vocabulary and the final norm.
     embed = cfg.vocab_size * cfg.hidden_size * 2
-    head = (-(-cfg.vocab_size // tp) + 1) * cfg.hidden_size * 2
+    head = (Shard(tp, 0, expert_split).vocab_rows(cfg) + 1) * cfg.hidden_size * 2
     kv_per_token = cfg.num_hidden_layers * 2 * (cfg.num_key_value_heads // tp) * cfg.head_dim * 2
     scratch = scratch_bytes(cfg, tp, max_tokens, batch, moe, expert_split)
     return [RankMemory(r, layers, head + (embed if r == 0 else 0), scratch, int(CONTEXT_RESERVE), int(gpu_bytes * utilization),

@@ -25,6 +25,7 @@ from export.config import ConfigError
 from export.layout import GraphLayout
 from export.paths import engines_dir
 from export.preflight import GB, Need
+from export.sharding import Shard
 from export.sharding import ShardingError
 from export.to_onnx import DEFAULT_MAX_TOKENS, TWINS, ExportPlan, plan_export
 
@@ -43,7 +44,7 @@ def engine_bytes(layout: GraphLayout) -> dict[int, int]:
         if s.unit == "embed":
             own = cfg.vocab_size * cfg.hidden_size * 2
         elif s.unit == "head":
-            own = (-(-cfg.vocab_size // layout.tp) + 1) * cfg.hidden_size * 2
+            own = (Shard(layout.tp, 0, layout.expert_split).vocab_rows(cfg) + 1) * cfg.hidden_size * 2
         elif s.piece in ("moe", "post"):
             own = parts["router"] * 4 + cfg.hidden_size * 2
             if s.piece == "post":  # TP=1: o_proj is in the post-attention graph

@@ -38,8 +38,8 @@ from .sharding import Shard
 class Kernels:
     """Fused GPU kernels the runtime's torch backend passes into the pieces (never given when
     exporting: the graphs keep the PyTorch ops). The MoE ones: f(x, local_expert_ids, weights, w13, w2)
-    -> [T, H] float32: `gather` for the gather form, `grouped` (top-k work only) for the dense and block
-    forms. For steps of at most `small_tokens`: `route` f(h, attn_out, norm, eps, gate, bias, k) ->
+    -> [T, H] float32: `gather` (GEMVs over the chosen experts) and `grouped` (grouped GEMMs, top-k work
+    only); with both, `gather` runs up to `small_tokens` and `grouped` beyond, whatever the form. For steps of at most `small_tokens`: `route` f(h, attn_out, norm, eps, gate, bias, k) ->
     (h + attn_out, its RMSNorm, expert ids [T, k], weights [T, k]); `add_norm` f(a, b, weight, eps)
     -> (a + b, its RMSNorm); `sum_squares` f(q, k) -> float32 [T, 1] each; `norm_rope` f(x, ssq,
     weight, width, eps, positions, inv_freq, head_dim, rotary_dim) -> [T, heads, head_dim]."""

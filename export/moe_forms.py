@@ -106,8 +106,7 @@ class MoeSchedule:
                 lo = top + 1
         if not ranges:
             raise ScheduleError(f"--moe-forms {spec!r} names no form")
-        form, hi = ranges[-1]
-        ranges[-1] = (form, max(hi, max_tokens))  # the last form covers the rest
+        ranges[-1] = (ranges[-1][0], max_tokens)  # the last form covers the rest
         return cls(tuple(ranges), source)
 
     def to_json(self) -> list:

@@ -31,10 +31,10 @@ from .checkpoint import Checkpoint, CheckpointError, check_names
 from .config import ConfigError
 from .jobs import run_parallel
 from .layout import GraphLayout, make_layout
-from .moe_forms import MoeSchedule, ScheduleError, ShardShape, modeled_schedule
+from .moe_forms import MoeSchedule, ShardShape, modeled_schedule
 from .manifest import MANIFEST, FileRecord, GraphFiles, Manifest, SubgraphSpec
 from .paths import export_dir, tp_dir
-from .sharding import EXPERT_SPLITS, ShardingError
+from .sharding import EXPERT_SPLITS, Shard, ShardingError
 from .text_config import TEXT_FILES
 from .unit import ExportError, UnitTask, code_hash, export_unit, unit_key, unit_shards, valid_stamp
 
@@ -48,7 +48,7 @@ _TRACES: dict[str, dict] = {}
 
 
 def _traces_of(layout: GraphLayout) -> dict:
-    key = json.dumps([layout.cfg.to_dict(), layout.tp, layout.expert_split, list(layout.forms)], sort_keys=True)
+    key = json.dumps([layout.cfg.to_dict(), layout.tp, layout.expert_split], sort_keys=True)
     return _TRACES.setdefault(key, {})
 
 
@@ -116,7 +116,7 @@ def plan_export(checkpoint: str | Path, out: str | Path | None = None, tp: int =
     ckpt = Checkpoint(checkpoint, validate=validate)
     if not validate:
         check_names(ckpt.weight_map, ckpt.config, ckpt.specs)  # the index alone: no shard is opened
-    make_layout(ckpt.config, tp, expert_split)  # a TP that does not divide fails here, before the schedule
+    Shard(tp, 0, expert_split).check(ckpt.config)  # a TP that does not divide fails here, before the schedule
     moe = choose_schedule(ckpt.config, tp, expert_split, max_tokens, moe_forms, forms_file)
     layout = make_layout(ckpt.config, tp, expert_split, moe.forms)
     est = preflight.estimate(layout)

@@ -19,21 +19,22 @@ MAX_TOKENS = 64  # the PyTorch ops are launch-bound below this; above, they are 
 
 
 @triton.jit
+def _row_sum_squares(X, Out, t, W: tl.constexpr, BW: tl.constexpr):
+    acc = tl.zeros([BW], tl.float32)
+    for w0 in range(0, W, BW):
+        ws = w0 + tl.arange(0, BW)
+        x = tl.load(X + t * W + ws, mask=ws < W, other=0.0).to(tl.float32)
+        acc += x * x
+    tl.store(Out + t, tl.sum(acc, 0))
+
+
+@triton.jit
 def _sum_squares_kernel(Q, K, QS, KS, WQ: tl.constexpr, WK: tl.constexpr, BW: tl.constexpr):
     t, which = tl.program_id(0), tl.program_id(1)
-    acc = tl.zeros([BW], tl.float32)
     if which == 0:
-        for w0 in range(0, WQ, BW):
-            ws = w0 + tl.arange(0, BW)
-            x = tl.load(Q + t * WQ + ws, mask=ws < WQ, other=0.0).to(tl.float32)
-            acc += x * x
-        tl.store(QS + t, tl.sum(acc, 0))
+        _row_sum_squares(Q, QS, t, WQ, BW)
     else:
-        for w0 in range(0, WK, BW):
-            ws = w0 + tl.arange(0, BW)
-            x = tl.load(K + t * WK + ws, mask=ws < WK, other=0.0).to(tl.float32)
-            acc += x * x
-        tl.store(KS + t, tl.sum(acc, 0))
+        _row_sum_squares(K, KS, t, WK, BW)
 
 
 @triton.jit
