@@ -3,9 +3,10 @@
     python runtime/chat.py                         # the embedded toy model (built on first use)
     python runtime/chat.py --model build/<model>/onnx [--backend ort|torch] [--temperature 0.7]
 
-Interactive: type a message; the model's thinking streams dimmed, then its answer. /reset starts
-over, /system TEXT sets the system prompt (and starts over), /quit (or Ctrl-D) leaves. Ctrl-C stops
-the current answer and keeps the chat.
+Interactive: type a message; the model's thinking streams dimmed, then its answer. Commands:
+/reset starts over (the system prompt is kept), /system TEXT sets the system prompt (and starts
+over; /system alone clears it), /help lists them, /quit (or Ctrl-D, or Ctrl-C at an empty prompt)
+leaves. Ctrl-C during an answer stops it and keeps the chat.
 
 Scripted (tests, benchmarks): every --prompt-ids / --prompt runs as one continuous batch and the last
 line printed is one JSON object {"outputs": [[generated ids], ...]} in prompt order:
@@ -29,6 +30,7 @@ from export.paths import TINY_CHECKPOINT, tp_dir  # noqa: E402
 from export.token_ids import parse_ids  # noqa: E402
 from runtime.config import EngineConfig  # noqa: E402
 from runtime.distributed import RankLost  # noqa: E402
+from runtime import validation  # noqa: E402
 from runtime.llm_engine import LLMEngine, RequestError  # noqa: E402
 from runtime.sampling import SamplingParams  # noqa: E402
 from runtime.output_text import OutputText  # noqa: E402
@@ -51,9 +53,16 @@ def ensure_embedded_default() -> Path:
     return export
 
 
-def sampling_from(a, engine: LLMEngine) -> SamplingParams:
-    return engine.sampling_params(a.temperature, a.top_p, a.top_k, max_tokens=a.max_tokens, seed=a.seed,
-                                  ignore_eos=a.ignore_eos)
+COMMANDS = {"/reset": "start over (the system prompt is kept)",
+            "/system TEXT": "set the system prompt and start over (/system alone clears it)",
+            "/help": "list the commands", "/quit": "leave (also /exit, Ctrl-D, or Ctrl-C at an empty prompt)"}
+
+
+def sampling_from(a, engine: LLMEngine, prompt_len: int) -> SamplingParams:
+    """The same checks as the servers' (runtime/validation.py): RequestError names a bad flag."""
+    return validation.sampling_params(engine.limits, engine.generation_defaults, prompt_len,
+                                      temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                                      max_tokens=a.max_tokens, seed=a.seed, ignore_eos=a.ignore_eos)
 
 
 NO_TOKENIZER = ("this export has no tokenizer.json (the checkpoint had none): text needs a tokenizer; "
@@ -67,11 +76,10 @@ def scripted(engine: LLMEngine, a) -> int:
         return 2
     prompts += [engine.codec.encode_chat([{"role": "user", "content": t}], thinking=not a.no_thinking)
                 for t in a.prompt or []]
-    params = sampling_from(a, engine)
     seqs, errors = [], {}
     for i, p in enumerate(prompts):
         try:
-            seqs.append(engine.add_request(p, params))
+            seqs.append(engine.add_request(p, sampling_from(a, engine, len(p))))
         except RequestError as e:
             errors[i] = str(e)
             seqs.append(None)
@@ -105,32 +113,43 @@ def interactive(engine: LLMEngine, a) -> int:
     if codec is None:
         print(f"error: {NO_TOKENIZER}", file=sys.stderr)
         return 2
-    params = sampling_from(a, engine)
     conv = Conversation(codec, a.system, thinking=not a.no_thinking)
     print(f"MiniMax-M2 chat ({engine.manifest.root}, backend {engine.backend.name}, TP {engine.manifest.tp}). "
-          "/reset, /system TEXT, /quit; Ctrl-C stops an answer.")
+          "/help lists the commands; Ctrl-C stops an answer, Ctrl-D leaves.")
     while True:
         try:
             user = input("\n> ").strip()
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             print()
+            return 0
+        except KeyboardInterrupt:
+            print("\n(Ctrl-C at the prompt: leaving. bye)")
             return 0
         if not user:
             continue
-        if user in ("/quit", "/exit"):
-            return 0
-        if user == "/reset":
-            conv = Conversation(codec, conv.messages[0]["content"] if conv.messages[:1] and
-                                conv.messages[0]["role"] == "system" else None, conv.thinking)
-            print("(conversation reset)")
-            continue
-        if user.startswith("/system"):
-            conv = Conversation(codec, user[len("/system"):].strip() or None, conv.thinking)
-            print("(system prompt set; conversation reset)")
+        if user.startswith("//"):  # a message that starts with '/', not a command
+            user = user[1:]
+        elif user.startswith("/"):
+            cmd, rest = user.split()[0], user[len(user.split()[0]):].strip()
+            if cmd in ("/quit", "/exit"):
+                return 0
+            if cmd == "/help":
+                print("\n".join(f"  {k:<14} {v}" for k, v in COMMANDS.items()))
+            elif cmd == "/reset":
+                conv = Conversation(codec, conv.messages[0]["content"] if conv.messages[:1] and
+                                    conv.messages[0]["role"] == "system" else None, conv.thinking)
+                print("(conversation reset; the system prompt is kept)")
+            elif cmd == "/system":
+                conv = Conversation(codec, rest or None, conv.thinking)
+                print("(system prompt set; conversation reset)" if rest else "(system prompt cleared; conversation reset)")
+            else:
+                print(f"error: unknown command {cmd!r}; the commands are: "
+                      + ", ".join(k.split()[0] for k in COMMANDS) + " (start a message with '//' to send one "
+                      "that begins with '/')")
             continue
         try:
             prompt = conv.prompt(user)
-            seq = engine.add_request(prompt, params)
+            seq = engine.add_request(prompt, sampling_from(a, engine, len(prompt)))
         except (RequestError, ValueError) as e:
             print(f"error: {e}")
             continue
@@ -149,7 +168,10 @@ def interactive(engine: LLMEngine, a) -> int:
         try:
             while engine.has_unfinished():
                 for out in engine.step():
-                    if out.seq is not seq or out.token < 0:
+                    if out.seq is not seq:
+                        continue
+                    if out.error is not None:
+                        print(RESET + f"\nerror: {out.error}", end="")
                         continue
                     first = first or time.perf_counter()
                     show(text_out.feed(out.token))
@@ -177,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", action="append", help="a user message, through the chat template (repeatable)")
     ap.add_argument("--json", action="store_true", help="scripted mode: print only the JSON result on stdout")
     ap.add_argument("--system", help="system prompt (interactive)")
-    ap.add_argument("--max-tokens", type=int, default=512, help="tokens per answer (default 512)")
+    ap.add_argument("--max-tokens", type=int, help="tokens per answer (default 512, or what the context leaves)")
     ap.add_argument("--temperature", type=float, help="0 for greedy (default: generation_config.json's; published 1.0)")
     ap.add_argument("--top-p", type=float, help="nucleus sampling (default: generation_config.json's; published 0.95)")
     ap.add_argument("--top-k", type=int, help="top-k sampling, 0 off (default: generation_config.json's; published 40)")

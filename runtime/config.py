@@ -37,6 +37,10 @@ class EngineConfig:
         "help": "GPU: decode steps of sequences longer than this run eagerly"})
     decode_buckets: bool | None = field(default=None, metadata={
         "help": "pad decode steps to bucket sizes (default: on a GPU)"})
+    step_timeout: float = field(default=120.0, metadata={
+        "help": "servers: an engine step that makes no progress for this many seconds (a hung rank) ends the "
+                "engine, which makes the server exit for its supervisor to restart it; 0 disables (the "
+                "collectives' own timeout is 300 s)"})
 
     # ---- command line -------------------------------------------------------------------------
     @classmethod

@@ -94,6 +94,9 @@ class Group:
 
     def __init__(self, comm: TorchComm, procs: list[subprocess.Popen]):
         self.comm, self.procs, self._stopping = comm, procs, False
+        # Called (from the watcher thread) when a rank dies; a server sets it to fail its requests and exit
+        # in its own way. Unset: this process exits at once with code 3.
+        self.on_lost = None
         comm.describe_failure = self._describe
         if procs:
             threading.Thread(target=self._watch, daemon=True).start()
@@ -119,8 +122,37 @@ class Group:
                 for q in self.procs:
                     if q.poll() is None:
                         q.kill()
-                _die(f"{what}; stopping the run")
+                if self.on_lost is None:
+                    _die(f"{what}; stopping the run")
+                self._stopping = True
+                self.on_lost(f"{what}; stopping the run")
+                return
             time.sleep(0.2)
+
+    def stall_report(self) -> str:
+        """Each spawned rank's process state (from /proc): a stopped or dead rank is the likely cause."""
+        states = {"R": "running", "S": "waiting", "D": "in uninterruptible I/O", "T": "stopped by a signal",
+                  "t": "stopped by a tracer", "Z": "dead", "X": "dead"}
+        parts, suspects = [], []
+        for rank, p in enumerate(self.procs, start=1):
+            state = "exited"
+            if p.poll() is None:
+                try:
+                    state = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                except (OSError, IndexError):
+                    state = "?"
+            if state in ("exited", "T", "t", "Z", "X"):
+                suspects.append(rank)
+            what = f"exited with code {p.returncode}" if state == "exited" else states.get(state, f"state {state}")
+            parts.append(f"rank {rank} (pid {p.pid}) {what}")
+        lead = (f"tensor-parallel rank {', '.join(map(str, suspects))} not answering; " if suspects else "")
+        return lead + ("; ".join(parts) if parts else "no spawned ranks")
+
+    def kill(self) -> None:
+        self._stopping = True
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
 
     def stop(self, before_destroy=None) -> None:
         self._stopping = True

@@ -20,18 +20,19 @@ from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 from .text import TextCodec
+from .validation import Limits, RequestError
 from .vocab_parallel import candidates_needed
 
-
-class RequestError(ValueError):
-    """This request cannot run; the engine keeps serving the others."""
+__all__ = ["LLMEngine", "RequestError", "StepOutput"]
 
 
 @dataclass
 class StepOutput:
+    """One sequence's result of a step: its new token, or (token None) the error that ended it alone."""
     seq: Sequence
-    token: int
+    token: int | None
     finished: bool
+    error: str | None = None
 
 
 @dataclass
@@ -82,6 +83,23 @@ class LLMEngine:
         engine._group = group
         return engine
 
+    def stall_report(self) -> str:
+        """What the other ranks are doing, for a step that does not return (a hung rank)."""
+        if self._group is None:
+            return "no other rank in this process's group" if self.manifest.tp == 1 else \
+                "the other ranks were started outside this process (torchrun): check them"
+        return self._group.stall_report()
+
+    def on_rank_lost(self, handler) -> None:
+        """handler(message) is called when another rank dies, instead of this process exiting at once."""
+        if self._group is not None:
+            self._group.on_lost = handler
+
+    def kill_ranks(self) -> None:
+        """End the other ranks at once (a dead engine: they may be blocked in a collective)."""
+        if self._group is not None:
+            self._group.kill()
+
     def close(self) -> None:
         """Stop the other ranks (if any) and wait for them."""
         if self._group is not None:
@@ -105,12 +123,17 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq
 
+    @property
+    def limits(self) -> Limits:
+        """What requests must fit (runtime/validation.py checks them against it)."""
+        return Limits(self.model_config.vocab_size, self.max_model_len)
+
     def check_request(self, prompt: list[int], params: SamplingParams) -> None:
         """RequestError naming what makes this request impossible (reads settings only: any thread)."""
         vocab = self.model_config.vocab_size
         if not prompt:
             raise RequestError("the prompt is empty")
-        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
+        bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise RequestError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
         limit = self.max_model_len - 1  # longer prompts than a step run in chunks
@@ -137,8 +160,9 @@ class LLMEngine:
         if not batch.seqs:
             if self.scheduler.waiting and not self.scheduler.running:
                 seq = self.scheduler.waiting[0]  # cannot fit even alone: fail it rather than spin
-                self.scheduler.finish(seq, "error: does not fit in the KV cache")
-                return [StepOutput(seq, -1, True)]
+                self.scheduler.finish(seq, "error")
+                return [StepOutput(seq, None, True, f"the request needs {len(seq)} tokens of KV cache, more than "
+                                   f"the {self.blocks.num_usable * self.blocks.block_size} the cache holds")]
             return []
         ids, positions, slots, rows = [], [], [], []
         q_lens, ctx_lens, tables = [], [], []
@@ -169,13 +193,21 @@ class LLMEngine:
         self.stats.forms[form] = self.stats.forms.get(form, 0) + 1
         # A prompt chunk that leaves more of its prompt to compute samples nothing.
         done = [i for i in range(len(batch.seqs)) if batch.completes(i)]
-        sampled = dict(zip(done, self.sampler.sample(
-            logits[done] if len(done) < len(batch.seqs) else logits,
-            [batch.seqs[i].id for i in done], [batch.seqs[i].params for i in done]))) if done else {}
+        sampled, failed = {}, {}
+        if done:
+            toks, bad = self.sampler.sample(logits[done] if len(done) < len(batch.seqs) else logits,
+                                            [batch.seqs[i].id for i in done], [batch.seqs[i].params for i in done])
+            sampled = dict(zip(done, toks))
+            failed = {done[j]: why for j, why in bad.items()}
         out = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
             seq.num_computed += n
             self.blocks.cache_full_blocks(seq)
+            if i in failed:  # this request fails alone; its blocks go back
+                self.scheduler.finish(seq, "error")
+                self.sampler.forget(seq.id)
+                out.append(StepOutput(seq, None, True, failed[i]))
+                continue
             if i not in sampled:
                 continue
             tok = sampled[i]

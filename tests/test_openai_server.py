@@ -107,7 +107,7 @@ def test_malformed_tool_calls_come_back_as_content(bad):
 # ---- the server, for real -------------------------------------------------------------------------
 
 class Served:
-    def __init__(self, export, *extra):
+    def __init__(self, export, *extra, api_key: str = "none"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--model", str(export), "--port",
@@ -127,7 +127,7 @@ class Served:
         else:
             raise RuntimeError("server did not come up")
         import openai
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120)
         self.model = self.client.models.list().data[0].id
 
     def metrics(self) -> dict[str, float]:

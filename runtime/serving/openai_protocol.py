@@ -1,82 +1,174 @@
 """The OpenAI API's request bodies (pydantic), as far as this server implements them, and its error
-shape. A field that would change the result and is not implemented (n > 1, logprobs, penalties,
+shape. The models say each field's JSON type and range, so /openapi.json documents what the server
+accepts; runtime/validation.py then checks what a schema cannot say (the context, the vocabulary).
+
+A field that would change the result and is not implemented (n > 1, logprobs, penalties,
 response_format, ...) is refused with a 400, never ignored; fields that change nothing here
 (user, metadata, store, stream_options' include_usage, ...) are accepted."""
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+
+from ..validation import MAX_STOP_CHARS, MAX_STOP_IDS, MAX_STOP_STRINGS, MAX_TOOLS, SEED_RANGE
 
 # Accepted and without effect on the tokens.
-HARMLESS = {"user", "metadata", "store", "stream_options", "service_tier", "parallel_tool_calls", "model"}
+HARMLESS = {"user", "metadata", "store", "stream_options", "service_tier", "parallel_tool_calls"}
+# Not implemented; accepted only at the value that means "off".
+OFF_VALUES = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "presence_penalty": (None, 0),
+              "frequency_penalty": (None, 0), "repetition_penalty": (None, 1), "logit_bias": (None, {}),
+              "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "response_format": (None,),
+              "min_tokens": (None, 0), "prompt_logprobs": (None, 0)}
 
 
 class OpenAIError(Exception):
     def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", code: str | None = None):
         super().__init__(message)
-        self.message, self.param, self.status, self.kind = message, param, status, kind
+        self.message, self.param, self.status, self.kind, self.code = message, param, status, kind, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server answers, as OpenAI shapes it."""
+    error: ErrorDetail
+
+
+Finite = dict(allow_inf_nan=False)
+Stop = Union[Annotated[StrictStr, Field(max_length=MAX_STOP_CHARS)],
+             Annotated[list[Annotated[StrictStr, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP_STRINGS)],
+             None]
 
 
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None               # vLLM's extension
-    seed: int | None = None
-    stop: Union[str, list[str], None] = None
-    stream: bool = False
-    n: int = 1
-    ignore_eos: bool = False               # vLLM's extension
-    stop_token_ids: list[int] | None = None
+    model: StrictStr | None = None  # checked against the served name by the server (404 otherwise)
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    temperature: Annotated[StrictFloat, Field(ge=0, **Finite)] | None = None
+    top_p: Annotated[StrictFloat, Field(gt=0, le=1, **Finite)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None          # vLLM's extension; -1 or 0: off
+    seed: Annotated[StrictInt, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
+    stop: Stop = None
+    stream: StrictBool = False
+    n: Annotated[StrictInt, Field(ge=1, le=1)] = 1
+    ignore_eos: StrictBool = False                                          # vLLM's extension
+    stop_token_ids: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(max_length=MAX_STOP_IDS)] | None = None
 
     def check(self) -> None:
-        if self.n != 1:
-            raise OpenAIError("n > 1 is not supported: send the request n times", "n")
         for name, value in (self.model_extra or {}).items():
             if name in HARMLESS:
                 continue
-            if value in (None, False, 0, [], {}) and name in ("logprobs", "presence_penalty", "frequency_penalty",
-                                                               "logit_bias", "top_logprobs", "echo", "best_of"):
-                continue  # the default: no effect
+            if name in OFF_VALUES and any(value == v and type(value) is type(v) or value is v
+                                          for v in OFF_VALUES[name]):
+                continue
             raise OpenAIError(f"{name} is not supported by this server", name)
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = "{}"  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, v: Any):
+        if isinstance(v, list):
+            for p in v:
+                kind = p.get("type") if isinstance(p, dict) else None
+                if kind != "text":
+                    raise ValueError(f"content parts of type {kind!r} are not supported: this model takes text only")
+        return v
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_Sampling):
-    messages: list[dict[str, Any]] = Field(default_factory=list)
-    max_completion_tokens: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Union[Literal["none", "auto"], dict, str, None] = None
-    thinking: bool = True                  # false: the prompt closes the thinking block
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    thinking: StrictBool = True                  # false: the prompt closes the thinking block
 
     def check(self) -> None:
         super().check()
-        if not self.messages:
-            raise OpenAIError("messages must hold at least one message", "messages")
         if self.tool_choice not in (None, "none", "auto"):
-            raise OpenAIError("tool_choice other than 'auto' or 'none' is not supported", "tool_choice")
+            raise OpenAIError("tool_choice other than 'auto' or 'none' is not supported yet", "tool_choice")
+
+    def message_dicts(self) -> list[dict]:
+        return [m.model_dump(exclude_none=True) for m in self.messages]
+
+    def tool_dicts(self) -> list[dict] | None:
+        return None if self.tools is None else [t.model_dump(exclude_none=True) for t in self.tools]
+
+
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[int], list[str], list[list[int]]]
-    return_token_ids: bool = False         # vLLM's extension: token_ids in each choice
+    # One prompt: a string, or token ids; a batch of one is taken as that one.
+    prompt: Union[Annotated[str, Field(min_length=1)], TokenIds,
+                  Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)],
+                  Annotated[list[TokenIds], Field(min_length=1, max_length=1)]]
+    return_token_ids: StrictBool = False         # vLLM's extension: token_ids in each choice
 
     def check(self) -> None:
         super().check()
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise OpenAIError("a batch of prompts is not supported: send one prompt per request", "prompt")
+        if isinstance(p, list) and isinstance(p[0], (str, list)):
             self.prompt = p[0]
-        if not self.prompt:
-            raise OpenAIError("the prompt is empty", "prompt")

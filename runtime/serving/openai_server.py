@@ -10,26 +10,47 @@ disconnects cancels its request, which frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import os
 import sys
+import threading
 import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import jinja2
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import validation
 from ..llm_engine import LLMEngine, RequestError
 from ..output_text import OutputText
 from .loop import Event, Request, ServingLoop
-from .openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from .openai_protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, OpenAIError
 from .tool_calls import CallDelta, Parsed, ToolCallParser, merge_calls
 
 DEFAULT_MAX_TOKENS = 512
+EXIT_CODE_DEAD = 3
+UNION_FORMS = {"prompt": "must be a non-empty string or a non-empty list of token ids (integers >= 0)",
+               "stop": "must be a string or a list of strings", "tool_choice": "must be 'none', 'auto', 'required' "
+               "or {\"type\": \"function\", \"function\": {\"name\": ...}}"}  # the engine died: a supervisor restarts the server
+
+
+@dataclass
+class ServerLimits:
+    """What one client may ask of the server (python -m runtime.serve's flags)."""
+    api_key: str | None = None           # every route but /health and /metrics needs it
+    max_body_bytes: int = 32 * 2 ** 20   # a 196K-token prompt is ~1 MB of text
+    max_waiting: int = 512               # requests queued beyond the running batch; more get 429
+    exit_on_dead: bool = True            # a dead engine ends the process (for a supervisor to restart it)
+    exit_grace_s: float = 1.0            # time for the error events to reach the open streams
 
 
 class Metrics:
@@ -52,6 +73,19 @@ class Metrics:
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.batch = Histogram("minimax_step_batch_size", "Sequences per engine step", registry=r,
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.preemptions = Counter("minimax_preemptions", "Sequences preempted (KV cache full), to be recomputed",
+                                   registry=r)
+        self.rejected = Counter("minimax_requests_rejected", "Requests refused before reaching the engine",
+                                ["status"], registry=r)
+        self._seen_preemptions = 0
+        self._sched = sched
+
+    def on_step(self, batch: int) -> None:
+        self.batch.observe(batch)
+        n = self._sched.num_preemptions
+        if n > self._seen_preemptions:
+            self.preemptions.inc(n - self._seen_preemptions)
+            self._seen_preemptions = n
 
 
 def _now() -> int:
@@ -73,8 +107,8 @@ def _render_messages(messages: list[dict]) -> list[dict]:
             m["role"] = "system"
         if m["role"] not in ("system", "user", "assistant", "tool"):
             raise OpenAIError(f"unknown role {m['role']!r}", "messages")
-        if isinstance(m.get("content"), list):
-            m["content"] = "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))
+        if isinstance(m.get("content"), list):  # text parts only (the protocol refuses others)
+            m["content"] = "".join(p.get("text", "") for p in m["content"])
         if m.get("content") is None:
             m["content"] = ""
         calls = []
@@ -85,6 +119,8 @@ def _render_messages(messages: list[dict]) -> list[dict]:
                     f["arguments"] = json.loads(f["arguments"] or "{}")
                 except json.JSONDecodeError as e:
                     raise OpenAIError(f"tool call arguments are not JSON: {e}", "messages") from None
+                if not isinstance(f["arguments"], dict):
+                    raise OpenAIError("tool call arguments must be a JSON object", "messages")
             calls.append({**c, "function": f})
         if calls:
             m["tool_calls"] = calls
@@ -93,23 +129,53 @@ def _render_messages(messages: list[dict]) -> list[dict]:
 
 
 class OpenAIServer:
-    def __init__(self, engine: LLMEngine, model_name: str):
+    def __init__(self, engine: LLMEngine, model_name: str, limits: ServerLimits | None = None):
         self.engine, self.codec, self.model_name = engine, engine.codec, model_name
+        self.limits = limits or ServerLimits()
         self.metrics = Metrics(engine, lambda: self.loop)  # the loop is read lazily, by the gauges
-        self.loop = ServingLoop(engine, "openai-serve", on_step=self.metrics.batch.observe)
+        self.loop = ServingLoop(engine, "openai-serve", on_step=self.metrics.on_step, on_dead=self._on_dead)
         self.app = self._make_app()
 
-    # ---- requests -> engine requests ----------------------------------------------------------
-    def _params(self, body, max_tokens: int | None):
-        return self.engine.sampling_params(
-            body.temperature, body.top_p, body.top_k, max_tokens=max_tokens or DEFAULT_MAX_TOKENS, seed=body.seed,
-            ignore_eos=body.ignore_eos, stop_token_ids=list(body.stop_token_ids or []))
+    def _on_dead(self, message: str) -> None:
+        """The engine cannot serve any more: stop its ranks and, unless told otherwise, exit non-zero
+        once the open streams had a moment to get their error, so that a supervisor restarts us."""
+        self.engine.kill_ranks()
+        if not self.limits.exit_on_dead:
+            return
 
-    def _check(self, prompt: list[int], params) -> None:
+        def leave():
+            time.sleep(self.limits.exit_grace_s)
+            print(f"minimax: exiting with code {EXIT_CODE_DEAD}: {message}", file=sys.stderr, flush=True)
+            os._exit(EXIT_CODE_DEAD)
+
+        threading.Thread(target=leave, daemon=True).start()
+
+    # ---- requests -> engine requests ----------------------------------------------------------
+    def _params(self, body, prompt: list[int], max_tokens: int | None, max_tokens_param: str = "max_tokens"):
+        """Every sampling field checked (runtime/validation.py) and the prompt checked by the engine."""
         try:
+            validation.check_prompt_ids(prompt, self.engine.model_config.vocab_size)
+            params = validation.sampling_params(
+                validation.Limits(self.engine.model_config.vocab_size, self.engine.max_model_len, DEFAULT_MAX_TOKENS),
+                self.engine.generation_defaults, len(prompt), temperature=body.temperature, top_p=body.top_p,
+                top_k=body.top_k, max_tokens=max_tokens, seed=body.seed, stop_token_ids=body.stop_token_ids,
+                ignore_eos=body.ignore_eos, max_tokens_param=max_tokens_param)
             self.engine.check_request(prompt, params)
         except RequestError as e:
-            raise OpenAIError(str(e)) from None
+            raise OpenAIError(str(e), getattr(e, "param", None)) from None
+        return params
+
+    def _check_model(self, body) -> None:
+        if body.model is not None and body.model != self.model_name:
+            raise OpenAIError(f"The model `{body.model}` does not exist (this server serves `{self.model_name}`)",
+                              "model", status=404, code="model_not_found")
+
+    def _check_capacity(self) -> None:
+        if self.loop.dead:
+            raise OpenAIError(f"the engine cannot serve: {self.loop.dead}", status=503, kind="server_error")
+        if self.loop.queued() >= self.limits.max_waiting:
+            raise OpenAIError(f"the server is at capacity ({self.loop.queued()} requests waiting); retry later",
+                              status=429, kind="rate_limit_error")
 
     def _need_codec(self, what: str) -> None:
         if self.codec is None:
@@ -131,7 +197,7 @@ class OpenAIServer:
                     if await http.is_disconnected():
                         return
                     continue
-                if ev.token >= 0:
+                if ev.error is None:
                     if first:
                         first = False
                         self.metrics.ttft.observe(req.first_token_at - req.arrived)
@@ -147,6 +213,7 @@ class OpenAIServer:
         finally:
             if not done:
                 req.cancel()
+                self.metrics.finished.labels("abort").inc()
 
     @staticmethod
     def _usage(ev: Event, n_prompt: int) -> dict:
@@ -157,17 +224,23 @@ class OpenAIServer:
 
     # ---- chat ---------------------------------------------------------------------------------
     def _chat_prompt(self, body: ChatCompletionRequest):
+        self._check_model(body)
         self._need_codec("/v1/chat/completions")
         body.check()
-        tools = body.tools if body.tool_choice != "none" else None
+        stops = body.stops()
         try:
-            ids = self.codec.encode_chat(_render_messages(body.messages), thinking=body.thinking,
+            tools = validation.check_tools(body.tool_dicts()) if body.tool_choice != "none" else None
+        except RequestError as e:
+            raise OpenAIError(str(e), e.param) from None
+        try:
+            ids = self.codec.encode_chat(_render_messages(body.message_dicts()), thinking=body.thinking,
                                          **({"tools": tools} if tools else {}))
-        except (jinja2.TemplateError, TypeError, ValueError) as e:
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:
             raise OpenAIError(f"the messages do not fit the chat template: {e}", "messages") from None
-        params = self._params(body, body.max_completion_tokens or body.max_tokens)
-        self._check(ids, params)
-        text = OutputText(self.codec, self.codec.in_thinking(ids), body.stops())
+        name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        params = self._params(body, ids, body.max_completion_tokens or body.max_tokens, name)
+        self._check_capacity()
+        text = OutputText(self.codec, self.codec.in_thinking(ids), stops)
         return ids, params, text, (ToolCallParser(tools) if tools else None)
 
     async def chat(self, body: ChatCompletionRequest, http: HTTPRequest):
@@ -235,18 +308,17 @@ class OpenAIServer:
 
     # ---- completions --------------------------------------------------------------------------
     async def complete(self, body: CompletionRequest, http: HTTPRequest):
+        self._check_model(body)
         body.check()
         if isinstance(body.prompt, str):
             self._need_codec("a text prompt")
             ids = self.codec.encode(body.prompt)
         else:
             ids = list(body.prompt)
-            if not all(isinstance(t, int) for t in ids):
-                raise OpenAIError("a token-id prompt must be a list of integers", "prompt")
         if body.stops() and self.codec is None:
             self._need_codec("stop strings")
-        params = self._params(body, body.max_tokens)
-        self._check(ids, params)
+        params = self._params(body, ids, body.max_tokens)
+        self._check_capacity()
         # Raw completion: the text in order, thinking included (no </think> split is asked for here).
         text = OutputText(self.codec, False, body.stops()) if self.codec else None
         rid, created = f"cmpl-{uuid.uuid4().hex}", _now()
@@ -293,19 +365,48 @@ class OpenAIServer:
             self.close()
 
         app = FastAPI(title="MiniMax-M2 (OpenAI-compatible)", lifespan=lifespan)
+        errors = {status: {"model": ErrorResponse, "description": what} for status, what in (
+            (400, "invalid request (the field is named in error.param)"), (401, "missing or wrong API key"),
+            (404, "unknown model"), (413, "request body too large"), (429, "too many requests waiting"),
+            (500, "the request failed inside the engine"), (503, "the engine cannot serve"))}
 
         @app.exception_handler(OpenAIError)
         async def _openai_error(request, e: OpenAIError):
+            if e.status >= 400 and e.status != 500:
+                self.metrics.rejected.labels(str(e.status)).inc()
             return JSONResponse(e.body(), status_code=e.status)
 
         @app.exception_handler(RequestValidationError)
         async def _invalid(request, e: RequestValidationError):
-            err = e.errors()[0] if e.errors() else {}
-            where = ".".join(str(x) for x in err.get("loc", ())[1:]) or None
-            msg = "the body is not valid JSON" if err.get("type") == "json_invalid" else \
-                f"{where or 'body'}: {err.get('msg', 'invalid request')}"
-            return JSONResponse(OpenAIError(msg, None if err.get("type") == "json_invalid" else where).body(),
-                                status_code=400)
+            errs = e.errors()
+            err = errs[0] if errs else {}
+            if err.get("type") == "json_invalid":
+                return await _openai_error(request, OpenAIError("the body is not valid JSON"))
+            # pydantic's location, less its union-branch tags ("constrained-str", "list[...]")
+            loc = [str(x) for x in err.get("loc", ())[1:]]
+            where = ".".join(x for x in loc if "[" not in x and "-" not in x) or None
+            msg = err.get("msg", "invalid request")
+            if len({tuple(x.get("loc", ())[:2]) for x in errs}) == 1 and len(errs) > 1 and where in UNION_FORMS:
+                msg = UNION_FORMS[where]  # every branch of a union failed: say what the field takes
+            return await _openai_error(request, OpenAIError(f"{where or 'body'}: {msg}", where))
+
+        @app.exception_handler(StarletteHTTPException)
+        async def _http(request, e: StarletteHTTPException):
+            # FastAPI's own answers (no such route, wrong method, a body it cannot parse) in OpenAI's shape.
+            kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+            detail = str(e.detail)
+            if detail == "There was an error parsing the body":
+                detail = "the body could not be parsed as JSON (not UTF-8, or nested too deeply)"
+            out = await _openai_error(request, OpenAIError(detail, status=e.status_code, kind=kind))
+            out.headers.update(e.headers or {})  # e.g. Allow, with a 405
+            return out
+
+        @app.exception_handler(Exception)
+        async def _bug(request, e: Exception):
+            print(f"minimax: unexpected error on {request.url.path}:\n{traceback.format_exc()}", file=sys.stderr,
+                  flush=True)
+            return JSONResponse(OpenAIError(f"internal error: {type(e).__name__}", status=500,
+                                            kind="server_error").body(), status_code=500)
 
         @app.get("/health")
         async def health():
@@ -313,25 +414,48 @@ class OpenAIServer:
                 return JSONResponse({"status": "error", "detail": self.loop.dead}, status_code=503)
             return {"status": "ok"}
 
-        @app.get("/metrics")
+        @app.get("/metrics", response_class=PlainTextResponse,
+                 responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}})
         async def metrics():
             return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-        @app.get("/v1/models")
+        @app.get("/v1/models", responses={401: errors[401]})
         async def models():
             return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
                                                 "owned_by": "minimax-m2-trt",
                                                 "max_model_len": self.engine.max_model_len}]}
 
-        @app.post("/v1/chat/completions")
+        @app.post("/v1/chat/completions", responses=errors)
         async def chat(body: ChatCompletionRequest, request: HTTPRequest):
             return await self.chat(body, request)
 
-        @app.post("/v1/completions")
+        @app.post("/v1/completions", responses=errors)
         async def completions(body: CompletionRequest, request: HTTPRequest):
             return await self.complete(body, request)
 
-        return app
+        app.openapi = lambda: self._openapi(app)
+        return _Guard(app, self)
+
+    def _openapi(self, app: FastAPI) -> dict:
+        """FastAPI's schema, saying what the server really answers: 400 (not 422) for a bad body, and the
+        one model name it serves."""
+        if app.openapi_schema:
+            return app.openapi_schema
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for ops in schema.get("paths", {}).values():
+            for op in ops.values():
+                op.get("responses", {}).pop("422", None)
+        comps = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            comps.pop(name, None)
+        for name in ("ChatCompletionRequest", "CompletionRequest"):
+            if name in comps:
+                comps[name]["properties"]["model"] = {"type": "string", "enum": [self.model_name],
+                                                      "title": "Model"}
+        app.openapi_schema = schema
+        return schema
 
     def close(self) -> None:
         """Stop the loop (requests still running are cancelled) and the engine with its ranks; once."""
@@ -351,3 +475,67 @@ def _call_delta(c: CallDelta) -> dict:
     if c.name is not None:
         d["function"]["name"] = c.name
     return d
+
+
+class _Guard:
+    """ASGI wrapper in front of the app: the API key, and the body-size cap (read whole before the app
+    sees it, so an oversized body never reaches the JSON parser and is never held past the cap)."""
+    OPEN = ("/health", "/metrics")
+
+    def __init__(self, app: FastAPI, server: OpenAIServer):
+        self.app, self.server = app, server
+
+    def __getattr__(self, name):  # app.state, app.routes, ... for whoever holds `server.app`
+        return getattr(self.app, name)
+
+    async def _refuse(self, send, e: OpenAIError) -> None:
+        self.server.metrics.rejected.labels(str(e.status)).inc()
+        body = json.dumps(e.body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if e.status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        await send({"type": "http.response.start", "status": e.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limits = self.server.limits
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if limits.api_key and scope.get("path") not in self.OPEN:
+            given = headers.get("authorization", "")
+            token = given[7:] if given[:7].lower() == "bearer " else headers.get("x-api-key", "")
+            if not hmac.compare_digest(token.encode(), limits.api_key.encode()):
+                return await self._refuse(send, OpenAIError("a valid API key is needed (Authorization: Bearer KEY)",
+                                                            status=401, kind="authentication_error",
+                                                            code="invalid_api_key"))
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        too_large = OpenAIError(f"the request body is larger than {limits.max_body_bytes} bytes", status=413,
+                                code="request_too_large")
+        try:
+            if int(headers.get("content-length") or 0) > limits.max_body_bytes:
+                return await self._refuse(send, too_large)
+        except ValueError:
+            return await self._refuse(send, OpenAIError("Content-Length is not a number"))
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > limits.max_body_bytes:
+                return await self._refuse(send, too_large)
+            if not msg.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # then the client's disconnect, for streaming responses
+
+        return await self.app(scope, replay, send)

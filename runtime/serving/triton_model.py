@@ -4,18 +4,29 @@ writes its repository; the inputs and outputs are listed there).
 `execute` only parses requests and submits them to the shared serving loop (runtime/serving/loop.py),
 whose thread owns the engine, batches concurrent requests together and reports each generated token;
 each becomes one response (stream=false: one response at the end). A bad request gets an error
-response and changes nothing else.
+response and changes nothing else; its fields go through the same checks as the OpenAI server's
+(runtime/validation.py).
+
+If the engine dies (a lost or hung rank, a kernel fault), every open request gets an error and the
+model shuts the server down (SIGTERM to tritonserver, then this stub exits): Triton 2.51 keeps a
+Python model "ready" after its stub is gone, answering every request with an error for good, so
+only an exit lets its supervisor restart the service.
 """
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from runtime import validation
 from runtime.config import EngineConfig
 from runtime.llm_engine import LLMEngine, RequestError
 from runtime.output_text import Delta, OutputText
@@ -101,9 +112,10 @@ class TritonPythonModel:
             sys.executable = shutil.which("python3") or sys.executable
         config = EngineConfig.from_strings({k: v for k, v in p.items() if k not in ("model", "engines")})
         config.engines = str(engines) if engines else None
+        self.exit_on_dead = p.get("exit_on_engine_failure", "true").lower() == "true"
         self.engine = LLMEngine.start(model, config)
         self.codec = self.engine.codec
-        self.loop = ServingLoop(self.engine)
+        self.loop = ServingLoop(self.engine, on_dead=self._on_dead)
         pb_utils.Logger.log_info(f"minimax: serving {model} (backend {self.engine.backend.name}, "
                                  f"TP {self.engine.manifest.tp}, {self.engine.blocks.num_usable} KV blocks)")
 
@@ -113,7 +125,7 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 req = self._parse(request, sender)
-            except (RequestError, UnicodeDecodeError) as e:
+            except (RequestError, UnicodeDecodeError, ValueError, TypeError) as e:
                 self.fail(sender, str(e))
                 continue
             self.loop.submit(req)
@@ -136,13 +148,37 @@ class TritonPythonModel:
                     ids = self.codec.encode(text)
             except ValueError as e:
                 raise RequestError(str(e)) from None
-        params = self.engine.sampling_params(
-            _scalar(request, "temperature"), _scalar(request, "top_p"), _scalar(request, "top_k"),
-            max_tokens=_scalar(request, "max_tokens", DEFAULT_MAX_TOKENS), seed=_scalar(request, "seed"),
-            stop_token_ids=_list(request, "stop_token_ids"), ignore_eos=bool(_scalar(request, "ignore_eos", False)))
+        if self.loop.dead:
+            raise RequestError(f"the engine cannot serve: {self.loop.dead}")
+        validation.check_stops(stops)
+        validation.check_prompt_ids(ids, self.engine.model_config.vocab_size, "input_ids")
+        params = validation.sampling_params(
+            validation.Limits(self.engine.model_config.vocab_size, self.engine.max_model_len, DEFAULT_MAX_TOKENS),
+            self.engine.generation_defaults, len(ids), temperature=_scalar(request, "temperature"),
+            top_p=_scalar(request, "top_p"), top_k=_scalar(request, "top_k"), max_tokens=_scalar(request, "max_tokens"),
+            seed=_scalar(request, "seed"), stop_token_ids=_list(request, "stop_token_ids") or None,
+            ignore_eos=bool(_scalar(request, "ignore_eos", False)))
         out = OutputText(self.codec, self.codec.in_thinking(ids), stops) if self.codec else None
         return Request(ids, params, _Responder(sender, bool(_scalar(request, "stream", True))), out,
                        is_cancelled=getattr(sender, "is_cancelled", None))
+
+    def _on_dead(self, message: str) -> None:
+        pb_utils.Logger.log_error(f"minimax: {message}")
+        self.engine.kill_ranks()
+        if not self.exit_on_dead:
+            return
+
+        def leave():
+            time.sleep(1.0)  # the error responses reach their clients first
+            pb_utils.Logger.log_error("minimax: the engine is dead; shutting tritonserver down so that its "
+                                      "supervisor restarts it")
+            try:
+                os.kill(os.getppid(), signal.SIGTERM)
+            finally:
+                time.sleep(0.5)
+                os._exit(3)
+
+        threading.Thread(target=leave, daemon=True).start()
 
     @staticmethod
     def fail(sender, message: str) -> None:
@@ -154,7 +190,7 @@ class TritonPythonModel:
     def finalize(self):
         for req in self.loop.stop():
             try:
-                req.on_event(Event(-1, Delta(), True, "error", req.seq, error="the model is unloading"))
+                req.on_event(Event(None, Delta(), True, "error", req.seq, error="the model is unloading"))
             except Exception:
                 pass
         self.engine.close()
