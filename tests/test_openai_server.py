@@ -1,6 +1,5 @@
 """The OpenAI-compatible server (`python -m runtime.serve`) run for real on loopback, used through the
-official `openai` client and plain HTTP; and its tool-call and reasoning parsing on scripted outputs
-(the random toy never writes a tool call), fed through the real tokenizer and detokenizer.
+official `openai` client and plain HTTP (the tool-call parser on scripted outputs: tests/test_tool_calls.py).
 
 The token reference is `runtime/chat.py --json` on the same export (itself checked against
 transformers in test_runtime.py); greedy float32 tokens must be identical."""
@@ -15,9 +14,7 @@ import urllib.request
 
 import pytest
 
-from runtime.output_text import OutputText
 from runtime.ports import free_port
-from runtime.serving.tool_calls import ToolCallParser, merge_calls
 from runtime.text import TextCodec
 from tests.cli import ROOT, chat_outputs
 
@@ -26,82 +23,6 @@ ID_PROMPTS = [[1, 5, 9], [7], [200, 31, 4, 4, 18, 90, 33, 512, 6, 2, 77, 101, 3,
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
     "location": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"},
     "hours": {"type": "array"}, "ratio": {"type": "number"}}}}}]
-
-
-# ---- parsers on scripted outputs ------------------------------------------------------------------
-
-CALL_TEXT = ("Let me check.<minimax:tool_call>\n<invoke name=\"get_weather\">\n"
-             "<parameter name=\"location\">San Francisco, CA</parameter>\n<parameter name=\"days\">3</parameter>\n"
-             "<parameter name=\"metric\">true</parameter>\n<parameter name=\"hours\">[9, 12]</parameter>\n"
-             "<parameter name=\"ratio\">0.5</parameter>\n</invoke>\n<invoke name=\"get_weather\">\n"
-             "<parameter name=\"location\">Paris</parameter>\n</invoke>\n</minimax:tool_call>")
-WANT_CALLS = [("get_weather", {"location": "San Francisco, CA", "days": 3, "metric": True, "hours": [9, 12],
-                               "ratio": 0.5}), ("get_weather", {"location": "Paris"})]
-
-
-def _tokens(codec: TextCodec, text: str) -> list[int]:
-    """The text as the model would write it: the tool-call tags as their own tokens."""
-    ids = []
-    for part in re.split(r"(</?minimax:tool_call>)", text):
-        if part in ("<minimax:tool_call>", "</minimax:tool_call>"):
-            ids.append(codec.tok.token_to_id(part))
-        elif part:
-            ids += codec.encode(part)
-    return ids
-
-
-def _parse_stream(codec, ids, thinking, cut):
-    """Feed ids through OutputText and the parser, the detokenized text handed over in two pieces
-    split at character `cut` (every boundary is tried by the caller)."""
-    out = OutputText(codec, thinking)
-    reasoning, content = "", ""
-    for t in ids:
-        d = out.feed(t)
-        reasoning, content = reasoning + d.reasoning, content + d.content
-    d = out.finish()
-    reasoning, content = reasoning + d.reasoning, content + d.content
-    parser = ToolCallParser(TOOLS)
-    a, b = parser.feed(content[:cut]), parser.feed(content[cut:])
-    a += b
-    a += parser.finish()
-    return reasoning, a
-
-
-def test_tool_calls_parsed_at_every_cut(exported):
-    codec = TextCodec(exported("tiny", 1).root)
-    ids = codec.encode("thinking about it") + [codec.think_end] + _tokens(codec, CALL_TEXT)
-    n = len(CALL_TEXT)
-    for cut in range(n + 1):
-        reasoning, parsed = _parse_stream(codec, ids, True, cut)
-        assert reasoning == "thinking about it"
-        assert parsed.content == "Let me check.", cut
-        calls = merge_calls(parsed.calls)
-        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == WANT_CALLS, cut
-        assert all(c["id"].startswith("call_") for c in calls) and len({c["id"] for c in calls}) == 2
-
-
-def test_tool_call_arguments_stream_by_parameter():
-    """Fed one character at a time: arguments arrive per parameter, before the call is complete."""
-    parser = ToolCallParser(TOOLS)
-    seen = []
-    for ch in "<minimax:tool_call>" + CALL_TEXT.split("<minimax:tool_call>")[1]:
-        for c in parser.feed(ch).calls:
-            seen.append(c.arguments)
-    assert seen[:4] == ["", '{"location": "San Francisco, CA"', ', "days": 3', ', "metric": true']
-    assert "".join(seen[:7]) == json.dumps(WANT_CALLS[0][1])
-
-
-@pytest.mark.parametrize("bad", [
-    "<minimax:tool_call>\n<call name=\"x\">1</call>\n</minimax:tool_call> after",
-    "<minimax:tool_call>\nplain words, no tags</minimax:tool_call>",
-    "<minimax:tool_call>\n<invoke name=\"get_weather\">\n<parameter name=\"location\">Rome",  # cut off
-])
-def test_malformed_tool_calls_come_back_as_content(bad):
-    parser = ToolCallParser(TOOLS)
-    parsed = parser.feed("before " + bad)
-    parsed += parser.finish()
-    assert parsed.content.startswith("before <minimax:tool_call>")
-    assert "<minimax:tool_call>" in parsed.content and "tool" in parsed.content
 
 
 # ---- the server, for real -------------------------------------------------------------------------
