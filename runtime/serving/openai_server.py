@@ -189,13 +189,18 @@ class OpenAIServer:
         req = Request(prompt, params, lambda ev: aloop.call_soon_threadsafe(q.put_nowait, ev), text)
         self.loop.submit(req)
         done, first = False, True
+        checked = time.monotonic()
         try:
             while True:
                 try:
                     ev = await asyncio.wait_for(q.get(), timeout=1.0)
                 except asyncio.TimeoutError:
+                    ev = None
+                if time.monotonic() - checked >= 1.0:  # also while tokens flow: a gone client stops its work
+                    checked = time.monotonic()
                     if await http.is_disconnected():
                         return
+                if ev is None:
                     continue
                 if ev.error is None:
                     if first:
@@ -452,8 +457,8 @@ class OpenAIServer:
             comps.pop(name, None)
         for name in ("ChatCompletionRequest", "CompletionRequest"):
             if name in comps:
-                comps[name]["properties"]["model"] = {"type": "string", "enum": [self.model_name],
-                                                      "title": "Model"}
+                comps[name]["properties"]["model"] = {"anyOf": [{"type": "string", "enum": [self.model_name]},
+                                                                {"type": "null"}], "title": "Model"}
         app.openapi_schema = schema
         return schema
 
