@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from export.checkpoint import Checkpoint, CheckpointError
+from export.checkpoint import Checkpoint
 from export.layout import make_layout
 from export.manifest import Manifest
 from export.text_config import TEXT_FILES
