@@ -1,8 +1,9 @@
-"""python -m bench [--parts export,moe-cpu,engine-memory,moe-gpu,attention,step,prefill] [--cpu]
+"""python -m bench [--parts export,moe-cpu,engine-memory,moe-gpu,attention,step,prefill,real-scale] [--cpu]
 
 Each measurement is one JSON line (also appended to build/bench/results.jsonl), with the machine and
 date; a short table follows. `--cpu` (make bench-cpu) runs the CPU parts and ends with one JSON
-object: export_time_vs_floor, export_peak_rss_gb, moe_gather_t1_vs_floor, moe_forms.
+object: export_time_vs_floor, export_peak_rss_gb, moe_gather_t1_vs_floor, moe_forms. `real-scale` runs
+only when named (it writes a ~30 GB checkpoint once); without a GPU it is skipped.
 """
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import sys
 
 import torch
 
+from . import real_scale
 from .common import Results
 
 CPU_PARTS = ["export", "moe-cpu", "engine-memory"]
 GPU_PARTS = ["moe-gpu", "attention", "step", "prefill"]
+NAMED_PARTS = ["real-scale"]  # run only when asked for; skipped without a GPU
 
 
 def table(rows: list[dict]) -> None:
@@ -28,17 +31,19 @@ def table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", help=f"comma-separated, from {CPU_PARTS + GPU_PARTS} (default: all that can run)")
+    ap.add_argument("--parts", help=f"comma-separated, from {CPU_PARTS + GPU_PARTS + NAMED_PARTS} "
+                    "(default: all that can run, but real-scale)")
     ap.add_argument("--cpu", action="store_true", help="the CPU parts, then the summary JSON line")
     ap.add_argument("--layers", type=int, default=4, help="layers of the real-width model in the step part")
     ap.add_argument("--prefill-prompts", default="2048,8192,32768,131072",
                     help="prompt lengths of the prefill part (default 2048,8192,32768,131072)")
     ap.add_argument("--export-layers", type=int, default=1, help="layers of the real-width model the export part exports")
     ap.add_argument("--export-jobs", help="comma-separated job counts for the export part (default: 1 and the default)")
+    real_scale.add_args(ap.add_argument_group("real-scale"), prefix="real-")
     a = ap.parse_args(argv)
     gpu = torch.cuda.is_available()
     parts = a.parts.split(",") if a.parts else CPU_PARTS if a.cpu else CPU_PARTS + (GPU_PARTS if gpu else [])
-    unknown = set(parts) - set(CPU_PARTS + GPU_PARTS)
+    unknown = set(parts) - set(CPU_PARTS + GPU_PARTS + NAMED_PARTS)
     if unknown:
         ap.error(f"unknown parts {sorted(unknown)}")
     if not gpu and set(parts) & set(GPU_PARTS):
@@ -74,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     if "prefill" in parts:
         from . import prefill
         prefill.run(res, layers=a.layers, prompts=tuple(int(n) for n in a.prefill_prompts.split(",")))
+    if "real-scale" in parts:
+        real_scale.run(res, a.checkpoint, a.real_preset, long=a.long_prompt, chunk=a.chunk, utilization=a.utilization)
     table(res.rows)
     if a.cpu:
         print(json.dumps(summary))

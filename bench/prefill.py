@@ -93,22 +93,24 @@ def attention_alone(res: Results, cfg, peak: float, chunk: int, context: int) ->
 
 
 def decode_after(res: Results, engine: LLMEngine, prompt: list[int], cfg, layers: int, bw: float,
-                 steps: int = 16) -> None:
-    """Decode at this prompt's context, eagerly (past the CUDA graphs' context limit, 8192 by default,
-    the runtime runs decode steps eagerly): time per token against the bytes floor of the step part."""
-    from .step import floor_bytes
+                 steps: int = 16, part: str = "prefill") -> None:
+    """Decode at this prompt's context (past the CUDA graphs' context limit, 8192 by default, the
+    runtime runs decode steps eagerly): time per token against the bytes floor of the step part."""
+    from .step import floor_bytes, sync
     engine.generate([prompt], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))  # cached prompt
     seq = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True))
     while len(seq.output) < 4:
         engine.step()
-    torch.cuda.synchronize()
+    sync(engine)
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
-    torch.cuda.synchronize()
+    sync(engine)
     per = (time.perf_counter() - t0) / steps
     floor = floor_bytes(cfg, layers, 1, len(seq)) / bw
-    res.add("prefill", what="decode_after", layers=layers, context=len(seq), cuda_graphs=False,
+    dg = engine.executor.decode_graphs
+    graphs = bool(dg and dg.use_graphs and -(-len(seq) // engine.blocks.block_size) <= dg.max_blocks)
+    res.add(part, what="decode_after", layers=layers, context=len(seq), cuda_graphs=graphs,
             step_ms=round(per * 1e3, 3), floor_ms=round(floor * 1e3, 3), vs_floor=round(per / floor, 2))
     while engine.has_unfinished():
         engine.step()

@@ -90,6 +90,53 @@ def floor_bytes(cfg, layers: int, batch: int, context: int) -> int:
     return int(layers * (attn + router + experts) + cfg.vocab_size * H * 2 + kv)
 
 
+def sync(engine: LLMEngine) -> None:
+    if engine.backend.device.type == "cuda":
+        torch.cuda.synchronize(engine.backend.device)
+
+
+def decode_row(engine: LLMEngine, cfg, layers: int, batch: int, steps: int, bw: float, g: torch.Generator,
+               prompt: int = PROMPT) -> dict:
+    """Decode at `batch` sequences of `prompt` random tokens: wall time per step through the engine,
+    the GPU time of its CUDA graph replayed alone (when graphed), both against the bytes floor. The
+    batch is aborted afterwards."""
+    # long enough that no sequence ends inside the timed steps (a smaller batch would capture a new
+    # bucket's graph there)
+    params = SamplingParams(temperature=0, max_tokens=4096, ignore_eos=True)
+    for _ in range(batch):
+        engine.add_request(torch.randint(0, min(2000, cfg.vocab_size), (prompt,), generator=g).tolist(), params)
+    while any(s.num_computed < len(s.prompt) for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()  # prefill (and the graph capture at the first decode step)
+    for _ in range(3):
+        engine.step()
+    sync(engine)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync(engine)
+    wall = (time.perf_counter() - t0) / steps
+    dg = engine.executor.decode_graphs
+    graphs = dg is not None and dg.use_graphs
+    gpu = cuda_seconds(dg.graphs[dg.bucket(batch)].replay) if graphs else None
+    context = max(len(s) for s in engine.scheduler.running)
+    floor = floor_bytes(cfg, layers, batch, context) / bw
+    if len(engine.scheduler.running) != batch:
+        raise RuntimeError(f"{len(engine.scheduler.running)} sequences running, not {batch}: timings invalid")
+    row = dict(layers=layers, batch=batch, cuda_graphs=graphs, context=context, step_ms=round(wall * 1e3, 3),
+               tokens_per_s=round(batch / wall, 1), floor_ms=round(floor * 1e3, 3),
+               step_vs_floor=round(wall / floor, 2))
+    if gpu is not None:
+        # per layer: the step's GPU time and the floor less the LM head's (floor_bytes at 0 layers)
+        layer_floor = (floor_bytes(cfg, layers, batch, context) - floor_bytes(cfg, 0, batch, context)) / bw / layers
+        row |= dict(gpu_ms=round(gpu * 1e3, 3), host_share=round(max(0.0, wall - gpu) / wall, 3),
+                    gpu_vs_floor=round(gpu / floor, 2), layer_gpu_us=round(gpu / layers * 1e6, 1),
+                    layer_floor_us=round(layer_floor * 1e6, 1))
+    while engine.has_unfinished():  # finish this batch before the next size
+        for s in list(engine.scheduler.running) + list(engine.scheduler.waiting):
+            engine.abort(s)
+    return row
+
+
 def run(res: Results, layers: int = 4, batches=(1, 8, 32), steps: int = 30) -> None:
     spec = replace(PRESETS["real"], num_hidden_layers=layers)
     cfg = parse_hf_config(hf_config(spec))
@@ -105,35 +152,6 @@ def run(res: Results, layers: int = 4, batches=(1, 8, 32), steps: int = 30) -> N
                             backend=backend)
             g = torch.Generator().manual_seed(1)
             for B in batches:
-                # long enough that no sequence ends inside the timed steps (a smaller batch would
-                # capture a new bucket's graph there); the batch is aborted afterwards
-                params = SamplingParams(temperature=0, max_tokens=4096, ignore_eos=True)
-                for _ in range(B):
-                    engine.add_request(torch.randint(0, 2000, (PROMPT,), generator=g).tolist(), params)
-                while any(s.num_computed < len(s.prompt) for s in engine.scheduler.running) or engine.scheduler.waiting:
-                    engine.step()  # prefill (and the graph capture at the first decode step)
-                for _ in range(3):
-                    engine.step()
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    engine.step()
-                wall = (time.perf_counter() - t0) / steps
-                dg = engine.executor.decode_graphs
-                bucket = dg.bucket(B)
-                gpu = cuda_seconds(dg.graphs[bucket].replay) if graphs else None
-                context = max(len(s) for s in engine.scheduler.running)
-                floor = floor_bytes(cfg, layers, B, context) / bw
-                if len(engine.scheduler.running) != B:
-                    raise RuntimeError(f"{len(engine.scheduler.running)} sequences running, not {B}: timings invalid")
-                row = dict(layers=layers, batch=B, cuda_graphs=graphs, context=context, step_ms=round(wall * 1e3, 3),
-                           floor_ms=round(floor * 1e3, 3), step_vs_floor=round(wall / floor, 2))
-                if gpu is not None:
-                    row |= dict(gpu_ms=round(gpu * 1e3, 3), host_share=round(max(0.0, wall - gpu) / wall, 3),
-                                gpu_vs_floor=round(gpu / floor, 2))
-                res.add("step", **row)
-                while engine.has_unfinished():  # finish this batch before the next size
-                    for s in list(engine.scheduler.running) + list(engine.scheduler.waiting):
-                        engine.abort(s)
+                res.add("step", **decode_row(engine, cfg, layers, B, steps, bw, g))
             engine.close()
         res.add("step", what="gpu_memory", max_allocated_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2))
