@@ -316,3 +316,39 @@ def test_repository_writer_refuses_what_cannot_serve(exported, tmp_path):
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["a", "b"]
     assert 'string_value: "0.1"' in (tmp_path / "repo" / "a" / "config.pbtxt").read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["repo"]  # no staging folder left beside it
+
+
+def test_a_dead_rank_shuts_the_server_down_for_its_supervisor(exported, tmp_path):
+    """Triton 2.51 keeps a Python model "ready" after its stub dies, answering errors for good; so the
+    model ends the server itself: a killed rank 1 of a TP=2 model makes tritonserver exit within seconds,
+    an open stream getting an error first, and no rank is left behind."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    write_repository(exported("tiny", 2).root, tmp_path / "repo", "minimax_m2_tp2",
+                     config=EngineConfig(kv_cache_gb=0.05, max_num_seqs=4))
+    server = LocalServer(tmp_path / "repo", log=tmp_path / "tritonserver.log")
+    with server:
+        out = subprocess.run(["pgrep", "-f", "runtime.distributed --worker"], capture_output=True, text=True).stdout
+        workers = [int(x) for x in out.split()]
+        assert len(workers) == 1
+        s = Stream(server.grpc_url)
+        try:
+            s.send("minimax_m2_tp2", "long", grpc_inputs([1, 2, 3], max_tokens=np.array([3000], dtype=np.int32),
+                                                          ignore_eos=np.array([True])))
+            time.sleep(2)
+            os.kill(workers[0], signal.SIGKILL)
+            t0 = time.time()
+            code = server.proc.wait(timeout=60)
+            took = time.time() - t0
+            got = s.collect(1, timeout=5)
+        finally:
+            s.close()
+        assert took < 15, took
+        assert got.get("errors"), got  # the open request ended with an error
+        log = (tmp_path / "tritonserver.log").read_text()
+        assert "rank 1" in log and "shutting tritonserver down" in log, log[-3000:]
+    left = subprocess.run(["pgrep", "-f", "runtime.distributed --worker"], capture_output=True, text=True).stdout
+    assert not left.strip()
