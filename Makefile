@@ -48,7 +48,7 @@ help:
 	@echo "make triton-serve [REPO=<dir>]: serve a repository on 127.0.0.1:8000/8001 with the local tritonserver"
 	@echo "make bench     all benchmarks (export, MoE forms, engine memory, GPU decode attention, decode step, prefill); JSON lines"
 	@echo "               to stdout and build/bench/results.jsonl (GPU parts need an NVIDIA GPU)"
-	@echo "make bench-cpu the CPU parts (export, MoE forms on ONNX Runtime); last line: one JSON summary"
+	@echo "make bench-cpu the CPU parts (export, MoE forms on ONNX Runtime, engine memory, host work per step); last line: one JSON summary"
 	@echo "make test-gpu  the GPU-only tests (on a machine with an NVIDIA GPU)"
 
 setup: $(VENV)/.installed

@@ -1,22 +1,26 @@
-"""python -m bench [--parts export,moe-cpu,engine-memory,moe-gpu,attention,step,prefill,real-scale] [--cpu]
+"""python -m bench [--parts export,moe-cpu,engine-memory,host,moe-gpu,attention,step,prefill,real-scale] [--cpu] [--toy]
 
 Each measurement is one JSON line (also appended to build/bench/results.jsonl), with the machine and
 date; a short table follows. `--cpu` (make bench-cpu) runs the CPU parts and ends with one JSON
-object: export_time_vs_floor, export_peak_rss_gb, moe_gather_t1_vs_floor, moe_forms. `real-scale` runs
-only when named (it writes a ~30 GB checkpoint once); without a GPU it is skipped.
+object: export_time_vs_floor, export_peak_rss_gb, moe_gather_t1_vs_floor, moe_forms, host_vs_shortest.
+`--toy` runs the parts once on a toy model at small sizes, results under build/bench/toy (or --out),
+and saves no MoE schedule: a smoke run (tests/test_bench.py), whose numbers mean nothing.
+`real-scale` runs only when named (it writes a ~30 GB checkpoint once); without a GPU it is skipped.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 from . import real_scale
-from .common import Results
+from .common import OUT, Results
 
-CPU_PARTS = ["export", "moe-cpu", "engine-memory"]
+CPU_PARTS = ["export", "moe-cpu", "engine-memory", "host"]
+TOY = "kv8"  # the toy preset (export/tiny.py) with the real model's 8 KV heads: TP=8 shards it
 GPU_PARTS = ["moe-gpu", "attention", "step", "prefill"]
 NAMED_PARTS = ["real-scale"]  # run only when asked for; skipped without a GPU
 
@@ -40,9 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--export-layers", type=int, default=1, help="layers of the real-width model the export part exports")
     ap.add_argument("--export-jobs", help="comma-separated job counts for the export part (default: 1 and the default)")
     real_scale.add_args(ap.add_argument_group("real-scale"), prefix="real-")
+    ap.add_argument("--toy", action="store_true", help="a smoke run: the toy model, small sizes, no schedule saved")
+    ap.add_argument("--out", help="folder of the results and the parts' files (default build/bench, with --toy build/bench/toy)")
     a = ap.parse_args(argv)
+    out = Path(a.out) if a.out else OUT / "toy" if a.toy else OUT
+    preset = TOY if a.toy else "real"
     gpu = torch.cuda.is_available()
-    parts = a.parts.split(",") if a.parts else CPU_PARTS if a.cpu else CPU_PARTS + (GPU_PARTS if gpu else [])
+    parts = a.parts.split(",") if a.parts else CPU_PARTS if a.cpu or a.toy else CPU_PARTS + (GPU_PARTS if gpu else [])
     unknown = set(parts) - set(CPU_PARTS + GPU_PARTS + NAMED_PARTS)
     if unknown:
         ap.error(f"unknown parts {sorted(unknown)}")
@@ -50,11 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("the GPU parts need an NVIDIA GPU")
     if not a.parts and not gpu and not a.cpu:
         print("no GPU here: running the CPU parts only (make bench on a GPU machine runs all four)", file=sys.stderr)
-    res = Results()
+    res = Results(out)
     summary = {}
     if "export" in parts:
         from . import export
-        row = export.run(res, a.export_layers, [int(j) for j in a.export_jobs.split(",")] if a.export_jobs else None)
+        jobs = [int(j) for j in a.export_jobs.split(",")] if a.export_jobs else [1] if a.toy else None
+        row = export.run(res, a.export_layers, jobs, preset, out)
         summary |= {"export_time_vs_floor": row["time_vs_floor"], "export_peak_rss_gb": row["peak_rss_gb"],
                     "export_rss_limit_gb": row["rss_limit_gb"]}
     from . import moe
@@ -62,14 +71,20 @@ def main(argv: list[str] | None = None) -> int:
         moe.save_schedule(moe.run_gpu(res), f"gpu: {torch.cuda.get_device_name()}")
     if "engine-memory" in parts:
         from . import engine_memory
-        row = engine_memory.run(res)
+        row = engine_memory.run(res, preset, out)
         summary |= {"layer_rank_gpu_gb": row["layer_rank_gb"], "layer_rank_gpu_target_gb": row["target_gb"]}
     if "moe-cpu" in parts:
-        spec = moe.run_cpu(res)
-        if not moe.FORMS_FILE.is_file() or "gpu" not in json.loads(moe.FORMS_FILE.read_text())["measured_on"]:
+        spec = moe.run_cpu(res, (1, 4), preset=preset, out=out) if a.toy else moe.run_cpu(res)
+        if not a.toy and (not moe.FORMS_FILE.is_file()
+                          or "gpu" not in json.loads(moe.FORMS_FILE.read_text())["measured_on"]):
             moe.save_schedule(spec, "cpu (onnxruntime)")
         t1 = next(r for r in res.rows if r["part"] == "moe" and r.get("device") == "cpu" and r.get("tokens") == 1)
         summary |= {"moe_gather_t1_vs_floor": t1["gather_vs_floor"], "moe_forms": spec}
+    if "host" in parts:
+        from . import host
+        rows = host.run(res, ((4, 64), (4, 256)), steps=32) if a.toy else host.run(res)
+        summary |= {"host_vs_shortest": max(r["vs_shortest"] for r in rows),
+                    "host_step_us_max": max(r["step_us"] for r in rows)}
     if "attention" in parts:
         from . import attention
         attention.run(res)

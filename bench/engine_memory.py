@@ -6,21 +6,23 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from .common import OUT, Results
 
 TARGET_GB = 1.0
 
 
-def run(res: Results) -> dict:
+def run(res: Results, preset: str = "real", out: Path = OUT) -> dict:
+    """preset: the checkpoint's shape (`real`; a toy for the smoke run), written under `out`."""
     from engines.build import run_build
     from engines.plan import BuildSettings, make_build_plan
     from engines.tensorrt import load
     from export.manifest import Manifest
 
-    ckpt, export = OUT / "real-1l", OUT / "real-1l-onnx"
+    ckpt, export = out / f"{preset}-1l", out / f"{preset}-1l-onnx"
     if not (ckpt / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "export.tiny", str(ckpt), "--preset", "real"], check=True)
+        subprocess.run([sys.executable, "-m", "export.tiny", str(ckpt), "--preset", preset, "--layers", "1"], check=True)
     # Up-to-date layer-ranks are skipped (the export part may have written them).
     subprocess.run([sys.executable, "-m", "export.to_onnx", str(ckpt), "--tp", "8", "--out", str(export),
                     "--no-fp32-twins", "--quiet"], check=True)
@@ -29,9 +31,9 @@ def run(res: Results) -> dict:
     settings = BuildSettings(compute_capability="SM80")
     plan = make_build_plan(man, settings, rt.version, [0])
     plan.jobs = [j for j in plan.jobs if j.record.rank == 0]
-    out = OUT / "real-1l-engines"
-    run_build(rt, man, plan, out, settings)
-    engine_bytes = {j.record.subgraph: (out / j.engine).stat().st_size for j in plan.jobs}
+    engines = out / f"{preset}-1l-engines"
+    run_build(rt, man, plan, engines, settings)
+    engine_bytes = {j.record.subgraph: (engines / j.engine).stat().st_size for j in plan.jobs}
     layer = {k: v for k, v in engine_bytes.items() if k.startswith("layers.0.")}
     loaded = {}  # the runtime's weight inputs: one copy per (file, offset)
     for name in layer:

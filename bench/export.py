@@ -59,15 +59,16 @@ def _export(ckpt: Path, out: Path, jobs: int) -> tuple[float, int, float]:
     return wall, usage.ru_maxrss * 1024, float(job.group(1)) if job else 0.0
 
 
-def run(res: Results, layers: int = 1, jobs: list[int] | None = None) -> dict:
+def run(res: Results, layers: int = 1, jobs: list[int] | None = None, preset: str = "real", out: Path = OUT) -> dict:
+    """preset: the checkpoint's shape (`real`; a toy for the smoke run), written under `out`."""
     from export import preflight
     from export.config import ModelConfig
     from export.layout import make_layout
 
-    ckpt, out = OUT / f"real-{layers}l", OUT / f"real-{layers}l-onnx"
+    ckpt, out = out / f"{preset}-{layers}l", out / f"{preset}-{layers}l-onnx"
     if not (ckpt / "config.json").is_file():
-        print(f"writing the real-width {layers}-layer checkpoint (once; minutes) ...", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-m", "export.tiny", str(ckpt), "--preset", "real", "--layers", str(layers)],
+        print(f"writing the {preset} {layers}-layer checkpoint (once; minutes at real width) ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "export.tiny", str(ckpt), "--preset", preset, "--layers", str(layers)],
                        check=True)
     est = preflight.estimate(make_layout(ModelConfig.from_checkpoint(ckpt), 8))
     jobs = jobs or sorted({1, preflight.default_jobs(len(est.units), est.total(False))})

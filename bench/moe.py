@@ -29,8 +29,8 @@ TOKENS = (1, 4, 16, 64, 256, 1024, 2048)
 FORMS_FILE = OUT / "moe_forms.json"
 
 
-def shard_module(form: str, dtype: torch.dtype, device: str) -> tuple[Moe, object]:
-    cfg = parse_hf_config(hf_config(PRESETS["real"]))
+def shard_module(form: str, dtype: torch.dtype, device: str, preset: str = "real") -> tuple[Moe, object]:
+    cfg = parse_hf_config(hf_config(PRESETS[preset]))
     E, H, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size // TP
     g = torch.Generator().manual_seed(0)
     e = torch.empty(0)
@@ -131,18 +131,24 @@ def run_gpu(res: Results, tokens=TOKENS, gather_limit_gb: float = 12.0) -> str:
     return spec
 
 
-def _ort_sessions(tmp: Path):
+def _ort_sessions(tmp: Path, preset: str = "real"):
     import onnxruntime as ort
 
     from export import surgery
 
-    sessions, mods = {}, {}
+    sessions, mods, feeds = {}, {}, {}
     bf16 = surgery.WeightsFile(tmp / "moe.weights")
     protos = {}
     for form in FORMS:
-        m, cfg = shard_module(form, torch.bfloat16, "cpu")
+        m, cfg = shard_module(form, torch.bfloat16, "cpu", preset)
         spec = next(s for s in make_layout(cfg, TP).subgraphs if s.name == f"layers.0.moe_{form}")
-        protos[form] = surgery.tidy(surgery.to_proto(surgery.trace(m, spec, cfg), m, bf16), spec)
+        # the experts are graph inputs, as the export writes them; fed here from the module, in FP32 as
+        # the runtime's ONNX Runtime backend feeds the twins
+        names = tuple(t.name for t in spec.weight_inputs)
+        proto, _ = surgery.to_proto(surgery.trace(m, spec, cfg), m, bf16, as_inputs=names)
+        protos[form] = surgery.tidy(proto, spec)
+        params = dict(m.named_parameters())
+        feeds[form] = {n: params[n].detach().float().numpy() for n in names}
         mods[form] = m
     bf16.close()
     twins = surgery.WeightsFile(tmp / "moe.fp32.weights")
@@ -153,24 +159,26 @@ def _ort_sessions(tmp: Path):
         path = tmp / f"moe_{form}.fp32.onnx"
         surgery.save(proto, path)
         sessions[form] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return sessions, mods
+    return sessions, mods, feeds
 
 
 CPU_TOKENS = (1, 4, 16, 64, 256)  # two cores would take minutes per dense run beyond
 
 
-def run_cpu(res: Results, tokens=CPU_TOKENS, gather_limit_gb: float = 4.0) -> str:
+def run_cpu(res: Results, tokens=CPU_TOKENS, gather_limit_gb: float = 4.0, preset: str = "real", out: Path = OUT) -> str:
+    """preset: the model whose expert shard is measured (`real`; a toy for the smoke run)."""
     bw = cpu_bandwidth()
     res.add("moe", device="cpu", what="cpu_copy_bandwidth", gb_per_s=round(bw / 1e9, 1))
-    OUT.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=OUT) as tmp:  # on disk, not /tmp: the FP32 twin is 1.8 GB
-        sessions, mods = _ort_sessions(Path(tmp))
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:  # on disk, not /tmp: the FP32 twin is 1.8 GB
+        sessions, mods, weights = _ort_sessions(Path(tmp), preset)
+        hidden = mods["gather"].w13.shape[-1]
         per_expert = (mods["gather"].w13[0].numel() + mods["gather"].w2[0].numel()) * 4
 
         def measure(T: int, record: bool = False):
             g = torch.Generator().manual_seed(T)
-            h = torch.randn(T, 3072, generator=g).to(torch.bfloat16)
-            a = torch.randn(T, 3072, generator=g).to(torch.bfloat16)
+            h = torch.randn(T, hidden, generator=g).to(torch.bfloat16)
+            a = torch.randn(T, hidden, generator=g).to(torch.bfloat16)
             feed = {"h": h.float().numpy(), "attn_out": a.float().numpy()}
             out = {}
             for form, s in sessions.items():
@@ -178,7 +186,7 @@ def run_cpu(res: Results, tokens=CPU_TOKENS, gather_limit_gb: float = 4.0) -> st
                     out[form] = None
                     continue
                 reps = 5 if T <= 64 else 2
-                out[form] = cpu_seconds(lambda: s.run(None, feed), reps=reps)
+                out[form] = cpu_seconds(lambda: s.run(None, feed | weights[form]), reps=reps)
             if record:
                 record_row(res, "cpu", T, mods["gather"], h, a, out, bw, 4)
             return out

@@ -17,19 +17,27 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor   # [T] int64: cache slot (block * block_size + offset) of each new token
     q_lens: list[int]            # new tokens per sequence, in packing order
     context_lens: list[int]      # tokens in the cache per sequence after this step's writes
-    block_tables: list[list[int]]
+    # per sequence, zero-padded: a tensor [S, M] (what the executor runs with), or lists (tests, benchmarks);
+    # as rank 0 sends a step, the rows of the ranks' device tables (runtime/block_tables.py TableDelta)
+    block_tables: torch.Tensor | list[list[int]] | object
     _on_device: tuple | None = None
 
     def on_device(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(block tables padded [S, M], first query row, query count, context length per sequence) as
         int32 device tensors, for the GPU kernels: made once a step, shared by every layer."""
         if self._on_device is None:
-            width = max(len(t) for t in self.block_tables)
             starts = [0]
             for n in self.q_lens[:-1]:
                 starts.append(starts[-1] + n)
-            self._on_device = tuple(torch.tensor(x, dtype=torch.int32, device=device) for x in (
-                [t + [0] * (width - len(t)) for t in self.block_tables], starts, self.q_lens, self.context_lens))
+            tables = self.block_tables
+            if isinstance(tables, torch.Tensor):
+                tables = tables.to(device=device, dtype=torch.int32)
+            else:
+                width = max(len(t) for t in tables)
+                tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
+                                      device=device)
+            self._on_device = (tables, *(torch.tensor(x, dtype=torch.int32, device=device) for x in (
+                starts, self.q_lens, self.context_lens)))
         return self._on_device
 
 
@@ -59,7 +67,7 @@ def sdpa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     block_size = k_cache.shape[1]
     out, start = [], 0
     for q_len, ctx, table in zip(meta.q_lens, meta.context_lens, meta.block_tables):
-        blocks = torch.tensor(table[: -(-ctx // block_size)], device=k_cache.device)
+        blocks = torch.as_tensor(table[: -(-ctx // block_size)], device=k_cache.device)
         keys = k_cache.index_select(0, blocks).flatten(0, 1)[:ctx]       # [ctx, Hkv, d]
         values = v_cache.index_select(0, blocks).flatten(0, 1)[:ctx]
         qs = q[start:start + q_len]

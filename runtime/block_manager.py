@@ -3,7 +3,8 @@
 A full block is identified by a hash chained over every token before it, so two sequences that share
 a prefix share its blocks, and a conversation's next turn finds the blocks of the earlier turns.
 A freed block keeps its hash and contents until it is handed out again (least recently freed
-first), so a cache hit can revive it.
+first), so a cache hit can revive it. A block is hashed once, when it fills: the sequence keeps the
+chained hash of its last registered block, so a step's work does not grow with the context.
 """
 from __future__ import annotations
 
@@ -97,6 +98,8 @@ class BlockManager:
             b.ref_count += 1
         seq.block_table = hits + [self._take_free().id for _ in range(self.blocks_needed(len(seq)) - len(hits))]
         seq.num_computed = seq.num_cached_prompt = len(hits) * self.block_size
+        seq.num_hashed = len(hits)
+        seq.last_hash = self.blocks[hits[-1]].hash if hits else None
 
     def can_append(self, seq: Sequence) -> bool:
         return self.blocks_needed(len(seq)) <= len(seq.block_table) or self.num_free > 0
@@ -107,16 +110,18 @@ class BlockManager:
             seq.block_table.append(self._take_free().id)
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Register the sequence's blocks that are now full of computed tokens in the prefix cache."""
+        """Register the sequence's blocks that filled with computed tokens since the last call in the
+        prefix cache (the ones before are registered already: their chain ends in seq.last_hash)."""
         bs, tokens = self.block_size, seq.tokens
-        prev = None
-        for i in range(seq.num_computed // bs):
+        full = seq.num_computed // bs
+        for i in range(seq.num_hashed, full):
             b = self.blocks[seq.block_table[i]]
             if b.hash is None:
                 b.tokens = tokens[i * bs:(i + 1) * bs]
-                b.hash = chain_hash(prev, b.tokens)
+                b.hash = chain_hash(seq.last_hash, b.tokens)
                 self.by_hash.setdefault(b.hash, b.id)
-            prev = b.hash
+            seq.last_hash = b.hash
+        seq.num_hashed = max(seq.num_hashed, full)
 
     def free_seq(self, seq: Sequence) -> None:
         for bid in reversed(seq.block_table):  # tail first: the head of a prefix stays cached longest
@@ -126,7 +131,8 @@ class BlockManager:
             if b.ref_count == 0:
                 self.free[bid] = None
         seq.block_table = []
-        seq.num_computed = 0
+        seq.num_computed = seq.num_hashed = 0
+        seq.last_hash = None
 
     def check(self, live: list[Sequence]) -> None:
         """Invariants (for tests): reference counts equal table memberships; free means unreferenced."""

@@ -9,6 +9,7 @@ import torch
 from export.manifest import AllReduceStep, AttentionStep, BroadcastStep, Manifest, SubgraphStep
 
 from .attention import AttentionMetadata, paged_attention, paged_decode_attention
+from .block_tables import DeviceTables, TableDelta
 from .kv_cache import KVCache
 from .vocab_parallel import VocabGather
 
@@ -52,6 +53,7 @@ class StepExecutor:
         self.last_form = ""  # MoE form of the last step (for stats)
         head = manifest.subgraphs["head"].outputs[0]
         self.vocab = VocabGather(self.comm, manifest.config.vocab_size, head.shape[-1])
+        self.tables = DeviceTables(backend.device)  # every rank's block tables, updated as each step says
         self.decode_graphs = None
         if decode is not None:
             from .cuda_graphs import DecodeGraphs
@@ -84,13 +86,18 @@ class StepExecutor:
                 torch.cuda.synchronize(self.backend.device)
 
     def _run(self, ids, positions, meta, logits_rows, candidates=0):
-        if self.decode_graphs is not None and self.decode_graphs.can_run(meta.q_lens, meta.block_tables):
+        dev = self.backend.device
+        tables = meta.block_tables
+        if isinstance(tables, TableDelta):
+            tables = self.tables.apply(tables)
+        elif not isinstance(tables, torch.Tensor):  # lists (benchmarks): zero-padded here
+            width = max(len(t) for t in tables)
+            tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev)
+        if self.decode_graphs is not None and self.decode_graphs.can_run(meta.q_lens, tables.shape[1]):
             self.last_form = self.moe.pick(self.decode_graphs.bucket(len(meta.q_lens)))
-            local = self.decode_graphs.run(ids, positions, meta.slot_mapping, meta.q_lens, meta.context_lens,
-                                           meta.block_tables)
+            local = self.decode_graphs.run(ids, positions, meta.slot_mapping, meta.q_lens, meta.context_lens, tables)
         else:
-            dev = self.backend.device
-            meta = AttentionMetadata(meta.slot_mapping.to(dev), meta.q_lens, meta.context_lens, meta.block_tables)
+            meta = AttentionMetadata(meta.slot_mapping.to(dev), meta.q_lens, meta.context_lens, tables)
             self.last_form = self.moe.pick(ids.numel())
             local = self.forward(ids.to(dev), positions.to(dev), logits_rows.to(dev), meta=meta)
         return self.vocab.finish(local, candidates)

@@ -6,19 +6,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from export.config import note_missing_eos
 from export.manifest import Manifest, ManifestError, find_manifest
 from export.text_config import GenerationDefaults
 
-from .attention import AttentionMetadata
 from .block_manager import BlockManager
+from .block_tables import TableRows
 from .config import EngineConfig
 from .rank import build_rank
 from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
+from .step_inputs import build_step, record_computed
 from .text import TextCodec
 from .validation import Limits, RequestError
 from .vocab_parallel import candidates_needed
@@ -64,6 +63,7 @@ class LLMEngine:
         self.max_num_batched_tokens = c.max_num_batched_tokens or self.manifest.max_tokens
         self.max_model_len = min(c.max_model_len or cfg.max_position_embeddings, self.blocks.num_usable * c.block_size)
         self.scheduler = Scheduler(self.blocks, c.max_num_seqs, self.max_num_batched_tokens)
+        self.table_rows = TableRows()  # the block tables as rows on each rank's device
         self.sampler = Sampler()
         self.stats = Stats()
         self._group = None
@@ -119,7 +119,7 @@ class LLMEngine:
         RequestError and changes nothing."""
         params = params or self.sampling_params()
         self.check_request(prompt, params)
-        seq = Sequence(list(prompt), params)
+        seq = Sequence(prompt, params)  # copies the prompt
         self.scheduler.add(seq)
         return seq
 
@@ -164,28 +164,11 @@ class LLMEngine:
                 return [StepOutput(seq, None, True, f"the request needs {len(seq)} tokens of KV cache, more than "
                                    f"the {self.blocks.num_usable * self.blocks.block_size} the cache holds")]
             return []
-        ids, positions, slots, rows = [], [], [], []
-        q_lens, ctx_lens, tables = [], [], []
-        bs = self.blocks.block_size
-        for seq, n in zip(batch.seqs, batch.num_new):
-            start = seq.num_computed
-            toks = seq.tokens[start:start + n]
-            ids += toks
-            pos = range(start, start + n)
-            positions += pos
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in pos]
-            rows.append(len(ids) - 1)
-            q_lens.append(n)
-            ctx_lens.append(start + n)
-            tables.append(seq.block_table)
-            if n > 1 or not seq.output:
-                self.stats.prefill_tokens += n
-                seq.num_prefilled += n
-            else:
-                self.stats.decode_tokens += n
-        meta = AttentionMetadata(torch.tensor(slots), q_lens, ctx_lens, tables)
+        inputs = build_step(batch, self.blocks.block_size, self.table_rows)
+        self.stats.prefill_tokens += inputs.prefill_tokens
+        self.stats.decode_tokens += inputs.decode_tokens
         t0 = time.perf_counter()
-        logits = self.executor.run(torch.tensor(ids), torch.tensor(positions), meta, torch.tensor(rows),
+        logits = self.executor.run(inputs.ids, inputs.positions, inputs.meta, inputs.logits_rows,
                                    candidates_needed([s.params for i, s in enumerate(batch.seqs) if batch.completes(i)]))
         self.stats.forward_seconds += time.perf_counter() - t0
         self.stats.steps += 1
@@ -199,10 +182,9 @@ class LLMEngine:
                                             [batch.seqs[i].id for i in done], [batch.seqs[i].params for i in done])
             sampled = dict(zip(done, toks))
             failed = {done[j]: why for j, why in bad.items()}
+        record_computed(batch, self.blocks)
         out = []
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
-            seq.num_computed += n
-            self.blocks.cache_full_blocks(seq)
+        for i, seq in enumerate(batch.seqs):
             if i in failed:  # this request fails alone; its blocks go back
                 self.scheduler.finish(seq, "error")
                 self.sampler.forget(seq.id)

@@ -54,7 +54,7 @@ class Scheduler:
         decoding = [s for s in self.running if len(s) - s.num_computed == 1]
         prefilling = [s for s in self.running if len(s) - s.num_computed > 1]
         for seq in decoding + prefilling:
-            if seq not in self.running:  # preempted below to make room for an older one
+            if seq.status is not Status.RUNNING:  # preempted below to make room for an older one
                 continue
             while not self.blocks.can_append(seq):
                 victim = self.running[-1]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
 from enum import Enum
 
 from .sampling import SamplingParams
@@ -17,22 +16,63 @@ class Status(Enum):
 _ids = itertools.count()
 
 
-@dataclass(eq=False)  # identity: the scheduler's `in` / remove on lists must not compare token lists
+class Output(list):
+    """The generated tokens. Appending also appends to the sequence's token list, so that list
+    (prompt then output) is never rebuilt: a step reads its new tokens from it in O(step)."""
+
+    __slots__ = ("_tokens",)
+
+    def __init__(self, tokens: list[int]):
+        super().__init__()
+        self._tokens = tokens
+
+    def append(self, token: int) -> None:
+        super().append(token)
+        self._tokens.append(token)
+
+    def extend(self, tokens) -> None:
+        tokens = list(tokens)
+        super().extend(tokens)
+        self._tokens.extend(tokens)
+
+    def __iadd__(self, tokens):
+        self.extend(tokens)
+        return self
+
+    def _read_only(self, *_a, **_k):
+        raise TypeError("a sequence's output only grows (append, extend)")
+
+    __setitem__ = __delitem__ = insert = pop = remove = clear = sort = reverse = _read_only
+
+
 class Sequence:
-    prompt: list[int]
-    params: SamplingParams
-    id: int = field(default_factory=lambda: next(_ids))
-    output: list[int] = field(default_factory=list)
-    status: Status = Status.WAITING
-    block_table: list[int] = field(default_factory=list)
-    num_computed: int = 0        # tokens whose K/V are in the cache
-    num_cached_prompt: int = 0   # of those, how many came from the prefix cache at the last admission
-    num_prefilled: int = 0       # tokens this sequence computed in prefills, over its life
-    finish_reason: str | None = None
+    """Compared by identity: the scheduler's `in` / remove on lists must not compare token lists."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams):
+        self.tokens: list[int] = list(prompt)  # prompt then output, appended to: the one record of both
+        self.num_prompt = len(self.tokens)
+        self.params = params
+        self.id = next(_ids)
+        self.output = Output(self.tokens)
+        self.status = Status.WAITING
+        self.block_table: list[int] = []
+        self.num_computed = 0        # tokens whose K/V are in the cache
+        self.num_cached_prompt = 0   # of those, how many came from the prefix cache at the last admission
+        self.num_prefilled = 0       # tokens this sequence computed in prefills, over its life
+        self.finish_reason: str | None = None
+        # prefix-cache bookkeeping (runtime/block_manager.py): the leading blocks of block_table
+        # registered so far, and the chained hash of the last of them
+        self.num_hashed = 0
+        self.last_hash: bytes | None = None
 
     @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
+    def prompt(self) -> list[int]:
+        """A copy (O(prompt)): for reports, not for per-step work."""
+        return self.tokens[:self.num_prompt]
 
     def __len__(self) -> int:
-        return len(self.prompt) + len(self.output)
+        return len(self.tokens)
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.id}, prompt={self.num_prompt} tokens, output={len(self.output)} tokens, "
+                f"{self.status.value}, computed={self.num_computed})")

@@ -1,0 +1,54 @@
+"""A scheduled batch as the executor's inputs: packed token ids, positions, the slot of each new
+token, the rows to sample, and the attention metadata. The work is per new token (and per sequence),
+never per context token: the tokens are read from each sequence's token list by slice, and the block
+tables go as rows updated in place (runtime/block_tables.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import AttentionMetadata
+from .block_manager import BlockManager
+from .block_tables import TableRows
+from .scheduler import ScheduledBatch
+
+
+@dataclass
+class StepInputs:
+    ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_rows: torch.Tensor  # the last new token of each sequence
+    prefill_tokens: int
+    decode_tokens: int
+
+
+def build_step(batch: ScheduledBatch, block_size: int, rows: TableRows) -> StepInputs:
+    ids, positions, slots, last = [], [], [], []
+    ctx_lens = []
+    prefill = decode = 0
+    bs = block_size
+    for seq, n in zip(batch.seqs, batch.num_new):
+        start = seq.num_computed
+        ids += seq.tokens[start:start + n]
+        pos = range(start, start + n)
+        positions += pos
+        table = seq.block_table
+        slots += [table[p // bs] * bs + p % bs for p in pos]
+        last.append(len(ids) - 1)
+        ctx_lens.append(start + n)
+        if n > 1 or not seq.output:
+            prefill += n
+            seq.num_prefilled += n
+        else:
+            decode += n
+    meta = AttentionMetadata(torch.tensor(slots), list(batch.num_new), ctx_lens, rows.delta(batch.seqs))
+    return StepInputs(torch.tensor(ids), torch.tensor(positions), meta, torch.tensor(last), prefill, decode)
+
+
+def record_computed(batch: ScheduledBatch, blocks: BlockManager) -> None:
+    """After the step ran: its tokens are in the cache; the blocks they filled join the prefix cache."""
+    for seq, n in zip(batch.seqs, batch.num_new):
+        seq.num_computed += n
+        blocks.cache_full_blocks(seq)
