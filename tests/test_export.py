@@ -278,6 +278,44 @@ def test_twins_only_when_asked_and_added_later(checkpoints, tmp_path):
     assert again.exported == [] and again.files == man.files
 
 
+def _export_imports(folder, name: str) -> set[str]:
+    """The export modules `name` imports (relative imports, read from the source)."""
+    import ast
+    out = set()
+    for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            out |= {node.module} if node.module else {a.name for a in node.names}
+    return out
+
+
+def test_stamps_cover_the_byte_deciding_modules_only(tmp_path):
+    """A comment in the toy writer or the orchestration keeps every stamp; a change in a module that
+    decides the bytes (here the FP8 range) changes them all. Computed over a copy of export/."""
+    import shutil
+
+    from export import unit
+    pkg = ROOT / "export"
+    tree = tmp_path / "export"
+    shutil.copytree(pkg, tree, ignore=shutil.ignore_patterns("__pycache__"))
+    before = unit.code_hash(tree)
+    assert before == unit.code_hash()
+    for name in ("tiny.py", "to_onnx.py", "jobs.py", "preflight.py", "trt_support.py", "paths.py"):
+        (tree / name).write_text((tree / name).read_text() + "\n# an edit that writes no other byte\n")
+    assert unit.code_hash(tree) == before
+    fp8 = tree / "fp8.py"
+    fp8.write_text(fp8.read_text().replace("FP8_MAX = 448.0", "FP8_MAX = 240.0"))
+    assert unit.code_hash(tree) != before
+    # Every export module the unit's code reaches is stamped, or is one that writes no unit byte.
+    unstamped = {"atomic", "trt_support", "text_config"}  # the stamp file itself, a check, the text files
+    seen, todo = set(), ["unit"]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += sorted(_export_imports(pkg, name))
+    assert seen - unstamped == set(unit.STAMPED_MODULES), seen
+
+
 def test_interrupted_export_is_not_trusted_and_resumes(checkpoints, tmp_path, exported):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "export.to_onnx", str(checkpoints["alt"]), "--out", str(out),
