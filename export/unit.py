@@ -142,11 +142,20 @@ def export_unit(ckpt: Checkpoint, layout: GraphLayout, task: UnitTask, specs: li
     """Write, check, move into place and stamp one unit; returns the stamp. The big weights are
     streamed (export/pieces.py, stream=True): read and dequantized slice by slice by a background
     thread while the file writes and the hashing go on (all outside the GIL), never whole in memory."""
-    t0 = time.perf_counter()
-    rank_dir, rank = task.rank_dir, task.rank
-    tmp = rank_dir / f".tmp-{task.unit}"
+    tmp = task.rank_dir / f".tmp-{task.unit}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        return _export_unit(ckpt, layout, task, specs, twins, traces, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back; nothing half-written stays
+        raise
+
+
+def _export_unit(ckpt: Checkpoint, layout: GraphLayout, task: UnitTask, specs: list[SubgraphSpec], twins: bool,
+                 traces: dict, tmp: Path) -> dict:
+    t0 = time.perf_counter()
+    rank_dir, rank = task.rank_dir, task.rank
     trace_missing(ckpt, layout, task.unit, rank, specs, traces)
     modules, chunks = build_modules(ckpt, layout, task.unit, rank, specs, DTYPE, stream=True)
     files: dict[str, dict] = defaultdict(dict)
