@@ -119,6 +119,11 @@ def estimate(layout: GraphLayout, text_bytes: int = 0) -> ExportEstimate:
                                    for (unit, rank), specs in units.items()}, manifest + text_bytes)
 
 
+def size(n: int) -> str:
+    """Bytes for a message: GB, or MB below one."""
+    return f"{n / GB:.2f} GB" if n >= GB else f"{n / 1e6:.2f} MB"
+
+
 def _existing(path: Path) -> Path:
     """`path`, or its nearest existing ancestor: where a folder still to be made will live."""
     p = Path(path).absolute()

@@ -171,8 +171,9 @@ def run_export(plan: ExportPlan, progress: bool = True) -> Path:
         at, free = preflight.free_bytes(plan.root)
         raise ExportError(f"the disk holding {plan.root} is full ({e.strerror}"
                           + (f" writing {e.filename}" if e.filename else "") + f"): the export still needs "
-                          f"{left / preflight.GB:.2f} GB there, {free / preflight.GB:.2f} GB is free at {at}; "
-                          "free some space and run it again (the layer-ranks done are kept)") from None
+                          f"{preflight.size(left)} there, {preflight.size(free)} is free"
+                          + ("" if at == plan.root.absolute() else f" at {at}")
+                          + "; free some space and run it again (the layer-ranks done are kept)") from None
 
 
 def _run_locked(plan: ExportPlan, stamps: dict, progress: bool) -> Path:
