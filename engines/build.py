@@ -19,12 +19,15 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import queue
+import signal
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from export.atomic import write_bytes_atomic
+from export.atomic import remove_temporaries, write_bytes_atomic
+from export.lock import LOCK_FILE, FolderLock, FolderLocked
 from export.manifest import TOKENS, EnginesIndex, Manifest, ManifestError, find_manifest
 from export.paths import engines_dir
 
@@ -131,6 +134,7 @@ def _gpu_worker(kind: str, gpu: int, jobs: list[EngineJob], manifest_root: str, 
     cache = Path(cache_path).read_bytes() if Path(cache_path).is_file() else b""
     for job in jobs:
         t0 = time.perf_counter()
+        result_q.put(("start", job.engine, gpu))  # so a worker that dies is named with what it built
         try:
             engine, cache = build_engine(rt, Path(manifest_root) / job.record.onnx, job, settings, cache)
         except Exception as e:
@@ -142,37 +146,89 @@ def _gpu_worker(kind: str, gpu: int, jobs: list[EngineJob], manifest_root: str, 
     result_q.put(("done", gpu, None))
 
 
+WORKER_POLL_SECONDS = 1.0  # how often, with no message, the workers' exit codes are looked at
+
+
+def _signal_name(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f", {signal.Signals(-exitcode).name}"
+        except ValueError:
+            pass
+    return ""
+
+
 def run_build(rt: TensorRT, manifest: Manifest, plan: BuildPlan, out: Path, settings: BuildSettings) -> None:
-    """Build the plan's engines, one process per GPU, then merge the timing caches and record."""
+    """Build the plan's engines, one process per GPU, then merge the timing caches and record; one
+    build at a time into `out` (its lock), after removing what a killed build left half-written."""
+    try:
+        with FolderLock(out, "engine build"):
+            remove_temporaries(out, keep=(".timing-gpu*.cache", LOCK_FILE))  # caches: merged at the end
+            _run_build(rt, manifest, plan, out, settings)
+    except FolderLocked as e:
+        raise BuildError(str(e)) from None
+
+
+def _run_build(rt: TensorRT, manifest: Manifest, plan: BuildPlan, out: Path, settings: BuildSettings) -> None:
     from tqdm import tqdm
 
-    out.mkdir(parents=True, exist_ok=True)
     index = EnginesIndex.load(out, missing_ok=True)
     index.tensorrt_version, index.settings = rt.version, asdict(settings) | {"tensorrt": rt.kind}
     index.manifest_sha256 = manifest.files_digest()
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_gpu_worker, args=(rt.kind, g, jobs, str(manifest.root), str(out), settings,
-                                                   str(out / TIMING_CACHE), q))
-             for g, jobs in plan.by_gpu().items()]
-    for p in procs:
+    procs = {g: ctx.Process(target=_gpu_worker, args=(rt.kind, g, jobs, str(manifest.root), str(out), settings,
+                                                      str(out / TIMING_CACHE), q))
+             for g, jobs in plan.by_gpu().items()}
+    for p in procs.values():
         p.start()
-    done, errors = 0, []
+    errors: list[str] = []
     jobs = {j.engine: j for j in plan.jobs}
+    building: dict[int, str] = {}  # GPU -> the engine its worker is building
+    running = set(procs)           # GPUs whose worker has not reported its end
+
+    def handle(kind: str, what, detail) -> None:
+        if kind == "start":
+            building[detail] = what
+        elif kind == "built":
+            index.engines[what] = jobs[what].record
+            index.engines[what].build_seconds = round(detail, 1)
+            index.save(out)  # after every engine: an interrupted build resumes from here
+            bar.update()
+        elif kind == "error":
+            errors.append(f"{what}: {detail}")
+            running.discard(jobs[what].gpu)
+        else:  # done
+            running.discard(what)
+
     with tqdm(total=len(plan.to_build), desc="engines", unit="engine") as bar:
-        while done < len(procs):
-            kind, what, detail = q.get()
-            if kind == "built":
-                index.engines[what] = jobs[what].record
-                index.engines[what].build_seconds = round(detail, 1)
-                index.save(out)  # after every engine: an interrupted build resumes from here
-                bar.update()
-            elif kind == "error":
-                errors.append(f"{what}: {detail}")
-                done += 1
-            else:
-                done += 1
-    for p in procs:
+        while running:
+            try:
+                handle(*q.get(timeout=WORKER_POLL_SECONDS))
+                continue
+            except queue.Empty:
+                pass
+            # No message for a while: a worker that died (TensorRT builders can segfault) says
+            # nothing; its exit code does. What it sent before dying is read first.
+            for g in sorted(running):
+                if procs[g].exitcode is None:
+                    continue
+                while True:
+                    try:
+                        handle(*q.get(timeout=0.1))
+                    except queue.Empty:
+                        break
+                if g in running:
+                    running.discard(g)
+                    errors.append(f"the build worker on GPU {g} died (exit code {procs[g].exitcode}"
+                                  + _signal_name(procs[g].exitcode) + ") while building "
+                                  + (building.get(g) or "its first engine") + "; rerun to resume (the engines "
+                                  "built are kept in engines.json)")
+                    for other in running:  # the others stop too: the run has failed
+                        procs[other].terminate()
+                    running.clear()
+                    break
+    for p in procs.values():
         p.join()
     # One shared timing cache: merge what every GPU learned.
     trt = rt.trt

@@ -1,5 +1,5 @@
-"""Where a GPU's memory goes, per tensor-parallel rank, before anything is built or loaded (like
-vLLM's gpu_memory_utilization): the weights its engines and the runtime hold, the activation
+"""Where a GPU's memory goes, per tensor-parallel rank, before anything is built or loaded (a share
+of the GPU's memory, `--utilization`): the weights its engines and the runtime hold, the activation
 scratch of the largest step, a reserve for the CUDA context, and what is left for the KV cache, with
 the context that allows.
 

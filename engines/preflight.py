@@ -3,7 +3,7 @@
     python -m engines.preflight CHECKPOINT --tp 8 [--out EXPORT_DIR] [--jobs N] [--tensorrt auto]
         [--max-tokens 8192] [--gpu-gb G] [--utilization 0.9]
 
-From the checkpoint's config and index alone (no weights read) and the memory plan
+From the checkpoint's config, index and shard headers (validated; no weights read) and the memory plan
 (engines/memory_plan.py), a table of: the bytes each stage writes per rank (BF16 graphs, engines)
 against the free disk where they go (stages on one filesystem add up), the RAM of the export jobs,
 the TensorRT that builds, the GPUs found, and every rank's GPU memory at serving time against the
@@ -117,7 +117,7 @@ def run(plan: ExportPlan, kind: str, gpu_gb: float | None, utilization: float, b
     done = set(plan.stamps)
     eng = engine_bytes(layout)
     existing = sum(p.stat().st_size for p in engines.glob("rank*/*.engine")) if engines.is_dir() else 0
-    export_todo = est.total(plan.twins, {k for k in est.units if k not in done})
+    export_todo = est.to_write(plan.twins, {k for k in est.units if k not in done})
     engines_todo = max(0, sum(eng.values()) - existing)
     rows = preflight.disk_needs([(plan.root, export_todo), (engines, engines_todo)])
     rows.append(preflight.ram_need(plan.jobs))
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         plan = plan_export(a.checkpoint, a.out, a.tp, twins={"auto": None, "on": True, "off": False}[a.fp32_twins], max_tokens=a.max_tokens,
-                           forms_file=a.moe_forms_file, jobs=a.jobs, validate=False)
+                           forms_file=a.moe_forms_file, jobs=a.jobs)
     except (CheckpointError, ConfigError, ShardingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,9 @@
 
 Shards are memory-mapped through safetensors and opened only for the tensors asked for, so reading
 layer N touches layer N's bytes and nothing else. `validate()` checks every tensor's name, shape and
-dtype from the shard headers alone (no tensor data is read).
+dtype from the shard headers alone (no tensor data is read). Every float tensor read and every
+dequantized weight is checked finite as it is read (one sum per slice: cheap), so a NaN in the
+checkpoint fails with the tensor's name and shard instead of being exported.
 """
 from __future__ import annotations
 
@@ -212,7 +214,23 @@ class Checkpoint:
                         out[name] = f.get_slice(name)[requests[name]]
                     except SafetensorError as e:
                         raise CheckpointError(f"{name} (in {shard}): cannot be read ({e})") from e
+                    if out[name].dtype in FLOAT_DTYPES:
+                        self.check_finite(name, out[name])
         return out
+
+    def check_finite(self, name: str, t: torch.Tensor) -> None:
+        """A NaN or inf anywhere makes the sum non-finite: one pass, no mask (4.3 ms for an expert's
+        w13 slice against 0.13 ms for the sum, measured); the mask only once something is wrong."""
+        if torch.isfinite(t.sum()):
+            return
+        bad = ~torch.isfinite(t)
+        where = _LAYER_RE.match(name)
+        shard = self.weight_map.get(name) or self.weight_map.get(name + ".weight", "?")
+        first = tuple(int(i) for i in bad.nonzero()[0]) if bad.any() else None
+        raise CheckpointError(f"{name}" + (f" (layer {where.group(1)}" if where else " (") + f", in {shard}): "
+                              f"{int(bad.sum())} of {t.numel()} values are NaN or infinite"
+                              + (f", the first at {list(first)} of the slice read" if first else "")
+                              + "; the checkpoint is corrupt there, copy that shard again")
 
     def dequantized(self, names_rows_cols: dict[str, tuple[tuple[int, int], tuple[int, int]]],
                     dtype: torch.dtype, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -229,6 +247,7 @@ class Checkpoint:
         for name, ((r0, _), (c0, _)) in names_rows_cols.items():
             result[name] = fp8.dequantize(raw.pop(name + ".weight"), raw.pop(name + ".weight_scale_inv"),
                                           self.config.fp8_block, dtype, r0 % br, c0 % bc, (out or {}).get(name))
+            self.check_finite(name + ".weight", result[name])  # an FP8 NaN byte (0x7f, 0xff) lands here
         return result
 
     def layer(self, n: int, dtype: torch.dtype = torch.bfloat16, shard: Shard = Shard(),

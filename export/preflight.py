@@ -4,8 +4,9 @@ of the BF16 graphs and of the FP32 twins, the RAM of N export jobs, and the free
 The export checks this before it writes anything (so a full disk is an error at the start, not hours
 in); `python -m export.to_onnx --dry-run` prints it; `python -m engines.preflight` adds the engines,
 the GPUs and TensorRT. The byte counts are the tensors' own bytes (what the external-data files
-hold, plus a page of alignment per tensor) and a fixed allowance per graph file; tests hold them to
-what the export writes.
+hold, plus at most a page of alignment per tensor), a fixed allowance per graph file, and the other
+files: the text files (their sizes in the checkpoint), the manifest and the stamps (an allowance per
+graph and per unit); tests hold the total to what the export writes, files of every kind.
 """
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ from .sharding import Shard
 GB = 1e9
 GRAPH_BYTES = 5 * 1024    # one .onnx file: nodes, names and the small inline tensors (toy: 0.4-9 KB)
 ALIGN = 4096              # each external tensor starts on a page (export/surgery.py)
+# The manifest's entry per graph-rank (spec, files, digests) and a stamp per unit (toy: ~1.3 KB
+# and ~3.2 KB; allowances above both, a few MB on the real model).
+MANIFEST_BYTES_PER_GRAPH = 4096
+STAMP_BYTES = 8192
+LOCK_BYTES = 4096  # the output folder's lock file (who holds it: export/lock.py)
 # Peak RSS of one export job: the interpreter with torch and onnx (~0.45 GiB), one streamed slice of
 # experts in flight on each of its threads, the traces. Measured at real width (docs/BENCHMARKS.md):
 # 1.06-1.22 GiB for the largest of 8-16 jobs, 1.27 GiB for a one-process export (which also traces).
@@ -41,8 +47,8 @@ class UnitBytes:
     inputs: int = 0  # of `bf16`, the experts: graph inputs, which the twins read from the BF16 file
 
     def written(self, twins: bool) -> int:
-        one = self.bf16 + self.f32 + self.tensors * ALIGN // 4 + self.graphs * GRAPH_BYTES
-        twin = 2 * (self.bf16 - self.inputs) + self.f32 + self.tensors * ALIGN // 4 + self.graphs * GRAPH_BYTES
+        one = self.bf16 + self.f32 + self.tensors * ALIGN + self.graphs * GRAPH_BYTES
+        twin = 2 * (self.bf16 - self.inputs) + self.f32 + self.tensors * ALIGN + self.graphs * GRAPH_BYTES
         return one + (twin if twins else 0)
 
 
@@ -77,12 +83,19 @@ def unit_bytes(layout: GraphLayout, unit: str, graphs: int) -> UnitBytes:
 
 @dataclass
 class ExportEstimate:
-    """Per (unit, rank): its tensors' bytes, for everything the layout holds."""
+    """Per (unit, rank): its graphs' and weights' bytes, for everything the layout holds; and the
+    files written once at the end (`tail`: the manifest and the text files)."""
     layout: GraphLayout
     units: dict[tuple[str, int], UnitBytes] = field(default_factory=dict)
+    tail: int = 0
 
     def total(self, twins: bool, only: set[tuple[str, int]] | None = None) -> int:
         return sum(u.written(twins) for k, u in self.units.items() if only is None or k in only)
+
+    def to_write(self, twins: bool, only: set[tuple[str, int]] | None = None) -> int:
+        """Everything an export writes: the units' files and stamps (those in `only`), and the tail."""
+        stamps = STAMP_BYTES * sum(1 for k in self.units if only is None or k in only)
+        return self.total(twins, only) + stamps + self.tail
 
     def per_rank(self, twins: bool) -> dict[int, int]:
         out: dict[int, int] = {}
@@ -98,9 +111,17 @@ class ExportEstimate:
         return self.cpu_run_bytes() <= AUTO_TWINS_MAX_BYTES
 
 
-def estimate(layout: GraphLayout) -> ExportEstimate:
+def estimate(layout: GraphLayout, text_bytes: int = 0) -> ExportEstimate:
+    """text_bytes: the text files the export copies from the checkpoint (tokenizer and others)."""
+    units = layout.units()
+    manifest = MANIFEST_BYTES_PER_GRAPH * sum(len(specs) for specs in units.values()) + LOCK_BYTES
     return ExportEstimate(layout, {(unit, rank): unit_bytes(layout, unit, len(specs))
-                                   for (unit, rank), specs in layout.units().items()})
+                                   for (unit, rank), specs in units.items()}, manifest + text_bytes)
+
+
+def size(n: int) -> str:
+    """Bytes for a message: GB, or MB below one."""
+    return f"{n / GB:.2f} GB" if n >= GB else f"{n / 1e6:.2f} MB"
 
 
 def _existing(path: Path) -> Path:
@@ -191,7 +212,7 @@ def export_needs(est: ExportEstimate, out: Path, twins: bool, jobs: int,
                  done: set[tuple[str, int]] = frozenset()) -> list[Need]:
     """Disk at the output and RAM for the jobs. `done`: units already exported (not written again)."""
     todo = {k for k in est.units if k not in done}
-    return disk_needs([(out, est.total(twins, todo))]) + [ram_need(jobs)]
+    return disk_needs([(out, est.to_write(twins, todo))]) + [ram_need(jobs)]
 
 
 def table(rows: list[Need]) -> str:

@@ -68,6 +68,10 @@ class ToySpec:
     vocab_size: int
     num_mtp_modules: int = 3  # declared (use_mtp true) as published; no MTP tensors are written
     max_position_embeddings: int = 4096
+    # fast: random FP8 bytes drawn from a normal's quantiles, shards written side by side by worker
+    # processes (the big presets); else normal weights quantized one tensor at a time, in one
+    # process (the CI models, whose bytes the tests were written against).
+    fast: bool = False
 
     @property
     def first_special(self) -> int:
@@ -94,7 +98,16 @@ PRESETS = {
     "real": ToySpec(num_hidden_layers=1, hidden_size=3072, intermediate_size=1536, num_attention_heads=48,
                     num_key_value_heads=8, head_dim=128, rotary_dim=64, num_local_experts=256,
                     num_experts_per_tok=8, n_regular_tokens=200000, vocab_size=200064,
-                    max_position_embeddings=196608),
+                    max_position_embeddings=196608, fast=True),
+    # One TP=8 rank of MiniMax-M2.5 as a model of its own, at full depth and breadth: 6 query / 1 KV
+    # heads of 128, experts of 1536 / 8 = 192, hidden 3072, 62 layers, 256 experts, top-8, and a
+    # vocabulary of 200064 / 8 = 25008 rows. The special tokens sit at the top of that vocabulary,
+    # in the 64 rows past the regular ones as published (24944.., not 200000..): ids must index the
+    # embedding. A real-scale run of one GPU's compute through the normal load path (~30 GB).
+    "rank8": ToySpec(num_hidden_layers=62, hidden_size=3072, intermediate_size=192, num_attention_heads=6,
+                     num_key_value_heads=1, head_dim=128, rotary_dim=64, num_local_experts=256,
+                     num_experts_per_tok=8, n_regular_tokens=25008 - 64, vocab_size=25008,
+                     max_position_embeddings=196608, fast=True),
 }
 
 
@@ -344,6 +357,18 @@ def write_checkpoint(out: str | Path, spec: ToySpec = PRESETS["tiny"], seed: int
 
 
 def _write(d: Path, spec: ToySpec, seed: int) -> None:
+    if spec.fast:
+        from .tiny_fast import write_shards
+        weight_map, total = write_shards(d, spec, seed, BLOCK)
+        (d / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    else:
+        _write_quantized(d, spec, seed)
+    (d / "config.json").write_text(json.dumps(hf_config(spec), indent=2))
+    write_text_files(d, spec, seed)
+
+
+def _write_quantized(d: Path, spec: ToySpec, seed: int) -> None:
     w = _Weights(seed)
     H, V = spec.hidden_size, spec.vocab_size
     shards = _ShardWriter(d)
@@ -356,8 +381,6 @@ def _write(d: Path, spec: ToySpec, seed: int) -> None:
     shards.add("model.norm.weight", w.norm(H))
     shards.add("lm_head.weight", w.bf16(V, H, 3.0 / H ** 0.5))
     shards.close()
-    (d / "config.json").write_text(json.dumps(hf_config(spec), indent=2))
-    write_text_files(d, spec, seed)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,8 +7,9 @@ external data, and <out>/tp<N>/manifest.json. FP32 twins (<subgraph>.fp32.onnx, 
 runs on CPU) are written for models small enough for a CPU run, or with --fp32-twins on; `make
 engines` and big models do without them.
 
-Before anything is written, a preflight (export/preflight.py) checks the free disk at the output
-and the RAM for the jobs from the config alone; --dry-run prints it and stops. Layer-ranks are
+Before anything is written, the shard headers are validated and a preflight (export/preflight.py)
+checks the free disk at the output and the RAM for the jobs from the config alone; --dry-run prints
+it and stops. One export at a time writes into an output folder (a lock, export/lock.py). Layer-ranks are
 exported by --jobs worker processes side by side (the output is byte-identical to one job), each
 written to a temporary folder, checked, moved into place, and only then stamped; the manifest is
 removed when an export starts and written last. So an interrupted export leaves nothing a later run
@@ -17,6 +18,7 @@ trusts, and a rerun redoes only what has no valid stamp.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import resource
@@ -27,10 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import preflight, surgery
+from .atomic import file_mode, remove_temporaries
 from .checkpoint import Checkpoint, CheckpointError, check_names
 from .config import ConfigError
 from .jobs import run_parallel
 from .layout import GraphLayout, make_layout
+from .lock import LOCK_FILE, FolderLock, FolderLocked
 from .moe_forms import MoeSchedule, ShardShape, modeled_schedule
 from .manifest import MANIFEST, FileRecord, GraphFiles, Manifest, SubgraphSpec
 from .paths import export_dir, tp_dir
@@ -119,7 +123,7 @@ def plan_export(checkpoint: str | Path, out: str | Path | None = None, tp: int =
     Shard(tp, 0, expert_split).check(ckpt.config)  # a TP that does not divide fails here, before the schedule
     moe = choose_schedule(ckpt.config, tp, expert_split, max_tokens, moe_forms, forms_file)
     layout = make_layout(ckpt.config, tp, expert_split, moe.forms)
-    est = preflight.estimate(layout)
+    est = preflight.estimate(layout, sum((ckpt.dir / f).stat().st_size for f in TEXT_FILES if (ckpt.dir / f).is_file()))
     if twins is None:
         twins = est.auto_twins()
         twins_source = (f"auto: a CPU run of this model takes {est.cpu_run_bytes() / preflight.GB:.1f} GB, "
@@ -148,16 +152,37 @@ def plan_export(checkpoint: str | Path, out: str | Path | None = None, tp: int =
 
 
 def run_export(plan: ExportPlan, progress: bool = True) -> Path:
-    """Check the plan's needs, export what is not up to date, and write the manifest last."""
+    """Check the plan's needs, take the output folder's lock, remove what a killed run left, export
+    what is not up to date, and write the manifest last. A disk that fills up is an ExportError
+    naming the folder and the bytes."""
     short = [n for n in plan.needs if not n.ok]
     if short:
         raise ExportError("preflight: " + "; ".join(n.problem for n in short))
+    stamps: dict = dict(plan.stamps)
+    try:
+        with FolderLock(plan.root, "export"):
+            return _run_locked(plan, stamps, progress)
+    except FolderLocked as e:
+        raise ExportError(str(e)) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        left = plan.estimate.to_write(plan.twins, {k for k in plan.estimate.units if k not in stamps})
+        at, free = preflight.free_bytes(plan.root)
+        raise ExportError(f"the disk holding {plan.root} is full ({e.strerror}"
+                          + (f" writing {e.filename}" if e.filename else "") + f"): the export still needs "
+                          f"{preflight.size(left)} there, {preflight.size(free)} is free"
+                          + ("" if at == plan.root.absolute() else f" at {at}")
+                          + "; free some space and run it again (the layer-ranks done are kept)") from None
+
+
+def _run_locked(plan: ExportPlan, stamps: dict, progress: bool) -> Path:
     layout, root, est, twins = plan.layout, plan.root, plan.estimate, plan.twins
-    root.mkdir(parents=True, exist_ok=True)
     (root / MANIFEST).unlink(missing_ok=True)  # from here on, nothing in root is trusted until the end
+    remove_temporaries(root, keep=(".stamps", LOCK_FILE))  # a killed run's half-written files
     for task in plan.todo:
         task.rank_dir.mkdir(exist_ok=True)
-    stamps, timings = dict(plan.stamps), []
+    timings = []
     bar = None
     if progress:
         from tqdm import tqdm
@@ -203,6 +228,7 @@ def write_manifest(plan: ExportPlan, stamps: dict, timings: list) -> Path:
         if (ckpt.dir / name).is_file():
             tmp = root / f".{name}.tmp"
             shutil.copyfile(ckpt.dir / name, tmp)
+            os.chmod(tmp, file_mode())  # the umask's mode, whatever the checkpoint's files have
             os.replace(tmp, root / name)
             text_files.append(name)
     twins = all("fp32" in g for st in stamps.values() for g in st["graphs"].values())
@@ -242,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="worker processes exporting layer-ranks side by side (default: the cores, as many as "
                          f"the available RAM holds at {preflight.JOB_RAM / 2**30:g} GiB each)")
     ap.add_argument("--dry-run", action="store_true",
-                    help="print what would be written and the preflight (disk, RAM), then stop; reads no weights")
+                    help="print what would be written and the preflight (disk, RAM), then stop; reads the "
+                         "shard headers (a truncated shard is refused), no weights")
     ap.add_argument("--moe-forms", metavar="SPEC",
                     help="which MoE form runs up to which step size, e.g. gather:16,dense:400,block (the last "
                          "takes the rest; forms left out are not exported). Default: --moe-forms-file's "
@@ -256,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     twins = {"auto": None, "on": True, "off": False}[a.fp32_twins]
     try:
         plan = plan_export(a.checkpoint, a.out, a.tp, a.expert_split, twins, a.moe_forms, a.max_tokens,
-                           a.moe_forms_file, a.jobs, validate=not a.dry_run)
+                           a.moe_forms_file, a.jobs)
         if a.dry_run or not a.quiet:
             print(plan.report(), flush=True)
         if a.dry_run:

@@ -34,10 +34,31 @@ class ExportError(RuntimeError):
     """A traced graph failed a check, or the export cannot run here."""
 
 
-def code_hash() -> str:
+# The modules that decide a unit's bytes: the pieces and the model they are built from, reading and
+# dequantizing the checkpoint, the sharding, the layout and its specs, the MoE forms, the config, the
+# trace and the graph surgery, and this one. Not the orchestration (to_onnx, jobs), the preflight,
+# the checks (trt_support: a check passes or fails, it writes nothing), the text files, the toy
+# writer: editing those must not invalidate a 460 GB export. tests/test_export.py holds this list to
+# what `unit` imports.
+STAMPED_MODULES = ("unit", "pieces", "model", "checkpoint", "fp8", "sharding", "layout", "manifest",
+                   "moe_forms", "config", "surgery")
+# The libraries that trace and write the graphs: another version may write other bytes.
+STAMPED_PACKAGES = ("torch", "onnx", "onnxscript", "onnx_graphsurgeon", "ml_dtypes")
+
+
+def code_hash(folder: Path = Path(__file__).parent) -> str:
+    """What the code contributes to every unit's key: the byte-deciding modules' sources (in `folder`,
+    the export package) and the versions of the libraries that write the graphs."""
+    from importlib.metadata import PackageNotFoundError, version
+
     h = hashlib.sha256()
-    for f in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(f.name.encode() + f.read_bytes())
+    for name in STAMPED_MODULES:
+        h.update(name.encode() + (folder / f"{name}.py").read_bytes())
+    for pkg in STAMPED_PACKAGES:
+        try:
+            h.update(f"{pkg}=={version(pkg)}".encode())
+        except PackageNotFoundError:
+            h.update(f"{pkg} absent".encode())
     return h.hexdigest()
 
 
@@ -121,11 +142,20 @@ def export_unit(ckpt: Checkpoint, layout: GraphLayout, task: UnitTask, specs: li
     """Write, check, move into place and stamp one unit; returns the stamp. The big weights are
     streamed (export/pieces.py, stream=True): read and dequantized slice by slice by a background
     thread while the file writes and the hashing go on (all outside the GIL), never whole in memory."""
-    t0 = time.perf_counter()
-    rank_dir, rank = task.rank_dir, task.rank
-    tmp = rank_dir / f".tmp-{task.unit}"
+    tmp = task.rank_dir / f".tmp-{task.unit}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        return _export_unit(ckpt, layout, task, specs, twins, traces, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back; nothing half-written stays
+        raise
+
+
+def _export_unit(ckpt: Checkpoint, layout: GraphLayout, task: UnitTask, specs: list[SubgraphSpec], twins: bool,
+                 traces: dict, tmp: Path) -> dict:
+    t0 = time.perf_counter()
+    rank_dir, rank = task.rank_dir, task.rank
     trace_missing(ckpt, layout, task.unit, rank, specs, traces)
     modules, chunks = build_modules(ckpt, layout, task.unit, rank, specs, DTYPE, stream=True)
     files: dict[str, dict] = defaultdict(dict)

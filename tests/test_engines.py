@@ -3,7 +3,7 @@
 - every TensorRT name the builder and the runtime backend use exists in TensorRT 11.4: the code runs
   against a recording stand-in for the `tensorrt` module (no engine is built or run), and each
   recorded name is looked up in the real lean bindings (tensorrt_lean, installed from PyPI) and in
-  the identifier list of the full 11.4 bindings (shared/reference); a removed name fails;
+  the identifier list of the full 11.4 bindings (tests/data); a removed name fails;
 - the build plan is a plain function of the manifest and the settings;
 - without TensorRT 11, `make engines TENSORRT=tensorrt` fails with a clear message, having written nothing.
 Real builds with TensorRT-RTX are in tests/test_engines_rtx.py.
@@ -25,9 +25,9 @@ from export.manifest import EngineRecord, Manifest, ManifestError, Profile
 from runtime.backends import tensorrt as trt_backend
 
 ROOT = Path(__file__).resolve().parents[1]
-# A copy of the steering repository's shared/reference list, kept here so a clean clone can run it.
+# Identifiers read out of the full TensorRT 11.4 bindings (see its header), kept in the repository.
 IDENTIFIERS = ROOT / "tests" / "data" / "tensorrt-11.4-python-identifiers.txt"
-# Named in shared/reference/tensorrt-11.md (TensorRT's own API docs) but absent from the identifier
+# Named in TensorRT 11's own Python API documentation but absent from the identifier
 # list, which was read out of the bindings' strings, and from the runtime-only lean module.
 DOCUMENTED = {"Builder", "num_errors", "desc"}
 

@@ -4,6 +4,7 @@ compiled for SM80 by TensorRT-RTX (ahead of time, no GPU), through the project's
 What this shows: the graphs are ones TensorRT's parser and an SM80 compiler accept, with the
 manifest's profiles. What it cannot show: TensorRT 11 itself (which may pick other kernels), or any
 engine running (no GPU here; RTX engines load only in the TensorRT-RTX runtime)."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,61 @@ def test_an_interrupted_build_resumes(exported, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"{total - kept} to build, {kept} up to date" in r.stdout
     assert len(EnginesIndex.load(out).engines) == total
+
+
+def _worker_pid(parent: int) -> int | None:
+    """The build's per-GPU worker: the spawned child that is not multiprocessing's resource tracker."""
+    try:
+        children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    except OSError:
+        return None
+    for c in children:
+        try:
+            cmd = Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "multiprocessing" in cmd and "resource_tracker" not in cmd:
+            return int(c)
+    return None
+
+
+def test_a_dead_worker_is_noticed_named_and_the_rerun_resumes(exported, tmp_path):
+    """A worker killed mid-build (as a segfaulting TensorRT builder dies): the build stops within
+    seconds, naming the engine and the GPU, and exits non-zero; engines.json keeps what was built,
+    the rerun builds only the rest, and every file it wrote has the umask's mode."""
+    import os
+    import signal
+    import time
+
+    man = exported("tiny", 1)
+    out = tmp_path / "engines"
+    cmd = [sys.executable, "-m", "engines.build", str(man.root), "--tensorrt", "tensorrt-rtx", "--out", str(out)]
+    old = os.umask(0o022)
+    try:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "engines.json").is_file():
+            time.sleep(0.02)
+        worker = _worker_pid(proc.pid)
+        assert worker, "the build has a worker process"
+        os.kill(worker, signal.SIGKILL)
+        t0 = time.time()
+        _, err = proc.communicate(timeout=60)
+        noticed = time.time() - t0
+        assert proc.returncode == 1, err
+        assert noticed < 10, noticed  # the exit code is looked at every second (WORKER_POLL_SECONDS)
+        m = re.search(r"error: the build worker on GPU 0 died \(exit code -9, SIGKILL\) while building "
+                      r"(rank0/\S+\.engine); rerun to resume", err)
+        assert m, err
+        kept = EnginesIndex.load(out).engines
+        assert m.group(1) not in kept and len(kept) >= 1
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        total = 3 * (1 + len(man.moe.forms)) + 2
+        assert f"{total - len(kept)} to build, {len(kept)} up to date" in r.stdout
+        assert len(EnginesIndex.load(out).engines) == total
+        modes = {p.name: p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+        assert set(modes.values()) == {0o644}, modes
+        assert [p for p in out.rglob(".*") if p.name != ".lock"] == []
+    finally:
+        os.umask(old)

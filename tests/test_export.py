@@ -10,6 +10,7 @@ Tolerances:
   output's largest magnitude.
 """
 import json
+import re
 import os
 import signal
 import subprocess
@@ -278,6 +279,44 @@ def test_twins_only_when_asked_and_added_later(checkpoints, tmp_path):
     assert again.exported == [] and again.files == man.files
 
 
+def _export_imports(folder, name: str) -> set[str]:
+    """The export modules `name` imports (relative imports, read from the source)."""
+    import ast
+    out = set()
+    for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            out |= {node.module} if node.module else {a.name for a in node.names}
+    return out
+
+
+def test_stamps_cover_the_byte_deciding_modules_only(tmp_path):
+    """A comment in the toy writer or the orchestration keeps every stamp; a change in a module that
+    decides the bytes (here the FP8 range) changes them all. Computed over a copy of export/."""
+    import shutil
+
+    from export import unit
+    pkg = ROOT / "export"
+    tree = tmp_path / "export"
+    shutil.copytree(pkg, tree, ignore=shutil.ignore_patterns("__pycache__"))
+    before = unit.code_hash(tree)
+    assert before == unit.code_hash()
+    for name in ("tiny.py", "to_onnx.py", "jobs.py", "preflight.py", "trt_support.py", "paths.py"):
+        (tree / name).write_text((tree / name).read_text() + "\n# an edit that writes no other byte\n")
+    assert unit.code_hash(tree) == before
+    fp8 = tree / "fp8.py"
+    fp8.write_text(fp8.read_text().replace("FP8_MAX = 448.0", "FP8_MAX = 240.0"))
+    assert unit.code_hash(tree) != before
+    # Every export module the unit's code reaches is stamped, or is one that writes no unit byte.
+    unstamped = {"atomic", "trt_support", "text_config"}  # the stamp file itself, a check, the text files
+    seen, todo = set(), ["unit"]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += sorted(_export_imports(pkg, name))
+    assert seen - unstamped == set(unit.STAMPED_MODULES), seen
+
+
 def test_interrupted_export_is_not_trusted_and_resumes(checkpoints, tmp_path, exported):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "export.to_onnx", str(checkpoints["alt"]), "--out", str(out),
@@ -419,3 +458,127 @@ def test_streamed_weights_are_the_same_bytes_and_hash_and_fail_loudly(tmp_path):
     with pytest.raises(OSError, match="shard vanished"):
         bad.add_chunks("z", a.shape, TensorProto.BFLOAT16, broken())
     bad.close()
+
+
+def _files_modes(root):
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in root.rglob("*")}
+
+
+def test_files_get_the_umasks_modes_and_no_temporary_survives_a_rerun(checkpoints, tmp_path):
+    """Every file and folder of an export has the mode the umask gives (none 0600 from a renamed
+    temporary), and what a killed run leaves (a stamp's write-then-rename temporary, a unit's
+    folder, a text file's copy) is gone after the rerun, which ends byte-identical."""
+    from export.atomic import write_json_atomic
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        man = Manifest.load(export(checkpoints["alt"], out, tp=1, progress=False))
+        modes = _files_modes(out / "tp1")
+        assert {m for p, m in modes.items() if (out / "tp1" / p).is_file()} == {0o644}, modes
+        assert {m for p, m in modes.items() if (out / "tp1" / p).is_dir()} == {0o755}, modes
+        root = out / "tp1"
+        # what a SIGKILL leaves at each temporary's place (the names the code itself makes)
+        import tempfile
+        fd, left = tempfile.mkstemp(prefix=".layers.0.json.", dir=root / "rank0" / ".stamps")
+        os.close(fd)
+        (root / "rank0" / ".tmp-layers.1").mkdir()
+        (root / "rank0" / ".tmp-layers.1" / "layers.1.post.weights").write_bytes(b"half")
+        (root / ".tokenizer.json.tmp").write_bytes(b"half")
+        (root / "rank0" / ".stamps" / "layers.0.json").unlink()  # that unit is redone
+        os.umask(0o027)  # a stricter umask: respected, not widened
+        again = Manifest.load(export(checkpoints["alt"], out, tp=1, progress=False))
+        assert [(e["unit"], e["rank"]) for e in again.exported] == [("layers.0", 0)]
+        assert again.files == man.files
+        leftovers = [p for p in root.rglob(".*") if p.name not in (".stamps", ".lock")]
+        assert leftovers == [], leftovers
+        assert not os.path.exists(left)
+        assert (root / "rank0" / ".stamps" / "layers.0.json").stat().st_mode & 0o777 == 0o640
+        assert (root / MANIFEST_NAME).stat().st_mode & 0o777 == 0o640
+        write_json_atomic(tmp_path / "x.json", {})
+        assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
+MANIFEST_NAME = "manifest.json"
+
+
+def test_a_second_export_into_the_folder_names_the_holder_and_a_dead_ones_lock_is_taken_over(checkpoints, tmp_path):
+    import socket
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from export.lock import FolderLock\n"
+                               f"with FolderLock({str(out / 'tp1')!r}, 'export'):\n"
+                               "    print('locked', flush=True); time.sleep(600)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = subprocess.run([sys.executable, "-m", "export.to_onnx", str(checkpoints["alt"]), "--out", str(out),
+                            "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2, r.stderr
+        assert f"is being written by another export: pid {holder.pid} on {socket.gethostname()}, started" in r.stderr
+        assert not (out / "tp1" / "rank0").exists()  # nothing was written
+    finally:
+        holder.kill()  # SIGKILL: no cleanup; the kernel drops its lock
+        holder.wait()
+    man = Manifest.load(export(checkpoints["alt"], out, tp=1, progress=False))
+    assert len(man.exported) == 4
+
+
+def test_a_nan_byte_in_a_weight_fails_the_export_with_its_name(checkpoints, tmp_path):
+    """0x7f is an FP8 e4m3fn NaN: the export stops at it, naming tensor, layer and shard."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["alt"], ckpt)
+    name = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
+    shard = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(str(ckpt / shard))
+    tensors[name].view(torch.uint8)[5, 7] = 0x7F
+    save_file(tensors, str(ckpt / shard))
+    r = subprocess.run([sys.executable, "-m", "export.to_onnx", str(ckpt), "--out", str(tmp_path / "out"), "--quiet"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert f"error: {name} (layer 1, in {shard}): 1 of " in r.stderr and "NaN or infinite" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 24 MB (root only: skipped elsewhere)."""
+    d = tmp_path / "disk"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(d)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield d
+    subprocess.run(["umount", str(d)], check=True)
+
+
+def test_a_disk_that_fills_mid_export_is_a_clear_error_and_the_rerun_completes(checkpoints, exported, small_disk):
+    """The preflight passes (the disk has room); once the first unit is stamped another writer
+    takes the rest of the disk: the export fails with the folder and the bytes, no traceback."""
+    out = small_disk / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "export.to_onnx", str(checkpoints["alt"]), "--out", str(out),
+                             "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stamps = out / "tp1" / "rank0" / ".stamps"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(stamps.glob("*.json")):
+        time.sleep(0.01)
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # every free byte, as another process filling the disk would
+        try:
+            while True:
+                f.write(b"\0" * (1 << 16))
+                f.flush()
+        except OSError:
+            pass
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    m = re.search(r"error: the disk holding (\S+) is full \(No space left on device.*\): the export still needs "
+                  r"(\d+\.\d+) ([MG]B) there, (\d+\.\d+) [MG]B is free", err)
+    assert m and m.group(1) == str(out / "tp1") and float(m.group(2)) > 0, err
+    assert "Traceback" not in err
+    filler.unlink()
+    man = Manifest.load(export(checkpoints["alt"], out, tp=1, progress=False))
+    assert man.files == exported("alt", 1).files
+    assert [p for p in (out / "tp1").rglob(".*") if p.name not in (".stamps", ".lock")] == []

@@ -162,3 +162,26 @@ def test_transformers_reads_tokenizer_template_and_eos(tiny_ckpt):
     gen = transformers.GenerationConfig.from_pretrained(str(tiny_ckpt))
     assert gen.eos_token_id == tok.convert_tokens_to_ids("[e~[") == _ids(tiny_ckpt)["[e~["]
     assert re.fullmatch(r"\]~!b\[", tok.bos_token)
+
+
+def test_fast_weights_keep_activations_finite_over_the_full_depth(tmp_path):
+    """The fast path's random FP8 bytes (the rank8 and real presets) at the real depth (62 layers),
+    on a small width: every weight finite, the rank8 preset's special ids inside its vocabulary,
+    and the model's logits in BF16 finite and not degenerate after all 62 layers."""
+    from dataclasses import replace
+
+    from export.checkpoint import Checkpoint
+    from export.model import Model
+    from export.tiny import write_checkpoint
+    import torch
+
+    rank8 = PRESETS["rank8"]
+    assert rank8.fast and rank8.num_hidden_layers == 62 and rank8.vocab_size == 200064 // 8
+    assert rank8.first_special + 54 <= rank8.vocab_size  # every special id indexes the embedding
+    spec = replace(PRESETS["tiny"], num_hidden_layers=rank8.num_hidden_layers, fast=True)
+    ckpt = Checkpoint(write_checkpoint(tmp_path / "deep", spec, seed=0))
+    model = Model(ckpt, torch.bfloat16)  # reading checks every weight finite (export/checkpoint.py)
+    logits = model.logits(torch.tensor([1, 5, 9, 200, 31, 7]))
+    assert torch.isfinite(logits).all()
+    # not collapsed: the logits spread (a std far from 0 and from overflow) and positions differ
+    assert 0.05 < float(logits.float().std()) < 1e3 and len({int(i) for i in logits.argmax(-1)}) > 1
