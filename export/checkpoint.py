@@ -133,7 +133,10 @@ def check_names(weight_map: dict[str, str], cfg: ModelConfig,
 class Checkpoint:
     """A MiniMax-M2 checkpoint directory: config.json, shards, and their index."""
 
-    def __init__(self, path: str | Path, validate: bool = True):
+    def __init__(self, path: str | Path, validate: bool = True, device: str | torch.device = "cpu"):
+        """device: where tensors are read to and dequantized (the torch backend on a GPU dequantizes
+        there: the same float32 products rounded once, so the same bytes, at the GPU's speed)."""
+        self.device = torch.device(device)
         self.dir = Path(path)
         if not self.dir.is_dir():
             raise CheckpointError(f"{self.dir}: not a directory")
@@ -212,6 +215,8 @@ class Checkpoint:
                 for name in names:
                     try:
                         out[name] = f.get_slice(name)[requests[name]]
+                        if self.device.type != "cpu":
+                            out[name] = out[name].to(self.device)
                     except SafetensorError as e:
                         raise CheckpointError(f"{name} (in {shard}): cannot be read ({e})") from e
                     if out[name].dtype in FLOAT_DTYPES:
@@ -279,11 +284,11 @@ class Checkpoint:
         def expert(e: int, which: str, w13_out=None, w2_out=None) -> torch.Tensor:
             x = p + f"block_sparse_moe.experts.{e}."
             if which == "w13":
-                w13_out = w13_out if w13_out is not None else torch.empty(2 * il, H, dtype=dtype)
+                w13_out = w13_out if w13_out is not None else torch.empty(2 * il, H, dtype=dtype, device=self.device)
                 self.dequantized({x + "w1": ((i0, i1), (0, H)), x + "w3": ((i0, i1), (0, H))}, dtype,
                                  out={x + "w1": w13_out[:il], x + "w3": w13_out[il:]})
                 return w13_out
-            w2_out = w2_out if w2_out is not None else torch.empty(H, il, dtype=dtype)
+            w2_out = w2_out if w2_out is not None else torch.empty(H, il, dtype=dtype, device=self.device)
             return self.dequantized({x + "w2": ((0, H), (i0, i1))}, dtype, out={x + "w2": w2_out})[x + "w2"]
 
         if stream_experts:
@@ -293,8 +298,8 @@ class Checkpoint:
         else:
             # Dequantized straight into the stacked tensors, one expert at a time: the float32
             # temporaries stay one expert small and the stacked tensors are the only full-size copies.
-            w13 = torch.empty(e1 - e0, 2 * il, H, dtype=dtype)
-            w2 = torch.empty(e1 - e0, H, il, dtype=dtype)
+            w13 = torch.empty(e1 - e0, 2 * il, H, dtype=dtype, device=self.device)
+            w2 = torch.empty(e1 - e0, H, il, dtype=dtype, device=self.device)
             for j, e in enumerate(range(e0, e1)):
                 expert(e, "w13", w13_out=w13[j])
                 expert(e, "w2", w2_out=w2[j])

@@ -35,16 +35,16 @@ def dequantize(fp8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int
             raise ValueError(f"scale grid {tuple(scale_inv.shape)} does not cover weight rows "
                              f"{row_offset}..{row_offset + rows} x cols {col_offset}..{col_offset + cols}")
         if out is None:
-            out = torch.empty(rows, cols, dtype=dtype)
+            out = torch.empty(rows, cols, dtype=dtype, device=fp8.device)
         torch.mul(fp8.float().view(gr, br, gc, bc), s[:, None, :, None], out=out.view(gr, br, gc, bc))
         return out
-    ri = torch.arange(row_offset, row_offset + rows) // block[0]
-    ci = torch.arange(col_offset, col_offset + cols) // block[1]
+    ri = torch.arange(row_offset, row_offset + rows, device=scale_inv.device) // block[0]
+    ci = torch.arange(col_offset, col_offset + cols, device=scale_inv.device) // block[1]
     if rows and int(ri[-1]) >= scale_inv.shape[0] or cols and int(ci[-1]) >= scale_inv.shape[1]:
         raise ValueError(f"scale grid {tuple(scale_inv.shape)} does not cover weight rows "
                          f"{row_offset}..{row_offset + rows} x cols {col_offset}..{col_offset + cols}")
     if out is None:
-        out = torch.empty(rows, cols, dtype=dtype)
+        out = torch.empty(rows, cols, dtype=dtype, device=fp8.device)
     # One dimension in whole blocks (a TP slice whose other dimension starts or ends inside a block):
     # expand the scale grid along the partial dimension only and broadcast it over the whole one.
     if not (col_offset % bc or cols % bc):

@@ -68,7 +68,9 @@ class TorchBackend:
                 raise ManifestError(f"the torch backend builds its weights from the checkpoint, and {path} "
                                     "(recorded in the manifest) is not there")
             try:
-                ckpt = Checkpoint(path)
+                # On a GPU the FP8 bytes go there and are dequantized there (minutes of host work at
+                # full depth otherwise).
+                ckpt = Checkpoint(path, device=device if torch.device(device).type == "cuda" else "cpu")
             except CheckpointError as e:
                 raise ManifestError(f"the torch backend cannot read the export's checkpoint: {e}") from e
         # The manifest's subgraphs: the MoE forms its schedule exported, not every form there is.

@@ -374,6 +374,8 @@ class OpenAIServer:
             (400, "invalid request (the field is named in error.param)"), (401, "missing or wrong API key"),
             (404, "unknown model"), (413, "request body too large"), (429, "too many requests waiting"),
             (500, "the request failed inside the engine"), (503, "the engine cannot serve"))}
+        errors[200] = {"description": "the answer: a JSON object, or with stream=true server-sent events",
+                       "content": {"application/json": {}, "text/event-stream": {}}}
 
         @app.exception_handler(OpenAIError)
         async def _openai_error(request, e: OpenAIError):
