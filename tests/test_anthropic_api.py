@@ -198,6 +198,9 @@ BAD = [  # (path, body, status, error type, fragment of the message)
     ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
                       "output_config": {"format": {"type": "json_schema", "schema": {}}}}, 400,
      "invalid_request_error", "structured output"),
+    ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"},
+                                                    {"role": "assistant", "content": "The answer is"}]}, 400,
+     "invalid_request_error", "prefill"),
     ("/v1/messages", b"{nope", 400, "invalid_request_error", "not valid JSON"),
     ("/v1/messages/count_tokens", {"messages": [{"role": "assistant", "content": [
         {"type": "tool_result", "tool_use_id": "1", "content": "x"}]}]}, 400, "invalid_request_error", "user turns"),

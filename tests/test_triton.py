@@ -316,3 +316,27 @@ def test_repository_writer_refuses_what_cannot_serve(exported, tmp_path):
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["a", "b"]
     assert 'string_value: "0.1"' in (tmp_path / "repo" / "a" / "config.pbtxt").read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["repo"]  # no staging folder left beside it
+
+
+def test_tools_input_is_rendered_and_checked(served):
+    """The optional `tools` input reaches the chat template (the prompt counts the rendered tools, as
+    TextCodec renders them here) and is checked as the OpenAI server checks it."""
+    server, man = served
+    codec = TextCodec(man.root)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"days": {"type": "integer"}}}}}]
+    want = len(codec.encode_chat([{"role": "user", "content": TEXT_PROMPTS[0]}], tools=tools))
+    s = Stream(server.grpc_url)
+    try:
+        s.send("minimax_m2", "t", grpc_inputs(TEXT_PROMPTS[0], max_tokens=np.array([2], np.int32),
+                                              tools=np.array([json.dumps(tools).encode()], np.object_)))
+        for bad in (b"[{", json.dumps([{"type": "function", "function": {"name": "bad name"}}]).encode()):
+            s.send("minimax_m2", "bad", grpc_inputs(TEXT_PROMPTS[0], tools=np.array([bad], np.object_)))
+        got = s.collect(3)
+    finally:
+        s.close()
+    assert got["t"]["reason"] and not got["t"]["calls"]
+    assert any("JSON list" in e for e in got["errors"]) and any("function.name" in e for e in got["errors"])
+    ev = http(server.http_url, "minimax_m2", "generate", {"text_input": TEXT_PROMPTS[0], "max_tokens": 1,
+                                                          "tools": json.dumps(tools)})
+    assert ev[-1]["prompt_tokens"] == want

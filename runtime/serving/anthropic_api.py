@@ -41,15 +41,15 @@ STATUS_KINDS = {404: "not_found_error", 413: "request_too_large", 429: "rate_lim
 BLOCK_TYPES = {"user": ("text", "tool_result"), "assistant": ("text", "tool_use", "thinking", "redacted_thinking")}
 
 
-class ErrorDetail(BaseModel):
+class AnthropicErrorDetail(BaseModel):
     type: str
     message: str
 
 
-class ErrorResponse(BaseModel):
+class AnthropicErrorResponse(BaseModel):
     """Every error on the Messages routes, as Anthropic shapes it."""
     type: Literal["error"]
-    error: ErrorDetail
+    error: AnthropicErrorDetail
 
 
 def is_messages(path: str) -> bool:
@@ -200,6 +200,8 @@ def chat_messages(body: CountTokensRequest) -> list[dict]:
     object, as the OpenAI route passes them to the template), tool_result -> `tool` messages (in the
     blocks' order, text blocks of the same turn after them as a user message), thinking ->
     `reasoning_content` (the template shows it only after the last user turn, as for OpenAI)."""
+    if body.messages[-1].role == "assistant":  # the template would open a new turn after it, not continue it
+        raise OpenAIError("a final assistant turn (prefill) is not supported: end with a user turn", "messages")
     out = [{"role": "system", "content": _text(body.system)}] if body.system is not None else []
     for i, m in enumerate(body.messages):
         if isinstance(m.content, str):
@@ -419,7 +421,8 @@ class MessagesAPI:
 
     def install(self, app: FastAPI, errors: dict) -> None:
         """The two routes; `errors`: the OpenAI routes' error responses, documented here in this shape."""
-        errors = {k: v | {"model": ErrorResponse} for k, v in errors.items()}
+        errors = {k: v | {"model": AnthropicErrorResponse} for k, v in errors.items()}
+        errors[400] = errors[400] | {"description": "invalid request (the message names the field)"}
 
         @app.post(PREFIX, responses=errors, tags=["Anthropic"])
         async def messages(body: MessagesRequest, request: HTTPRequest):
