@@ -203,7 +203,8 @@ BAD = [  # (path, body, status, error type, fragment of the message)
      "invalid_request_error", "prefill"),
     ("/v1/messages", b"{nope", 400, "invalid_request_error", "not valid JSON"),
     ("/v1/messages/count_tokens", {"messages": [{"role": "assistant", "content": [
-        {"type": "tool_result", "tool_use_id": "1", "content": "x"}]}]}, 400, "invalid_request_error", "user turns"),
+        {"type": "tool_result", "tool_use_id": "1", "content": "x"}]}, {"role": "user", "content": "hi"}]}, 400,
+     "invalid_request_error", "user turns"),
 ]
 
 
