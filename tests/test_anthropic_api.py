@@ -135,7 +135,8 @@ def test_tool_round_trip_renders_as_the_openai_tool_messages(served, exported):
             {"role": "assistant", "content": [
                 {"type": "thinking", "thinking": "the user wants weather", "signature": "opaque"},
                 {"type": "text", "text": "Let me check."},
-                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"location": "Paris", "days": 2}}]},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                 "input": {"location": "Paris", "days": 2}}]},
             {"role": "user", "content": [
                 {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "sunny"}]},
                 {"type": "text", "text": "and tomorrow?"}]}]

@@ -420,15 +420,16 @@ class MessagesAPI:
         return message(last, blocks.blocks, *stop_reason(last, text, blocks.called))
 
     def install(self, app: FastAPI, errors: dict) -> None:
-        """The two routes; `errors`: the OpenAI routes' error responses, documented here in this shape."""
-        errors = {k: v | {"model": AnthropicErrorResponse} for k, v in errors.items()}
+        """The two routes; `errors`: the OpenAI routes' responses, their errors documented here in this shape."""
+        errors = {k: v | {"model": AnthropicErrorResponse} if k >= 400 else v for k, v in errors.items()}
         errors[400] = errors[400] | {"description": "invalid request (the message names the field)"}
 
         @app.post(PREFIX, responses=errors, tags=["Anthropic"])
         async def messages(body: MessagesRequest, request: HTTPRequest):
             return await self.create(body, request)
 
-        @app.post(PREFIX + "/count_tokens", responses={k: v for k, v in errors.items() if k not in (429, 500, 503)},
-                  tags=["Anthropic"])
+        counted = {k: v for k, v in errors.items() if k not in (200, 429, 500, 503)}  # no engine involved
+
+        @app.post(PREFIX + "/count_tokens", responses=counted, tags=["Anthropic"])
         async def count_tokens(body: CountTokensRequest):
             return await self.count_tokens(body)

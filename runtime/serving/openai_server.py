@@ -371,6 +371,8 @@ class OpenAIServer:
             (400, "invalid request (the field is named in error.param)"), (401, "missing or wrong API key"),
             (404, "unknown model"), (413, "request body too large"), (429, "too many requests waiting"),
             (500, "the request failed inside the engine"), (503, "the engine cannot serve"))}
+        errors[200] = {"description": "the answer: a JSON object, or with stream=true server-sent events",
+                       "content": {"application/json": {}, "text/event-stream": {}}}
 
         @app.exception_handler(OpenAIError)
         async def _openai_error(request, e: OpenAIError):
@@ -454,10 +456,13 @@ class OpenAIServer:
         comps = schema.get("components", {}).get("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
             comps.pop(name, None)
-        for name in ("ChatCompletionRequest", "CompletionRequest", "MessagesRequest", "CountTokensRequest"):
+        for name in ("ChatCompletionRequest", "CompletionRequest"):
             if name in comps:
-                comps[name]["properties"]["model"] = {"type": "string", "enum": [self.model_name],
-                                                      "title": "Model"}
+                comps[name]["properties"]["model"] = {"anyOf": [{"type": "string", "enum": [self.model_name]},
+                                                                {"type": "null"}], "title": "Model"}
+        for name in ("MessagesRequest", "CountTokensRequest"):  # Anthropic's: required
+            if name in comps:
+                comps[name]["properties"]["model"] = {"type": "string", "enum": [self.model_name], "title": "Model"}
         app.openapi_schema = schema
         return schema
 
