@@ -34,6 +34,7 @@ class OutputText:
         self.channel = REASONING if thinking else CONTENT
         self.stops = [s for s in stops or [] if s]
         self.stopped = False  # a stop string was seen: the request should end
+        self.stop_hit: str | None = None  # which one (the earliest in the text; Anthropic's stop_sequence)
         self._detok = {REASONING: Detokenizer(codec), CONTENT: Detokenizer(codec)}
         self._held = {REASONING: "", CONTENT: ""}
 
@@ -63,10 +64,11 @@ class OutputText:
         if self.stopped:
             return Delta()
         held = self._held[ch] + text
-        hits = [i for i in (held.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for s in self.stops if (i := held.find(s)) >= 0]
         if hits:
             self.stopped = True
-            out, self._held[ch] = held[:min(hits)], ""
+            at, self.stop_hit = min(hits, key=lambda h: h[0])
+            out, self._held[ch] = held[:at], ""
         elif final:
             out, self._held[ch] = held, ""
         else:

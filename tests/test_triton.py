@@ -352,3 +352,25 @@ def test_a_dead_rank_shuts_the_server_down_for_its_supervisor(exported, tmp_path
         assert "rank 1" in log and "shutting tritonserver down" in log, log[-3000:]
     left = subprocess.run(["pgrep", "-f", "runtime.distributed --worker"], capture_output=True, text=True).stdout
     assert not left.strip()
+def test_tools_input_is_rendered_and_checked(served):
+    """The optional `tools` input reaches the chat template (the prompt counts the rendered tools, as
+    TextCodec renders them here) and is checked as the OpenAI server checks it."""
+    server, man = served
+    codec = TextCodec(man.root)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"days": {"type": "integer"}}}}}]
+    want = len(codec.encode_chat([{"role": "user", "content": TEXT_PROMPTS[0]}], tools=tools))
+    s = Stream(server.grpc_url)
+    try:
+        s.send("minimax_m2", "t", grpc_inputs(TEXT_PROMPTS[0], max_tokens=np.array([2], np.int32),
+                                              tools=np.array([json.dumps(tools).encode()], np.object_)))
+        for bad in (b"[{", json.dumps([{"type": "function", "function": {"name": "bad name"}}]).encode()):
+            s.send("minimax_m2", "bad", grpc_inputs(TEXT_PROMPTS[0], tools=np.array([bad], np.object_)))
+        got = s.collect(3)
+    finally:
+        s.close()
+    assert got["t"]["reason"] and not got["t"]["calls"]
+    assert any("JSON list" in e for e in got["errors"]) and any("function.name" in e for e in got["errors"])
+    ev = http(server.http_url, "minimax_m2", "generate", {"text_input": TEXT_PROMPTS[0], "max_tokens": 1,
+                                                          "tools": json.dumps(tools)})
+    assert ev[-1]["prompt_tokens"] == want

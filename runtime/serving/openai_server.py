@@ -5,7 +5,8 @@ Every request goes through the shared serving loop (runtime/serving/loop.py), so
 share continuous batching. The answer is split as the model writes it: text up to </think> is
 `reasoning_content` (the published generation prompt opens the thinking block), <minimax:tool_call>
 blocks become `tool_calls` (runtime/serving/tool_calls.py), the rest is `content`. A client that
-disconnects cancels its request, which frees its KV blocks.
+disconnects cancels its request, which frees its KV blocks. The same app serves Anthropic's Messages
+API (/v1/messages, runtime/serving/anthropic_api.py) through the same checks, loop and parser.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import validation
+from . import anthropic_api
 from ..llm_engine import LLMEngine, RequestError
 from ..output_text import OutputText
 from .loop import Event, Request, ServingLoop
@@ -246,7 +248,9 @@ class OpenAIServer:
         params = self._params(body, ids, body.max_completion_tokens or body.max_tokens, name)
         self._check_capacity()
         text = OutputText(self.codec, self.codec.in_thinking(ids), stops)
-        return ids, params, text, (ToolCallParser(tools) if tools else None)
+        # Always a parser: without declared tools (or with tool_choice 'none') every invoke is undeclared,
+        # so the markup is dropped and never shown as content.
+        return ids, params, text, ToolCallParser(tools or [])
 
     async def chat(self, body: ChatCompletionRequest, http: HTTPRequest):
         ids, params, text, parser = self._chat_prompt(body)
@@ -254,11 +258,9 @@ class OpenAIServer:
         events = self._events(http, ids, params, text)
 
         def split(ev: Event) -> tuple[str, Parsed]:
-            parsed = Parsed(content=ev.delta.content)
-            if parser is not None:
-                parsed = parser.feed(ev.delta.content)
-                if ev.finished:
-                    parsed += parser.finish()
+            parsed = parser.feed(ev.delta.content)
+            if ev.finished:
+                parsed += parser.finish()
             return ev.delta.reasoning, parsed
 
         def reason(ev: Event, called: bool) -> str:
@@ -369,7 +371,7 @@ class OpenAIServer:
             yield
             self.close()
 
-        app = FastAPI(title="MiniMax-M2 (OpenAI-compatible)", lifespan=lifespan)
+        app = FastAPI(title="MiniMax-M2 (OpenAI- and Anthropic-compatible)", lifespan=lifespan)
         errors = {status: {"model": ErrorResponse, "description": what} for status, what in (
             (400, "invalid request (the field is named in error.param)"), (401, "missing or wrong API key"),
             (404, "unknown model"), (413, "request body too large"), (429, "too many requests waiting"),
@@ -381,7 +383,8 @@ class OpenAIServer:
         async def _openai_error(request, e: OpenAIError):
             if e.status >= 400 and e.status != 500:
                 self.metrics.rejected.labels(str(e.status)).inc()
-            return JSONResponse(e.body(), status_code=e.status)
+            body = anthropic_api.error_body(e) if anthropic_api.is_messages(request.url.path) else e.body()
+            return JSONResponse(body, status_code=e.status)
 
         @app.exception_handler(RequestValidationError)
         async def _invalid(request, e: RequestValidationError):
@@ -412,8 +415,8 @@ class OpenAIServer:
         async def _bug(request, e: Exception):
             print(f"minimax: unexpected error on {request.url.path}:\n{traceback.format_exc()}", file=sys.stderr,
                   flush=True)
-            return JSONResponse(OpenAIError(f"internal error: {type(e).__name__}", status=500,
-                                            kind="server_error").body(), status_code=500)
+            return await _openai_error(request, OpenAIError(f"internal error: {type(e).__name__}", status=500,
+                                                            kind="server_error"))
 
         @app.get("/health")
         async def health():
@@ -440,6 +443,7 @@ class OpenAIServer:
         async def completions(body: CompletionRequest, request: HTTPRequest):
             return await self.complete(body, request)
 
+        anthropic_api.MessagesAPI(self).install(app, errors)
         app.openapi = lambda: self._openapi(app)
         return _Guard(app, self)
 
@@ -461,6 +465,9 @@ class OpenAIServer:
             if name in comps:
                 comps[name]["properties"]["model"] = {"anyOf": [{"type": "string", "enum": [self.model_name]},
                                                                 {"type": "null"}], "title": "Model"}
+        for name in ("MessagesRequest", "CountTokensRequest"):  # Anthropic's: required
+            if name in comps:
+                comps[name]["properties"]["model"] = {"type": "string", "enum": [self.model_name], "title": "Model"}
         app.openapi_schema = schema
         return schema
 
@@ -495,9 +502,9 @@ class _Guard:
     def __getattr__(self, name):  # app.state, app.routes, ... for whoever holds `server.app`
         return getattr(self.app, name)
 
-    async def _refuse(self, send, e: OpenAIError) -> None:
+    async def _refuse(self, send, path: str, e: OpenAIError) -> None:
         self.server.metrics.rejected.labels(str(e.status)).inc()
-        body = json.dumps(e.body()).encode()
+        body = json.dumps(anthropic_api.error_body(e) if anthropic_api.is_messages(path) else e.body()).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if e.status == 401:
             headers.append((b"www-authenticate", b"Bearer"))
@@ -507,24 +514,24 @@ class _Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limits = self.server.limits
+        limits, path = self.server.limits, scope.get("path", "")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if limits.api_key and scope.get("path") not in self.OPEN:
+        if limits.api_key and path not in self.OPEN:
             given = headers.get("authorization", "")
             token = given[7:] if given[:7].lower() == "bearer " else headers.get("x-api-key", "")
             if not hmac.compare_digest(token.encode(), limits.api_key.encode()):
-                return await self._refuse(send, OpenAIError("a valid API key is needed (Authorization: Bearer KEY)",
-                                                            status=401, kind="authentication_error",
-                                                            code="invalid_api_key"))
+                return await self._refuse(send, path, OpenAIError(
+                    "a valid API key is needed (Authorization: Bearer KEY, or x-api-key: KEY)", status=401,
+                    kind="authentication_error", code="invalid_api_key"))
         if scope.get("method") not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         too_large = OpenAIError(f"the request body is larger than {limits.max_body_bytes} bytes", status=413,
                                 code="request_too_large")
         try:
             if int(headers.get("content-length") or 0) > limits.max_body_bytes:
-                return await self._refuse(send, too_large)
+                return await self._refuse(send, path, too_large)
         except ValueError:
-            return await self._refuse(send, OpenAIError("Content-Length is not a number"))
+            return await self._refuse(send, path, OpenAIError("Content-Length is not a number"))
         chunks, size = [], 0
         while True:
             msg = await receive()
@@ -533,7 +540,7 @@ class _Guard:
             chunks.append(msg.get("body", b""))
             size += len(chunks[-1])
             if size > limits.max_body_bytes:
-                return await self._refuse(send, too_large)
+                return await self._refuse(send, path, too_large)
             if not msg.get("more_body"):
                 break
         replayed = False

@@ -55,6 +55,18 @@ def _list(request, name: str) -> list:
     return [v.decode("utf-8") if isinstance(v, bytes) else v.item() for v in t.as_numpy().reshape(-1)]
 
 
+def _tools(request) -> list[dict] | None:
+    """The optional `tools` input: a JSON list of OpenAI tool definitions, checked as the OpenAI server does."""
+    raw = _scalar(request, "tools")
+    if raw is None:
+        return None
+    try:
+        tools = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise RequestError(f"tools must be a JSON list of tool definitions: {e}", "tools") from None
+    return validation.check_tools(tools)
+
+
 def _string(values: list[str]) -> np.ndarray:
     return np.array([v.encode("utf-8") for v in values], dtype=np.object_)
 
@@ -63,12 +75,11 @@ class _Responder:
     """Turns one request's events into Triton responses (one per token, or one at the end). The
     answer text goes through the same tool-call parser as the OpenAI server's."""
 
-    def __init__(self, sender, stream: bool):
-        self.sender, self.stream = sender, stream
+    def __init__(self, sender, stream: bool, parser: ToolCallParser):
+        self.sender, self.stream, self.parser = sender, stream, parser
         self.ids: list[int] = []
         self.unsent = Delta()
         self.calls: list[CallDelta] = []
-        self.parser = ToolCallParser()
 
     def __call__(self, ev: Event) -> None:
         if ev.error is not None:
@@ -139,11 +150,13 @@ class TritonPythonModel:
         if self.codec is None and (text is not None or stops):
             raise RequestError("this export has no tokenizer.json: text_input and stop strings need one; "
                                "send input_ids")
+        tools = _tools(request)
         if text is not None:
             try:
                 if _scalar(request, "chat_template", True):
                     ids = self.codec.encode_chat([{"role": "user", "content": text}],
-                                                 thinking=bool(_scalar(request, "thinking", True)))
+                                                 thinking=bool(_scalar(request, "thinking", True)),
+                                                 **({"tools": tools} if tools else {}))
                 else:
                     ids = self.codec.encode(text)
             except ValueError as e:
@@ -159,8 +172,10 @@ class TritonPythonModel:
             seed=_scalar(request, "seed"), stop_token_ids=_list(request, "stop_token_ids") or None,
             ignore_eos=bool(_scalar(request, "ignore_eos", False)))
         out = OutputText(self.codec, self.codec.in_thinking(ids), stops) if self.codec else None
-        return Request(ids, params, _Responder(sender, bool(_scalar(request, "stream", True))), out,
-                       is_cancelled=getattr(sender, "is_cancelled", None))
+        # Without a `tools` input the prompt may still declare tools (raw text): any name is then a call and
+        # every value a string (ToolCallParser(None)); with it, calls are typed by it as the OpenAI server does.
+        responder = _Responder(sender, bool(_scalar(request, "stream", True)), ToolCallParser(tools))
+        return Request(ids, params, responder, out, is_cancelled=getattr(sender, "is_cancelled", None))
 
     def _on_dead(self, message: str) -> None:
         pb_utils.Logger.log_error(f"minimax: {message}")

@@ -55,6 +55,7 @@ INPUTS = [
     ("stop_token_ids", "TYPE_INT64", [-1]),
     ("ignore_eos", "TYPE_BOOL", [1]),
     ("stream", "TYPE_BOOL", [1]),              # false: one response at the end (HTTP /generate)
+    ("tools", "TYPE_STRING", [1]),             # JSON list of OpenAI tools: shown by the chat template, typing the calls
 ]
 # One response per generated token (stream=false: one in all); the last carries finish_reason and
 # the final flag.
