@@ -7,9 +7,10 @@ template rendered here by TextCodec from the OpenAI form of the same conversatio
 documented event order and error shape."""
 import json
 
-import anthropic
 import openai
 import pytest
+
+anthropic = pytest.importorskip("anthropic")  # the test extras install it
 
 from runtime.serving.anthropic_api import Blocks
 from runtime.serving.tool_calls import ToolCallParser

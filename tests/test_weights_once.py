@@ -95,6 +95,10 @@ def test_gpu_memory_after_load_within_5_percent_of_the_plan(exported):
     backend = check_held_once(man, "cuda")
     torch.cuda.synchronize()
     held = torch.cuda.memory_allocated() - before
+    # Buffers are no weights: the RoPE tables (one per position of the context; the plan's reserve holds
+    # them). At the toy's size they are ~6% of its 16 MB; at real scale 0.1% (the real-scale bench part).
+    buffers = {b.untyped_storage().data_ptr(): b.untyped_storage().nbytes()
+               for m in backend.modules.values() for b in m.buffers()}
     plan = memory_plan.plan(man.config, 1, 80e9, moe=man.moe)[0].weights
-    assert abs(held - plan) <= 0.05 * plan, (held, plan)
+    assert abs(held - sum(buffers.values()) - plan) <= 0.05 * plan, (held, sum(buffers.values()), plan)
     assert all(t.device.type == "cuda" for t in storages(backend)[0].values())

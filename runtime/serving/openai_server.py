@@ -396,6 +396,8 @@ class OpenAIServer:
             loc = [str(x) for x in err.get("loc", ())[1:]]
             where = ".".join(x for x in loc if "[" not in x and "-" not in x) or None
             msg = err.get("msg", "invalid request")
+            if where == "messages" and err.get("type") == "too_short":
+                msg = "must hold at least one message"
             if len({tuple(x.get("loc", ())[:2]) for x in errs}) == 1 and len(errs) > 1 and where in UNION_FORMS:
                 msg = UNION_FORMS[where]  # every branch of a union failed: say what the field takes
             return await _openai_error(request, OpenAIError(f"{where or 'body'}: {msg}", where))
