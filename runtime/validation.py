@@ -43,6 +43,8 @@ def _number(name: str, value, lo: float | None = None, hi: float | None = None, 
         raise RequestError(f"{name} must be a number, got {value!r}", name)
     if not math.isfinite(value):
         raise RequestError(f"{name} must be a finite number, got {value!r}", name)
+    if lo_open and hi is not None and not lo < value <= hi:
+        raise RequestError(f"{name} must be in ({lo}, {hi}], got {value!r}", name)
     if lo is not None and (value <= lo if lo_open else value < lo):
         raise RequestError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value!r}", name)
     if hi is not None and value > hi:
@@ -88,7 +90,7 @@ def check_stops(stops) -> list[str]:
 
 def sampling_params(limits: Limits, defaults, prompt_len: int, *, temperature=None, top_p=None, top_k=None,
                     max_tokens=None, seed=None, stop_token_ids=None, ignore_eos=False,
-                    max_tokens_param: str = "max_tokens") -> SamplingParams:
+                    max_tokens_param: str = "max_tokens", prompt_param: str = "prompt") -> SamplingParams:
     """A request's SamplingParams, every value checked; what it leaves unset comes from the model's
     generation_config.json (`defaults`). Without max_tokens: the default, capped at what the context
     leaves; with it: prompt + max_tokens must fit the context."""
@@ -105,9 +107,9 @@ def sampling_params(limits: Limits, defaults, prompt_len: int, *, temperature=No
         seed = _integer("seed", seed, *SEED_RANGE)
     room = limits.max_model_len - prompt_len
     if room < 1:
-        raise RequestError(f"this model's maximum context length is {limits.max_model_len} tokens, and the prompt "
-                           f"has {prompt_len}: no room for a completion; shorten the prompt", "messages"
-                           if max_tokens_param != "max_tokens" else "prompt")
+        raise RequestError(f"the prompt has {prompt_len} tokens, longer than the context allows: this model's "
+                           f"maximum context length is {limits.max_model_len} tokens, with at least one for the "
+                           "completion; shorten the prompt", prompt_param)
     if max_tokens is None:
         max_tokens = min(limits.default_max_tokens, room)
     else:

@@ -169,7 +169,7 @@ def test_tool_round_trip_renders_as_the_openai_tool_messages(served, exported):
 
 BAD = [  # (path, body, status, error type, fragment of the message)
     ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}]}, 400, "invalid_request_error", "max_tokens"),
-    ("/v1/messages", {"max_tokens": 5, "messages": []}, 400, "invalid_request_error", "at least 1"),
+    ("/v1/messages", {"max_tokens": 5, "messages": []}, 400, "invalid_request_error", "at least one message"),
     ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}, 400,
      "invalid_request_error", "not supported"),

@@ -51,7 +51,7 @@ LIMITS = validation.Limits(vocab_size=1000, max_model_len=100)
 
 @pytest.mark.parametrize("field,value,fragment", [
     ("temperature", -0.1, ">= 0"), ("temperature", math.inf, "finite"), ("temperature", math.nan, "finite"),
-    ("temperature", "1", "number"), ("top_p", 0.0, "> 0"), ("top_p", 1.5, "<= 1"), ("top_p", math.nan, "finite"),
+    ("temperature", "1", "number"), ("top_p", 0.0, r"in \(0, 1\]"), ("top_p", 1.5, r"in \(0, 1\]"), ("top_p", math.nan, "finite"),
     ("top_k", -2, ">= -1"), ("top_k", 1.5, "integer"), ("seed", 2 ** 64, "<="), ("seed", -(2 ** 63) - 1, ">="),
     ("max_tokens", 0, ">= 1"), ("max_tokens", 91, "maximum context length is 100"),
     ("stop_token_ids", [1000], "outside the vocabulary"), ("stop_token_ids", list(range(65)), "at most"),
@@ -68,7 +68,7 @@ def test_limits_that_hold():
                                    max_tokens=90)
     assert (p.temperature, p.top_k, p.max_tokens) == (0.0, 0, 90)  # vLLM: below 1e-5 is greedy; -1 is off
     assert validation.sampling_params(LIMITS, _NO_DEFAULTS, 95).max_tokens == 5  # unset: what the context leaves
-    with pytest.raises(validation.RequestError, match="no room"):
+    with pytest.raises(validation.RequestError, match="longer than the context allows"):
         validation.sampling_params(LIMITS, _NO_DEFAULTS, 100)
     for tools, param in [([{"type": "retrieval"}], "tools[0].type"), ([{"type": "function"}], "tools[0].function"),
                          ([{"type": "function", "function": {"name": "a b"}}], "tools[0].function.name"),
@@ -241,7 +241,7 @@ def test_schema_driven_fuzzing_finds_no_server_error(server):
     so the 'positive data acceptance' check is left out."""
     before = _greedy(server)
     r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "schemathesis"), "run",
-                        f"{server.url}/openapi.json", "--max-examples", "20", "--seed", "7", "--checks", "all",
+                        f"{server.url}/openapi.json", "--max-examples", "12", "--seed", "7", "--checks", "all",
                         "--exclude-checks", "positive_data_acceptance", "--max-response-time", "120",
                         "--request-timeout", "120", "--no-color"],
                        capture_output=True, text=True, timeout=600)
@@ -277,9 +277,9 @@ def test_api_key_body_cap_and_queue_cap(exported):
 
         def one():
             results.append(_raw(s, "POST", "/v1/completions", json.dumps(
-                {"prompt": [1, 2, 3], "max_tokens": 60, "temperature": 0, "ignore_eos": True}).encode(), key)[0])
+                {"prompt": [1, 2, 3], "max_tokens": 40, "temperature": 0, "ignore_eos": True}).encode(), key)[0])
 
-        threads = [threading.Thread(target=one) for _ in range(8)]
+        threads = [threading.Thread(target=one) for _ in range(6)]
         for t in threads:
             t.start()
         for t in threads:

@@ -331,7 +331,9 @@ def test_a_dead_rank_shuts_the_server_down_for_its_supervisor(exported, tmp_path
                      config=EngineConfig(kv_cache_gb=0.05, max_num_seqs=4))
     server = LocalServer(tmp_path / "repo", log=tmp_path / "tritonserver.log")
     with server:
-        out = subprocess.run(["pgrep", "-f", "runtime.distributed --worker"], capture_output=True, text=True).stdout
+        # this server's ranks only (tritonserver leads its own session; other tests' servers may run ranks too)
+        out = subprocess.run(["pgrep", "-s", str(server.proc.pid), "-f", "runtime.distributed --worker"],
+                             capture_output=True, text=True).stdout
         workers = [int(x) for x in out.split()]
         assert len(workers) == 1
         s = Stream(server.grpc_url)
@@ -350,7 +352,8 @@ def test_a_dead_rank_shuts_the_server_down_for_its_supervisor(exported, tmp_path
         assert got.get("errors"), got  # the open request ended with an error
         log = (tmp_path / "tritonserver.log").read_text()
         assert "rank 1" in log and "shutting tritonserver down" in log, log[-3000:]
-    left = subprocess.run(["pgrep", "-f", "runtime.distributed --worker"], capture_output=True, text=True).stdout
+    left = subprocess.run(["pgrep", "-s", str(server.proc.pid), "-f", "runtime.distributed --worker"],
+                          capture_output=True, text=True).stdout
     assert not left.strip()
 def test_tools_input_is_rendered_and_checked(served):
     """The optional `tools` input reaches the chat template (the prompt counts the rendered tools, as

@@ -368,7 +368,7 @@ class MessagesAPI:
             raise OpenAIError(str(e), "stop_sequences") from None
         knobs = SimpleNamespace(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=None,
                                 stop_token_ids=None, ignore_eos=False)
-        params = s._params(knobs, ids, body.max_tokens)
+        params = s._params(knobs, ids, body.max_tokens, prompt_param="messages")
         s._check_capacity()
         text = OutputText(s.codec, s.codec.in_thinking(ids), stops)
         parser = ToolCallParser(tools or [])  # no tools declared: markup is dropped, never content
@@ -412,7 +412,7 @@ class MessagesAPI:
         last = None
         async for ev in events:
             if ev.error is not None:
-                raise OpenAIError(ev.error, status=500, kind="server_error")
+                raise OpenAIError(ev.error, status=503 if self.s.loop.dead else 500, kind="server_error")
             step(ev)
             last = ev
         if last is None:  # the client went away

@@ -153,7 +153,8 @@ class OpenAIServer:
         threading.Thread(target=leave, daemon=True).start()
 
     # ---- requests -> engine requests ----------------------------------------------------------
-    def _params(self, body, prompt: list[int], max_tokens: int | None, max_tokens_param: str = "max_tokens"):
+    def _params(self, body, prompt: list[int], max_tokens: int | None, max_tokens_param: str = "max_tokens",
+                prompt_param: str = "prompt"):
         """Every sampling field checked (runtime/validation.py) and the prompt checked by the engine."""
         try:
             validation.check_prompt_ids(prompt, self.engine.model_config.vocab_size)
@@ -161,7 +162,7 @@ class OpenAIServer:
                 validation.Limits(self.engine.model_config.vocab_size, self.engine.max_model_len, DEFAULT_MAX_TOKENS),
                 self.engine.generation_defaults, len(prompt), temperature=body.temperature, top_p=body.top_p,
                 top_k=body.top_k, max_tokens=max_tokens, seed=body.seed, stop_token_ids=body.stop_token_ids,
-                ignore_eos=body.ignore_eos, max_tokens_param=max_tokens_param)
+                ignore_eos=body.ignore_eos, max_tokens_param=max_tokens_param, prompt_param=prompt_param)
             self.engine.check_request(prompt, params)
         except RequestError as e:
             raise OpenAIError(str(e), getattr(e, "param", None)) from None
@@ -245,7 +246,7 @@ class OpenAIServer:
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:
             raise OpenAIError(f"the messages do not fit the chat template: {e}", "messages") from None
         name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        params = self._params(body, ids, body.max_completion_tokens or body.max_tokens, name)
+        params = self._params(body, ids, body.max_completion_tokens or body.max_tokens, name, "messages")
         self._check_capacity()
         text = OutputText(self.codec, self.codec.in_thinking(ids), stops)
         # Always a parser: without declared tools (or with tool_choice 'none') every invoke is undeclared,
@@ -299,7 +300,7 @@ class OpenAIServer:
         reasoning, content, calls, last = "", "", [], None
         async for ev in events:
             if ev.error is not None:
-                raise OpenAIError(ev.error, status=500, kind="server_error")
+                raise OpenAIError(ev.error, status=503 if self.loop.dead else 500, kind="server_error")
             r, parsed = split(ev)
             reasoning, content, calls, last = reasoning + r, content + parsed.content, calls + parsed.calls, ev
         if last is None:  # the client went away
@@ -353,7 +354,7 @@ class OpenAIServer:
         text_out, toks, last = "", [], None
         async for ev in events:
             if ev.error is not None:
-                raise OpenAIError(ev.error, status=500, kind="server_error")
+                raise OpenAIError(ev.error, status=503 if self.loop.dead else 500, kind="server_error")
             text_out, last = text_out + ev.delta.reasoning + ev.delta.content, ev
             toks.append(ev.token)
         if last is None:
@@ -398,6 +399,8 @@ class OpenAIServer:
             msg = err.get("msg", "invalid request")
             if where == "messages" and err.get("type") == "too_short":
                 msg = "must hold at least one message"
+            if where == "n":
+                msg = "n > 1 is not supported: send the request n times"
             if len({tuple(x.get("loc", ())[:2]) for x in errs}) == 1 and len(errs) > 1 and where in UNION_FORMS:
                 msg = UNION_FORMS[where]  # every branch of a union failed: say what the field takes
             return await _openai_error(request, OpenAIError(f"{where or 'body'}: {msg}", where))

@@ -8,7 +8,8 @@ response and changes nothing else; its fields go through the same checks as the 
 (runtime/validation.py).
 
 If the engine dies (a lost or hung rank, a kernel fault), every open request gets an error and the
-model shuts the server down (SIGTERM to tritonserver, then this stub exits): Triton 2.51 keeps a
+model shuts the server down (SIGTERM to tritonserver, SIGKILL if it is still there 3 s later, then this
+stub exits): Triton 2.51 keeps a
 Python model "ready" after its stub is gone, answering every request with an error for good, so
 only an exit lets its supervisor restart the service.
 """
@@ -187,10 +188,18 @@ class TritonPythonModel:
             time.sleep(1.0)  # the error responses reach their clients first
             pb_utils.Logger.log_error("minimax: the engine is dead; shutting tritonserver down so that its "
                                       "supervisor restarts it")
+            server = os.getppid()
             try:
-                os.kill(os.getppid(), signal.SIGTERM)
+                os.kill(server, signal.SIGTERM)
+                # Triton waits its whole exit timeout (30 s) for a model whose engine is gone, and may not
+                # exit even then: end it if it is still there after a few seconds.
+                for _ in range(30):
+                    time.sleep(0.1)
+                    os.kill(server, 0)
+                os.kill(server, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             finally:
-                time.sleep(0.5)
                 os._exit(3)
 
         threading.Thread(target=leave, daemon=True).start()
