@@ -96,17 +96,12 @@ def decode_after(res: Results, engine: LLMEngine, prompt: list[int], cfg, layers
                  steps: int = 16, part: str = "prefill") -> None:
     """Decode at this prompt's context (past the CUDA graphs' context limit, 8192 by default, the
     runtime runs decode steps eagerly): time per token against the bytes floor of the step part."""
-    from .step import floor_bytes, sync
+    from .step import floor_bytes, timed_steps
     engine.generate([prompt], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))  # cached prompt
     seq = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True))
     while len(seq.output) < 4:
         engine.step()
-    sync(engine)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    sync(engine)
-    per = (time.perf_counter() - t0) / steps
+    per = timed_steps(engine, steps)
     floor = floor_bytes(cfg, layers, 1, len(seq)) / bw
     dg = engine.executor.decode_graphs
     graphs = bool(dg and dg.use_graphs and -(-len(seq) // engine.blocks.block_size) <= dg.max_blocks)

@@ -90,6 +90,16 @@ def floor_bytes(cfg, layers: int, batch: int, context: int) -> int:
     return int(layers * (attn + router + experts) + cfg.vocab_size * H * 2 + kv)
 
 
+def timed_steps(engine: LLMEngine, steps: int) -> float:
+    """Seconds per engine step over `steps` steps, the device synchronised before and after."""
+    sync(engine)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync(engine)
+    return (time.perf_counter() - t0) / steps
+
+
 def sync(engine: LLMEngine) -> None:
     if engine.backend.device.type == "cuda":
         torch.cuda.synchronize(engine.backend.device)
@@ -109,12 +119,7 @@ def decode_row(engine: LLMEngine, cfg, layers: int, batch: int, steps: int, bw: 
         engine.step()  # prefill (and the graph capture at the first decode step)
     for _ in range(3):
         engine.step()
-    sync(engine)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    sync(engine)
-    wall = (time.perf_counter() - t0) / steps
+    wall = timed_steps(engine, steps)
     dg = engine.executor.decode_graphs
     graphs = dg is not None and dg.use_graphs
     gpu = cuda_seconds(dg.graphs[dg.bucket(batch)].replay) if graphs else None

@@ -24,7 +24,7 @@ from .. import validation
 from ..llm_engine import RequestError
 from ..output_text import OutputText
 from .loop import Event
-from .openai_protocol import OpenAIError
+from .openai_protocol import OpenAIError, text_parts_only
 from .tool_calls import CallDelta, ToolCallParser
 
 if TYPE_CHECKING:
@@ -107,12 +107,7 @@ Block = Annotated[Union[TextBlock, ToolUseBlock, ToolResultBlock, ThinkingBlock,
 
 
 def _text_parts(v: Any):
-    if isinstance(v, list):
-        for p in v:
-            kind = p.get("type") if isinstance(p, dict) else None
-            if kind != "text":
-                raise ValueError(f"content blocks of type {kind!r} are not supported here: this model takes text only")
-    return v
+    return text_parts_only(v, "content blocks of type {!r} are not supported here")
 
 
 class Message(BaseModel):

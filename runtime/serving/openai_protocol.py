@@ -78,6 +78,16 @@ class _Sampling(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+def text_parts_only(v: Any, what: str = "content parts of type {!r} are not supported") -> Any:
+    """A content list (OpenAI parts, Anthropic blocks) of text only: this model takes nothing else."""
+    if isinstance(v, list):
+        for p in v:
+            kind = p.get("type") if isinstance(p, dict) else None
+            if kind != "text":
+                raise ValueError(what.format(kind) + ": this model takes text only")
+    return v
+
+
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: Literal["text"]
@@ -108,12 +118,7 @@ class Message(BaseModel):
     @field_validator("content", mode="before")
     @classmethod
     def _text_only(cls, v: Any):
-        if isinstance(v, list):
-            for p in v:
-                kind = p.get("type") if isinstance(p, dict) else None
-                if kind != "text":
-                    raise ValueError(f"content parts of type {kind!r} are not supported: this model takes text only")
-        return v
+        return text_parts_only(v)
 
 
 class FunctionDef(BaseModel):
