@@ -1,4 +1,4 @@
-"""python -m bench [--parts export,moe-cpu,engine-memory,host,moe-gpu,attention,step,prefill,real-scale] [--cpu] [--toy]
+"""python -m bench [--parts export,moe-cpu,engine-memory,host,moe-gpu,attention,step,decode-rank,prefill,real-scale] [--cpu] [--toy]
 
 Each measurement is one JSON line (also appended to build/bench/results.jsonl), with the machine and
 date; a short table follows. `--cpu` (make bench-cpu) runs the CPU parts and ends with one JSON
@@ -21,7 +21,7 @@ from .common import OUT, Results
 
 CPU_PARTS = ["export", "moe-cpu", "engine-memory", "host"]
 TOY = "kv8"  # the toy preset (export/tiny.py) with the real model's 8 KV heads: TP=8 shards it
-GPU_PARTS = ["moe-gpu", "attention", "step", "prefill"]
+GPU_PARTS = ["moe-gpu", "attention", "step", "decode-rank", "prefill"]
 NAMED_PARTS = ["real-scale"]  # run only when asked for; skipped without a GPU
 
 
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: all that can run, but real-scale)")
     ap.add_argument("--cpu", action="store_true", help="the CPU parts, then the summary JSON line")
     ap.add_argument("--layers", type=int, default=4, help="layers of the real-width model in the step part")
+    ap.add_argument("--rank-depths", default="4,16",
+                    help="the two layer counts of the decode-rank part, whose slope gives a layer's time (default 4,16)")
     ap.add_argument("--prefill-prompts", default="2048,8192,32768,131072",
                     help="prompt lengths of the prefill part (default 2048,8192,32768,131072)")
     ap.add_argument("--export-layers", type=int, default=1, help="layers of the real-width model the export part exports")
@@ -91,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     if "step" in parts:
         from . import step
         step.run(res, layers=a.layers)
+    if "decode-rank" in parts:
+        from . import decode_rank
+        decode_rank.run(res, depths=tuple(int(n) for n in a.rank_depths.split(",")))
     if "prefill" in parts:
         from . import prefill
         prefill.run(res, layers=a.layers, prompts=tuple(int(n) for n in a.prefill_prompts.split(",")))

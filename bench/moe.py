@@ -91,21 +91,16 @@ def run_gpu(res: Results, tokens=TOKENS, gather_limit_gb: float = 12.0) -> str:
     and the runtime's own GPU kernels beside them (fused gather; grouped GEMM for many tokens)."""
     bw = gpu_bandwidth()
     res.add("moe", device="gpu", what="gpu_copy_bandwidth", gb_per_s=round(bw / 1e9, 1))
-    from runtime.kernels import moe_route
-    from runtime.kernels.fused_moe import gather_moe
-    from runtime.kernels.grouped_moe import grouped_moe
+    from runtime import piece_kernels
 
     mods = {f: shard_module(f, torch.bfloat16, "cuda")[0] for f in FORMS}
-    # what the runtime's torch backend runs: the fused gather kernels after the fused router (few
-    # tokens), the grouped GEMM (many); "fused_unrouted" keeps the PyTorch router, for comparison
-    for extra, form, attr, kernel in (("fused", "gather", "gather_kernel", gather_moe),
-                                      ("fused_unrouted", "gather", "gather_kernel", gather_moe),
-                                      ("grouped", "block", "grouped_kernel", grouped_moe)):
-        mods[extra] = shard_module(form, torch.bfloat16, "cuda")[0]
-        setattr(mods[extra], attr, kernel)
-    mods["fused"].route_kernel, mods["fused"].small_tokens = moe_route.route, moe_route.MAX_TOKENS
     for m in mods.values():  # one copy of the experts
         m.w13, m.w2 = mods["gather"].w13, mods["gather"].w2
+    # what the runtime's torch backend runs in the manifest's steps (runtime/piece_kernels.py): the
+    # fused router, then the fused gather kernels (few tokens) or the grouped GEMMs (many)
+    g = mods["gather"]
+    mods["fused"] = lambda h, a: piece_kernels.moe(g, h, a, "gather")
+    mods["grouped"] = lambda h, a: piece_kernels.moe(g, h, a, "grouped")
     per_expert = (mods["gather"].w13[0].numel() + mods["gather"].w2[0].numel()) * 2
 
     def measure(T: int, record: bool = False):

@@ -124,11 +124,13 @@ def run(res: Results, layers: int = 4, prompts=(2048, 8192, 32768, 131072), chun
         manifest = write_export(cfg, Path(tmp), max_tokens=chunk)
         backend = TorchBackend(manifest, 0, "cuda", torch.bfloat16, checkpoint=RandomWeights(cfg))
         moes = [sub for mod in backend.modules.values() for sub in mod.modules() if isinstance(sub, Moe)]
-        kernel = moes[0].grouped_kernel
+        kernels = backend.kernels
         for form in ("grouped", "block", "dense"):  # the kernel, then the ONNX forms as PyTorch ops
+            # the grouped kernel through the backend's dispatch; the forms as the modules' own ops
+            backend.kernels = kernels if form == "grouped" else replace(kernels, moe_kernels=False)
             for m in moes:
-                if m.form != "gather":
-                    m.grouped_kernel, m.form = (kernel, "block") if form == "grouped" else (None, form)
+                if form != "grouped":
+                    m.form = form
             for n in prompts:
                 if form != "grouped" and n > 8192:
                     continue  # minutes per prompt: the comparison is made at the shorter ones

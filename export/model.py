@@ -21,9 +21,6 @@ float32, the weighted sum over experts in float32; everything else in the weight
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,25 +31,6 @@ from .moe_forms import BLOCK_ROWS, FORMS as MOE_FORMS
 from .sharding import Shard
 
 
-@dataclass(frozen=True)
-class Kernels:
-    """Fused GPU kernels the runtime's torch backend passes into the pieces (never given when
-    exporting: the graphs keep the PyTorch ops). The MoE ones: f(x, local_expert_ids, weights, w13, w2)
-    -> [T, H] float32: `gather` (GEMVs over the chosen experts) and `grouped` (grouped GEMMs, top-k work
-    only); with both, `gather` runs up to `small_tokens` and `grouped` beyond, whatever the form. For steps of at most `small_tokens`: `route` f(h, attn_out, norm, eps, gate, bias, k) ->
-    (h + attn_out, its RMSNorm, expert ids [T, k], weights [T, k]); `add_norm` f(a, b, weight, eps)
-    -> (a + b, its RMSNorm); `sum_squares` f(q, k) -> float32 [T, 1] each; `norm_rope` f(x, ssq,
-    weight, width, eps, positions, inv_freq, head_dim, rotary_dim) -> [T, heads, head_dim]."""
-    gather: Callable | None = None
-    grouped: Callable | None = None
-    route: Callable | None = None
-    add_norm: Callable | None = None
-    sum_squares: Callable | None = None
-    norm_rope: Callable | None = None
-    small_tokens: int = 0
-
-
-NO_KERNELS = Kernels()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -94,10 +72,9 @@ class AttnIn(nn.Module):
     """Residual add, input RMSNorm, this rank's q/k/v, and the per-token sums of squares of q and k
     that the full-width QK norm needs from every rank. v goes to the attention as [T, kv_heads, hd]."""
 
-    def __init__(self, w: LayerWeights, cfg: ModelConfig, kernels: Kernels = NO_KERNELS):
+    def __init__(self, w: LayerWeights, cfg: ModelConfig):
         super().__init__()
         self.eps, self.head_dim = cfg.rms_norm_eps, cfg.head_dim
-        self.add_norm, self.sum_squares, self.small_tokens = kernels.add_norm, kernels.sum_squares, kernels.small_tokens
         self.norm = _frozen(w.input_norm)
         # F.linear traces to Gemm(transB=1) on the stored [out, in] weight: no transposed copy.
         self.wq = _frozen(w.q_proj)
@@ -105,17 +82,11 @@ class AttnIn(nn.Module):
         self.wv = _frozen(w.v_proj)
 
     def forward(self, residual: torch.Tensor, delta: torch.Tensor):
-        if self.add_norm is not None and residual.shape[0] <= self.small_tokens:
-            h, x = self.add_norm(residual, delta, self.norm, self.eps)
-        else:
-            h = residual + delta
-            x = rms_norm(h, self.norm, self.eps)
+        h = residual + delta
+        x = rms_norm(h, self.norm, self.eps)
         q, k, v = F.linear(x, self.wq), F.linear(x, self.wk), F.linear(x, self.wv)
-        if self.sum_squares is not None and q.shape[0] <= self.small_tokens:
-            q_ssq, k_ssq = self.sum_squares(q, k)
-        else:
-            q_ssq = q.float().pow(2).sum(-1, keepdim=True)
-            k_ssq = k.float().pow(2).sum(-1, keepdim=True)
+        q_ssq = q.float().pow(2).sum(-1, keepdim=True)
+        k_ssq = k.float().pow(2).sum(-1, keepdim=True)
         return h, q, k, v.reshape(v.shape[0], -1, self.head_dim), q_ssq, k_ssq
 
 
@@ -123,20 +94,15 @@ class QkRope(nn.Module):
     """Finish the QK norm with the all-reduced sums, then partial neox RoPE.
     Returns q [T, heads_local, hd] and k [T, kv_heads_local, hd]."""
 
-    def __init__(self, w: LayerWeights, cfg: ModelConfig, kernels: Kernels = NO_KERNELS):
+    def __init__(self, w: LayerWeights, cfg: ModelConfig):
         super().__init__()
         self.eps, self.hd, self.rotary_dim = cfg.rms_norm_eps, cfg.head_dim, cfg.rotary_dim
-        self.norm_rope, self.small_tokens = kernels.norm_rope, kernels.small_tokens
         self.q_width, self.k_width = float(cfg.q_size), float(cfg.kv_size)
         self.q_norm = _frozen(w.q_norm)
         self.k_norm = _frozen(w.k_norm)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def forward(self, q, k, q_ssq, k_ssq, positions):
-        if self.norm_rope is not None and q.shape[0] <= self.small_tokens:
-            f = self.norm_rope
-            return (f(q, q_ssq, self.q_norm, self.q_width, self.eps, positions, self.inv_freq, self.hd, self.rotary_dim),
-                    f(k, k_ssq, self.k_norm, self.k_width, self.eps, positions, self.inv_freq, self.hd, self.rotary_dim))
         dtype = q.dtype
         q = self.q_norm * (q.float() * torch.rsqrt(q_ssq / self.q_width + self.eps)).to(dtype)
         k = self.k_norm * (k.float() * torch.rsqrt(k_ssq / self.k_width + self.eps)).to(dtype)
@@ -166,10 +132,8 @@ class Moe(nn.Module):
     - block: block-padded dispatch, only the top-k work plus padding (prefill).
     """
 
-    def __init__(self, w: LayerWeights, cfg: ModelConfig, form: str = "gather", kernels: Kernels = NO_KERNELS):
+    def __init__(self, w: LayerWeights, cfg: ModelConfig, form: str = "gather"):
         super().__init__()
-        self.gather_kernel, self.grouped_kernel = kernels.gather, kernels.grouped
-        self.route_kernel, self.small_tokens = kernels.route, kernels.small_tokens
         if form not in MOE_FORMS:
             raise ValueError(f"MoE form {form!r} is not one of {MOE_FORMS}")
         self.form, self.eps, self.top_k = form, cfg.rms_norm_eps, cfg.top_k
@@ -187,28 +151,23 @@ class Moe(nn.Module):
         weights = torch.gather(scores, 1, idx)
         return idx, weights / weights.sum(-1, keepdim=True)
 
+    def local_experts(self, idx: torch.Tensor, weights: torch.Tensor):
+        """Global expert ids [T, k] -> this rank's (local ids, weights): with expert parallelism the
+        other ranks' experts get weight 0 (and id 0)."""
+        local = idx - self.expert_offset
+        if self.w13.shape[0] != self.num_experts:
+            mine = (local >= 0) & (local < self.w13.shape[0])
+            weights = weights * mine.float()
+            local = torch.where(mine, local, torch.zeros_like(local))
+        return local, weights
+
     def forward(self, h: torch.Tensor, attn_out: torch.Tensor):
-        if self.route_kernel is not None and h.shape[0] <= self.small_tokens:
-            h, x, idx, weights = self.route_kernel(h, attn_out, self.norm, self.eps, self.gate, self.bias, self.top_k)
-        else:
-            h = h + attn_out
-            x = rms_norm(h, self.norm, self.eps)
-            idx, weights = self.route(x)
-        n_local, inter = self.w13.shape[0], self.w2.shape[2]
-        if self.gather_kernel is not None and self.grouped_kernel is not None:
-            # Every form computes the same: with both kernels the step size picks, not the engines'
-            # schedule (the fused gather kernels beat the grouped ones up to ~64 tokens; measured).
-            kernel = self.gather_kernel if h.shape[0] <= self.small_tokens else self.grouped_kernel
-        else:
-            kernel = self.gather_kernel if self.form == "gather" else self.grouped_kernel
-        if self.form != "dense" or kernel is not None:
-            local = idx - self.expert_offset
-            if n_local != self.num_experts:  # expert parallel: other ranks' experts contribute nothing here
-                mine = (local >= 0) & (local < n_local)
-                weights = weights * mine.float()
-                local = torch.where(mine, local, torch.zeros_like(local))
-            if kernel is not None:
-                return h, kernel(x, local, weights, self.w13, self.w2).to(h.dtype)
+        h = h + attn_out
+        x = rms_norm(h, self.norm, self.eps)
+        idx, weights = self.route(x)
+        inter = self.w2.shape[2]
+        if self.form != "dense":
+            local, weights = self.local_experts(idx, weights)
             if self.form == "block":
                 return h, block_dispatch(x, local, weights, self.w13, self.w2).to(h.dtype)
             flat = local.reshape(-1)  # a plain Gather on axis 0 of the stacked experts
@@ -221,6 +180,7 @@ class Moe(nn.Module):
         else:
             # Token-last layout keeps every MatMul on the stored weights (no transposed copies) and
             # avoids Einsum, which ONNX does not define for BF16.
+            n_local = self.w13.shape[0]
             experts = torch.arange(self.expert_offset, self.expert_offset + n_local, device=idx.device)
             onehot = (idx[..., None] == experts).float()            # [T, k, E_local]
             combine = (onehot * weights[..., None]).sum(1)          # [T, E_local]
@@ -282,9 +242,9 @@ class Head(nn.Module):
 class AttnBlock(nn.Module):
     """TP=1: AttnIn and QkRope in one graph (no all-reduce between them)."""
 
-    def __init__(self, w: LayerWeights, cfg: ModelConfig, kernels: Kernels = NO_KERNELS):
+    def __init__(self, w: LayerWeights, cfg: ModelConfig):
         super().__init__()
-        self.attn_in, self.qk_rope = AttnIn(w, cfg, kernels), QkRope(w, cfg, kernels)
+        self.attn_in, self.qk_rope = AttnIn(w, cfg), QkRope(w, cfg)
 
     def forward(self, residual, delta, positions):
         h, q, k, v, q_ssq, k_ssq = self.attn_in(residual, delta)
@@ -295,9 +255,9 @@ class AttnBlock(nn.Module):
 class PostBlock(nn.Module):
     """TP=1: OProj and Moe in one graph."""
 
-    def __init__(self, w: LayerWeights, cfg: ModelConfig, form: str, kernels: Kernels = NO_KERNELS):
+    def __init__(self, w: LayerWeights, cfg: ModelConfig, form: str):
         super().__init__()
-        self.o_proj, self.moe = OProj(w), Moe(w, cfg, form, kernels)
+        self.o_proj, self.moe = OProj(w), Moe(w, cfg, form)
 
     def forward(self, h, attn):
         return self.moe(h, self.o_proj(attn))

@@ -9,7 +9,7 @@ import torch
 from .checkpoint import Checkpoint
 from .layout import GraphLayout
 from .manifest import SubgraphSpec
-from .model import NO_KERNELS, AttnBlock, AttnIn, Embed, Head, Kernels, Moe, OProj, PostBlock, QkRope
+from .model import AttnBlock, AttnIn, Embed, Head, Moe, OProj, PostBlock, QkRope
 from .sharding import Shard
 
 ROWS_PER_CHUNK = 8192  # embedding / LM-head rows per streamed chunk (48 MiB at hidden 3072)
@@ -27,12 +27,11 @@ def _row_chunks(ckpt: Checkpoint, name: str, rows: tuple[int, int], dtype: torch
 
 
 def build_modules(ckpt: Checkpoint, layout: GraphLayout, unit: str, rank: int, specs: list[SubgraphSpec],
-                  dtype: torch.dtype, stream: bool = False, kernels: Kernels = NO_KERNELS
-                  ) -> tuple[dict[str, torch.nn.Module], Chunks | None]:
+                  dtype: torch.dtype, stream: bool = False) -> tuple[dict[str, torch.nn.Module], Chunks | None]:
     """The unit's modules by subgraph name. stream: the big weights (experts, embedding, LM head) are
     meta tensors and the returned `chunks(param name)` yields them slice by slice, read and
     dequantized as it goes: what the export writes, never holding them whole (such modules cannot
-    run). kernels: the runtime's fused GPU kernels, passed to the pieces."""
+    run)."""
     cfg, all_ = layout.cfg, (slice(None),)
     V, H = cfg.vocab_size, cfg.hidden_size
     if unit in ("embed", "head"):
@@ -56,10 +55,9 @@ def build_modules(ckpt: Checkpoint, layout: GraphLayout, unit: str, rank: int, s
         chunks = (lambda param: _row_chunks(ckpt, name, rows, dtype, pad)) if stream else None
         return {specs[0].name: m}, chunks
     w = ckpt.layer(specs[0].layer, dtype, Shard(layout.tp, rank, layout.expert_split), stream)
-    make = {"attn": lambda s: AttnBlock(w, cfg, kernels), "attn_in": lambda s: AttnIn(w, cfg, kernels),
-            "qk_rope": lambda s: QkRope(w, cfg, kernels), "o_proj": lambda s: OProj(w),
-            "moe": lambda s: Moe(w, cfg, s.form, kernels),
-            "post": lambda s: PostBlock(w, cfg, s.form, kernels)}
+    make = {"attn": lambda s: AttnBlock(w, cfg), "attn_in": lambda s: AttnIn(w, cfg),
+            "qk_rope": lambda s: QkRope(w, cfg), "o_proj": lambda s: OProj(w),
+            "moe": lambda s: Moe(w, cfg, s.form), "post": lambda s: PostBlock(w, cfg, s.form)}
     modules = {s.name: make[s.piece](s) for s in specs}
     chunks = (lambda param: w.expert_chunks(param.rsplit(".", 1)[-1])) if stream else None
     return modules, chunks

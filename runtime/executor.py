@@ -10,6 +10,7 @@ from export.manifest import AllReduceStep, AttentionStep, BroadcastStep, Manifes
 
 from .attention import AttentionMetadata, paged_attention, paged_decode_attention
 from .block_tables import DeviceTables, TableDelta
+from .dispatch import NONE, Dispatch, StepPlan
 from .kv_cache import KVCache
 from .vocab_parallel import VocabGather
 
@@ -48,9 +49,12 @@ class StepExecutor:
                  decode: DecodeSettings | None = None):
         self.manifest, self.backend, self.kv, self.rank = manifest, backend, kv, rank
         self.comm = comm or SingleRank()
-        self.moe = manifest.moe  # which MoE form runs at which token count
+        self.kernels = getattr(backend, "kernels", NONE)
+        self.dispatch = Dispatch(manifest.moe, self.kernels)  # what runs at a step size
+        self.decode_layers = getattr(backend, "decode_layers", {})
         self.hidden = manifest.config.hidden_size
-        self.last_form = ""  # MoE form of the last step (for stats)
+        self.last_ran = ""  # what the last step ran (StepPlan.ran, for stats)
+        self._step_layer = self._layers_of_steps(manifest)
         head = manifest.subgraphs["head"].outputs[0]
         self.vocab = VocabGather(self.comm, manifest.config.vocab_size, head.shape[-1])
         self.tables = DeviceTables(backend.device)  # every rank's block tables, updated as each step says
@@ -93,23 +97,59 @@ class StepExecutor:
         elif not isinstance(tables, torch.Tensor):  # lists (benchmarks): zero-padded here
             width = max(len(t) for t in tables)
             tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev)
+        decoding = max(meta.q_lens) == 1
         if self.decode_graphs is not None and self.decode_graphs.can_run(meta.q_lens, tables.shape[1]):
-            self.last_form = self.moe.pick(self.decode_graphs.bucket(len(meta.q_lens)))
+            self.last_ran = self.dispatch.plan(self.decode_graphs.bucket(len(meta.q_lens)), True).ran
             local = self.decode_graphs.run(ids, positions, meta.slot_mapping, meta.q_lens, meta.context_lens, tables)
         else:
             meta = AttentionMetadata(meta.slot_mapping.to(dev), meta.q_lens, meta.context_lens, tables)
-            self.last_form = self.moe.pick(ids.numel())
-            local = self.forward(ids.to(dev), positions.to(dev), logits_rows.to(dev), meta=meta)
+            decode = None
+            if decoding and self.decode_layers:  # a decode step past the graphs' limits: the same layers, eager
+                t, _, _, ctx = meta.on_device(dev)
+                decode = (meta.slot_mapping, t, ctx)
+            plan = self.dispatch.plan(ids.numel(), decoding)
+            self.last_ran = plan.ran
+            local = self.forward(ids.to(dev), positions.to(dev), logits_rows.to(dev), meta=meta, decode=decode,
+                                 plan=plan)
         return self.vocab.finish(local, candidates)
 
-    def forward(self, ids, positions, logits_rows, meta: AttentionMetadata | None = None, decode=None):
+    @staticmethod
+    def _layers_of_steps(manifest: Manifest) -> list[int | None]:
+        """Each step's layer (None: the embedding, its broadcast, the head); an all-reduce belongs to
+        the layer of the step before it."""
+        out, current = [], None
+        for step in manifest.steps:
+            if isinstance(step, SubgraphStep):
+                sg = manifest.subgraphs[next(iter(step.variants.values())) if step.variants else step.name]
+                current = sg.layer
+            elif isinstance(step, AttentionStep):
+                current = step.layer
+            elif isinstance(step, BroadcastStep):
+                current = None
+            out.append(current)
+        return out
+
+    def forward(self, ids, positions, logits_rows, meta: AttentionMetadata | None = None, decode=None,
+                plan: StepPlan | None = None):
         """The manifest's steps on device tensors. Attention through `meta` (any batch), or for a
         decode batch of fixed shape through `decode` = (slot_mapping, block_tables, context_lens)
-        tensors, which is what a CUDA graph captures."""
+        tensors, which is what a CUDA graph captures. `plan` (runtime/dispatch.py; by default from the
+        step's size) says whether the layers run as decode layers, and the MoE's kernel."""
         dev = self.backend.device
         env = {"ids": ids, "positions": positions}
-        form = self.moe.pick(ids.numel())
-        for step in self.manifest.steps:
+        if plan is None:
+            plan = self.dispatch.plan(ids.numel(), decode is not None)
+        form = plan.form
+        layers = self.decode_layers if plan.decode_layer and decode is not None else None
+        done = None
+        for i, step in enumerate(self.manifest.steps):
+            n = self._step_layer[i]
+            if layers is not None and n is not None:
+                if n != done:  # the layer's steps, as one decode layer
+                    env["residual"], env["delta"] = layers[n](env["residual"], env["delta"], positions, *decode,
+                                                              self.kv.k[n], self.kv.v[n], self.comm)
+                    done = n
+                continue
             if isinstance(step, SubgraphStep):
                 name = step.pick(form)
                 sg = self.manifest.subgraphs[name]
@@ -118,7 +158,10 @@ class StepExecutor:
                 inputs = {t.name: env[t.name] for t in sg.inputs}
                 if name == "head":  # logits only where a token is sampled
                     inputs = {k: v.index_select(0, logits_rows) for k, v in inputs.items()}
-                env.update(self.backend.run(name, inputs))
+                if self.kernels.moe_kernels:
+                    env.update(self.backend.run(name, inputs, plan))
+                else:
+                    env.update(self.backend.run(name, inputs))
             elif isinstance(step, AllReduceStep):
                 for t in step.tensors:
                     env[t] = self.comm.all_reduce(env[t])

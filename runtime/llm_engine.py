@@ -172,7 +172,7 @@ class LLMEngine:
                                    candidates_needed([s.params for i, s in enumerate(batch.seqs) if batch.completes(i)]))
         self.stats.forward_seconds += time.perf_counter() - t0
         self.stats.steps += 1
-        form = self.executor.last_form
+        form = self.executor.last_ran
         self.stats.forms[form] = self.stats.forms.get(form, 0) + 1
         # A prompt chunk that leaves more of its prompt to compute samples nothing.
         done = [i for i in range(len(batch.seqs)) if batch.completes(i)]

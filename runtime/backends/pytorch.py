@@ -9,13 +9,16 @@ schedules are built, and layers are read, placed and released one at a time, so 
 layer-rank's weights at most."""
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from export.checkpoint import Checkpoint, CheckpointError
 from export.layout import make_layout
 from export.manifest import Manifest, ManifestError
-from export.model import NO_KERNELS, Kernels
 from export.pieces import build_modules
+
+from ..dispatch import NONE, BackendKernels, StepPlan
 
 
 def place_once(modules: list[torch.nn.Module], device: torch.device) -> None:
@@ -79,39 +82,70 @@ class TorchBackend:
         self.modules: dict[str, torch.nn.Module] = {}
         self.inputs: dict[str, list[str]] = {}
         self.outputs: dict[str, list[str]] = {}
-        kernels = self._kernels()
+        use_kernels = self._kernels_available()
+        why_not = self._decode_layers_unsupported(ckpt.config) if use_kernels else "no GPU kernels"
+        self.decode_layers: dict = {}  # layer -> runtime/decode_layer.DecodeLayer
+        self.pieces: dict[str, str] = {}
         for (unit, r), specs in layout.units().items():
             if r != rank:
                 continue
-            modules, _ = build_modules(ckpt, layout, unit, rank, specs, dtype, kernels=kernels)
+            modules, _ = build_modules(ckpt, layout, unit, rank, specs, dtype)
             place_once(list(modules.values()), self.device)
             for s in specs:
                 self.modules[s.name] = modules[s.name].eval()
                 self.inputs[s.name] = [t.name for t in s.inputs]
                 self.outputs[s.name] = [t.name for t in s.outputs]
+                self.pieces[s.name] = s.piece
+            if why_not is None and specs[0].layer is not None:
+                from .. import decode_layer
+
+                layer = decode_layer.build(manifest, modules, specs[0].layer, manifest.tp)
+                if layer is not None:
+                    self.decode_layers[specs[0].layer] = layer
             del modules  # this layer-rank's host copies go before the next is read
         differ = set(self.modules) ^ set(manifest.on_rank(rank))
         if differ:
             raise ManifestError(f"the export's subgraphs for rank {rank} are not what its config and MoE schedule "
                                 f"lay out (e.g. {sorted(differ)[0]}); export again")
+        if use_kernels and len(self.decode_layers) != ckpt.config.num_hidden_layers:
+            self.decode_layers = {}  # all layers or none: a step runs one way
+        # The q/k/v weights the decode layers concatenated may still be held by reference cycles of
+        # the loading (seen on a GPU: the allocator's count one copy over the plan until a collection).
+        gc.collect()
+        self.kernels: BackendKernels = NONE
+        if use_kernels:
+            from .. import decode_layer, piece_kernels
 
-    def _kernels(self) -> Kernels:
-        """The fused Triton kernels on a GPU in bfloat16: the MoE's gather (few tokens) and grouped GEMM
-        (many: top-k work only); for decode-sized steps the residual add + RMSNorm (with the router
-        before the experts), and the QK norm's sums of squares and the QK norm + RoPE. float32 runs keep the PyTorch ops, which the CPU path computes the same way."""
+            self.kernels = piece_kernels.offered(decode_layer.MAX_TOKENS if self.decode_layers else 0)
+
+    def _kernels_available(self) -> bool:
+        """The Triton kernels run on a GPU in bfloat16; float32 runs keep the PyTorch ops, which the
+        CPU path computes the same way."""
         if self.device.type != "cuda" or self.dtype != torch.bfloat16:
-            return NO_KERNELS
+            return False
         try:
-            from ..kernels import moe_route, qk_rope
-            from ..kernels.fused_moe import gather_moe
-            from ..kernels.grouped_moe import grouped_moe
+            from .. import decode_layer, piece_kernels  # noqa: F401  (the triton package)
         except ImportError:
-            return NO_KERNELS
-        return Kernels(gather=gather_moe, grouped=grouped_moe, route=moe_route.route, add_norm=moe_route.add_rms_norm,
-                       sum_squares=qk_rope.sum_squares, norm_rope=qk_rope.norm_rope,
-                       small_tokens=min(moe_route.MAX_TOKENS, qk_rope.MAX_TOKENS))
+            return False
+        return True
+
+    def _decode_layers_unsupported(self, cfg) -> str | None:
+        from ..decode_layer import DecodeLayer
+
+        return DecodeLayer.supported(cfg, self.device, self.dtype)
 
     @torch.no_grad()
-    def run(self, name: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = self.modules[name](*(inputs[k] for k in self.inputs[name]))
+    def run(self, name: str, inputs: dict[str, torch.Tensor], plan: StepPlan | None = None
+            ) -> dict[str, torch.Tensor]:
+        """plan: the step's (runtime/dispatch.py); its MoE kernel, if any, computes the MoE pieces."""
+        m, args = self.modules[name], [inputs[k] for k in self.inputs[name]]
+        piece = self.pieces[name]
+        if plan is not None and plan.moe_kernel and piece in ("moe", "post"):
+            from .. import piece_kernels
+
+            if piece == "post":
+                m, args = m.moe, [args[0], m.o_proj(args[1])]
+            out = piece_kernels.moe(m, *args, plan.moe_kernel)
+        else:
+            out = m(*args)
         return dict(zip(self.outputs[name], out if isinstance(out, tuple) else (out,)))

@@ -64,9 +64,11 @@ def _down_kernel(A, Idx, Wt, W2, Out, stride_we, stride_wr, H: tl.constexpr, INT
 
 
 def gather_moe(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-               w2: torch.Tensor) -> torch.Tensor:
+               w2: torch.Tensor, out_dtype: torch.dtype = torch.float32, up_rows: int | None = None,
+               up_cols: int = 1024, down_rows: int | None = None, warps: int = 4) -> torch.Tensor:
     """x [T, H]; experts [T, k] local expert ids; weights [T, k] float32 (zero for experts not on
-    this rank); w13 [E, 2I, H], w2 [E, H, I] -> [T, H] float32, the weighted sum of the experts."""
+    this rank); w13 [E, 2I, H], w2 [E, H, I] -> [T, H] in out_dtype (the float32 sum rounded once),
+    the weighted sum of the experts. up_rows / up_cols / down_rows: block sizes (default: by shape)."""
     T, H = x.shape
     k = experts.shape[1]
     inter = w2.shape[2]
@@ -74,11 +76,13 @@ def gather_moe(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w1
     idx = experts.reshape(-1).contiguous()
     a = torch.empty(T * k, inter, dtype=torch.float32, device=x.device)
     # Small row blocks: at T=1 the grid must still give every SM loads in flight (memory-bound GEMV).
-    BI = 4 if T * k * inter <= 8 * 512 else 16
+    # up: 4 rows a program at few tokens; 1024 columns a load (sweep on an H200: 2..16 rows, 256..1024
+    # columns, T = 1, 8, 32, experts of 192 and 1536)
+    BI = up_rows or (4 if T * k * inter <= 8 * 512 or T <= 32 else 16)
     _up_kernel[(T * k, triton.cdiv(inter, BI))](x, idx, w13, a, w13.stride(0), w13.stride(1), H=H, INTER=inter, K=k,
-                                                BI=BI, BH=512, num_warps=4)
-    out = torch.empty(T, H, dtype=torch.float32, device=x.device)
-    BO = 8 if T <= 4 else 32
+                                                BI=BI, BH=up_cols, num_warps=warps)
+    out = torch.empty(T, H, dtype=out_dtype, device=x.device)
+    BO = down_rows or (8 if T <= 4 else 16)
     _down_kernel[(T, triton.cdiv(H, BO))](a, idx, weights.reshape(-1).float().contiguous(), w2, out, w2.stride(0),
-                                          w2.stride(1), H=H, INTER=inter, K=k, BO=BO, BI=256, num_warps=4)
+                                          w2.stride(1), H=H, INTER=inter, K=k, BO=BO, BI=256, num_warps=warps)
     return out

@@ -99,6 +99,139 @@ def _merge_kernel(Part, Lse, Out, n_parts, stride_pb, stride_ph, stride_ps, stri
     tl.store(Out + b * stride_ob + h * stride_oh + d, tl.sum(o * w[:, None], 0).to(Out.dtype.element_ty))
 
 
+@triton.jit
+def _roped(QKV, Wn, pos_f, InvFreq, base, heads, d, inv, m, D: tl.constexpr, RD: tl.constexpr):
+    """Rows `heads` of a q or k block at `base` (offsets within the token's row): the QK norm's
+    x * inv rounded, times its weight (rounded), then neox RoPE on the first RD dims, each product and
+    the sum rounded as PyTorch rounds them (export/model.py QkRope, apply_rope)."""
+    half = RD // 2
+    rot = d < RD
+    partner = tl.where(d < half, d + half, d - half)
+    x = tl.load(QKV + base + heads[:, None] * D + d[None, :], mask=m, other=0.0)
+    dt = x.dtype
+    xn = (x.to(tl.float32) * inv).to(dt).to(tl.float32)
+    xn = (tl.load(Wn + heads[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32) * xn).to(dt).to(tl.float32)
+    pm = m & rot[None, :]
+    o = tl.load(QKV + base + heads[:, None] * D + partner[None, :], mask=pm, other=0.0)
+    o = (o.to(tl.float32) * inv).to(dt).to(tl.float32)
+    o = (tl.load(Wn + heads[:, None] * D + partner[None, :], mask=pm, other=0.0).to(tl.float32) * o).to(dt).to(tl.float32)
+    rotated = tl.where((d < half)[None, :], -o, o)
+    angle = pos_f * tl.load(InvFreq + (d % half), mask=rot, other=0.0)
+    cos = tl.cos(angle).to(dt).to(tl.float32)
+    sin = tl.sin(angle).to(dt).to(tl.float32)
+    roped = ((xn * cos[None, :]).to(dt).to(tl.float32) + (rotated * sin[None, :]).to(dt).to(tl.float32)).to(dt)
+    return tl.where(rot[None, :], roped, xn.to(dt))
+
+
+@triton.jit
+def _row_ssq(QKV, base, W: tl.constexpr, BW: tl.constexpr):
+    acc = tl.zeros([BW], tl.float32)
+    for w0 in range(0, W, BW):
+        ws = w0 + tl.arange(0, BW)
+        x = tl.load(QKV + base + ws, mask=ws < W, other=0.0).to(tl.float32)
+        acc += x * x
+    return tl.sum(acc, 0)
+
+
+@triton.jit
+def _qkv_partition_kernel(QKV, SSQ, QW, KW, Pos, InvFreq, Slots, K, V, Tables, Lens, Out, Lse,
+                          stride_kslot, stride_kh, stride_tb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                          scale_log2e, q_width, k_width, eps,
+                          NH: tl.constexpr, NKV: tl.constexpr, HAS_SSQ: tl.constexpr, RD: tl.constexpr,
+                          BS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                          PART: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
+    """The decode partition kernel on the raw q/k/v row of each token ([B, (NH + 2 NKV) * D], the
+    projection's output): the QK norm (sums of squares over this rank's row, or the all-reduced
+    ones in SSQ [B, 2] with TP), RoPE, the new token's k and v written into the cache by the program
+    whose partition holds it, then attention over the partition as in _partition_kernel."""
+    b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    R: tl.constexpr = (NH + 2 * NKV) * D
+    row = b.to(tl.int64) * R
+    if HAS_SSQ:
+        qs = tl.load(SSQ + b * 2)
+        ks = tl.load(SSQ + b * 2 + 1)
+    else:
+        qs = _row_ssq(QKV, row, NH * D, BW)
+        ks = _row_ssq(QKV, row + NH * D, NKV * D, BW)
+    pos_f = tl.load(Pos + b).to(tl.float32)
+    ctx = tl.load(Lens + b)
+    start = s * PART
+    end = tl.minimum(start + PART, ctx)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    heads = h * G + g
+    gm = (g < G)[:, None] & (d < D)[None, :]
+    q = _roped(QKV, QW, pos_f, InvFreq, row, heads, d, 1.0 / tl.sqrt(qs / q_width + eps), gm, D, RD)
+    if (ctx - 1 >= start) & (ctx - 1 < start + PART):  # this partition holds the new token: write it
+        one = tl.arange(0, 1)
+        km = (one < 1)[:, None] & (d < D)[None, :]
+        kr = _roped(QKV, KW, pos_f, InvFreq, row + NH * D, h + one, d, 1.0 / tl.sqrt(ks / k_width + eps), km, D, RD)
+        vr = tl.load(QKV + row + (NH + NKV) * D + (h + one)[:, None] * D + d[None, :])
+        slot = tl.load(Slots + b)
+        off = slot * stride_kslot + h * stride_kh + d[None, :] + one[:, None] * 0
+        tl.store(K + off, kr.to(K.dtype.element_ty))
+        tl.store(V + off, vr.to(V.dtype.element_ty))
+    tl.debug_barrier()  # the block's own write is read back by the loop below
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    for n0 in range(start, end, BN):
+        tok = n0 + tl.arange(0, BN)
+        valid = tok < end
+        page = tl.load(Tables + b * stride_tb + tok // BS, mask=valid, other=0)
+        slot_n = page.to(tl.int64) * BS + tok % BS
+        kv_off = slot_n[:, None] * stride_kslot + h * stride_kh + d[None, :]
+        k = tl.load(K + kv_off, mask=valid[:, None], other=0.0)
+        sc = tl.dot(q, tl.trans(k).to(q.dtype)) * scale_log2e
+        sc = tl.where(valid[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + kv_off, mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    mask = g < G
+    tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + s * stride_os + d[None, :], out, mask=mask[:, None])
+    tl.store(Lse + b * stride_lb + heads * stride_lh + s, lse, mask=mask)
+
+
+def qkv_decode(qkv: torch.Tensor, ssq: torch.Tensor | None, q_norm: torch.Tensor, k_norm: torch.Tensor,
+               q_width: float, k_width: float, eps: float, positions: torch.Tensor, inv_freq: torch.Tensor,
+               rotary_dim: int, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float, num_heads: int,
+               partition: int | None = None) -> torch.Tensor:
+    """Decode attention from the q/k/v projection's output: qkv [B, (Hq + 2 Hkv) * D] (this rank's
+    heads), the QK norm over q_width / k_width (the full widths; ssq [B, 2] float32 holds the
+    all-reduced sums of squares with TP, None to sum this row), RoPE at `positions`, the new k/v
+    written at `slots`, attention over each sequence's cache -> [B, Hq * D] in qkv's dtype.
+    Two launches (partitions, merge); bf16 or fp16 (tl.dot on the activations' dtype)."""
+    B = qkv.shape[0]
+    _, bs, Hkv, D = k_cache.shape
+    G = num_heads // Hkv
+    partition = partition or choose_partition(B, Hkv, block_tables.shape[1] * bs, qkv.device)
+    n_parts = triton.cdiv(block_tables.shape[1] * bs, partition)
+    part = torch.empty(B, num_heads, n_parts, D, dtype=torch.float32, device=qkv.device)
+    lse = torch.empty(B, num_heads, n_parts, dtype=torch.float32, device=qkv.device)
+    _qkv_partition_kernel[(B, Hkv, n_parts)](
+        qkv, qkv if ssq is None else ssq, q_norm, k_norm, positions, inv_freq, slots, k_cache, v_cache,
+        block_tables, context_lens, part, lse,
+        k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+        scale * 1.4426950408889634, float(q_width), float(k_width), float(eps),
+        NH=num_heads, NKV=Hkv, HAS_SSQ=ssq is not None, RD=rotary_dim, BS=bs, G=G,
+        GP=max(16, triton.next_power_of_2(G)), D=D, PART=partition, BN=min(BLOCK_N, partition), BW=1024,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    out = torch.empty(B, num_heads, D, dtype=qkv.dtype, device=qkv.device)
+    _merge_kernel[(B, num_heads)](part, lse, out, n_parts, part.stride(0), part.stride(1), part.stride(2),
+                                  lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+                                  D=D, SP=max(2, triton.next_power_of_2(n_parts)), num_warps=4)
+    return out.reshape(B, num_heads * D)
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float, partition: int | None = None, block_n: int = BLOCK_N,
                  num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> torch.Tensor:
