@@ -6,8 +6,12 @@ Each bucket's step (every subgraph, the attention, and with tensor parallelism t
 is captured once into a CUDA graph on static buffers and replayed after copying the step's inputs in.
 With graphs off, the same padded step runs eagerly, so replay and eager compute the same thing with
 the same kernels. Steps with prefills, or larger than the largest bucket, run eagerly unpadded.
+A backend that needs per-bucket state to be captured (the TensorRT one: a context per bucket, shapes
+set before capture) gives `capture_scope(bucket)`, entered around the bucket's warm-up and capture.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -72,6 +76,11 @@ class DecodeGraphs:
                                decode=(s["slots"], s["tables"], s["ctx"]))
 
     def _capture(self, b: int, s) -> None:
+        scope = getattr(self.ex.backend, "capture_scope", None)
+        with scope(b) if scope is not None else contextlib.nullcontext():
+            self._warm_up_and_capture(b, s)
+
+    def _warm_up_and_capture(self, b: int, s) -> None:
         side = torch.cuda.Stream(device=self.ex.backend.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up: lazy initialisations must not happen during capture

@@ -4,7 +4,9 @@
   against a recording stand-in for the `tensorrt` module (no engine is built or run), and each
   recorded name is looked up in the real lean bindings (tensorrt_lean, installed from PyPI) and in
   the identifier list of the full 11.4 bindings (tests/data); a removed name fails;
-- the build plan is a plain function of the manifest and the settings;
+- the build plan is a plain function of the manifest and the settings, and so is what a captured
+  decode step binds (which engines, which profile, which shapes per bucket); the capture itself
+  has never run;
 - without TensorRT 11, `make engines TENSORRT=tensorrt` fails with a clear message, having written nothing.
 Real builds with TensorRT-RTX are in tests/test_engines_rtx.py.
 """
@@ -127,11 +129,23 @@ def test_runtime_backend_uses_only_tensorrt_11_names():
                                                                           ".create_execution_context()"),
                                    ["x"], ["y"], {"x": "BF16", "y": "BF16"}, [(1, 8)], 0)
     trt_backend.enqueue(le2, 4, {"x": torch.zeros(4, 2)}, lambda shape, dtype: torch.zeros(shape, dtype=dtype), 0)
-    used = {n for _, n in log}
+    eager = {n for _, n in log}
     for name in ("deserialize_cuda_engine", "create_execution_context", "USER_MANAGED", "set_device_memory",
                  "set_optimization_profile_async", "set_input_shape", "set_tensor_address", "execute_async_v3",
                  "engine_host_code_allowed", "get_device_memory_size_for_profile_v2", "num_io_tensors"):
-        assert name in used, name
+        assert name in eager, name
+    # the captured decode path: a context per bucket, shaped before capture, then addresses only
+    # (the recorder's shapes are empty tuples, so the binding's output shape is one)
+    log.clear()
+    le3 = trt_backend.LoadedEngine(Recorder(log, "trt().deserialize_cuda_engine()"), None, ["x"], ["y"],
+                                   {"x": "BF16", "y": "BF16"}, [(1, 8)], 0)
+    binding = trt_backend.BucketBinding(0, {"x": (4, 2)}, {"y": ()})
+    ctx = trt_backend.bucket_context(trt, le3, "x", binding, 0, 1, 0)
+    trt_backend.enqueue_bound(le3, ctx, "x", binding, {"x": torch.zeros(4, 2)},
+                              lambda shape, dtype: torch.zeros(shape, dtype=dtype), 0)
+    captured = {n for _, n in log}
+    assert {"create_execution_context", "USER_MANAGED", "set_device_memory", "set_optimization_profile_async",
+            "set_input_shape", "infer_shapes", "get_tensor_shape", "set_tensor_address", "execute_async_v3"} <= captured
     assert unknown(log, lean) == []
 
 
@@ -168,6 +182,50 @@ def test_build_plan_is_a_function_of_manifest_and_settings(exported):
     # the same inputs give the same plan
     again = make_build_plan(man, s, "11.4.0", [0, 1, 2])
     assert [(j.engine, j.record.key, j.gpu) for j in again.jobs] == [(j.engine, j.record.key, j.gpu) for j in plan.jobs]
+
+
+def _profiles(plan, rank: int) -> dict[str, list[tuple[int, int]]]:
+    return {j.record.subgraph: [(p.min, p.max) for p in j.record.profiles] for j in plan.jobs if j.record.rank == rank}
+
+
+def test_each_decode_bucket_binds_one_profile_and_the_manifests_shapes(exported):
+    """What a captured decode step sets on each engine's bucket context, from the build plan's
+    profiles and the manifest: the rank's engines outside the MoE and the bucket's MoE form, the
+    profile holding the bucket (decode up to --decode-max, prefill past it), shapes at the bucket."""
+    man = exported("tiny", 2)
+    cfg = man.config
+    plan = make_build_plan(man, BuildSettings(decode_max=8), "11.4.0", [0])
+    assert man.moe.spec().startswith("gather:4,dense:16,")  # conftest's schedule
+    for rank in range(man.tp):
+        profiles = _profiles(plan, rank)
+        for bucket, form in ((1, "gather"), (4, "gather"), (8, "dense"), (16, "dense"), (32, "block")):
+            bound = trt_backend.bucket_bindings(man, rank, bucket, profiles)
+            assert set(bound) == {n for n, sg in man.subgraphs.items() if rank in sg.ranks and sg.form in (None, form)}
+            for name, b in bound.items():
+                lo, hi = profiles[name][b.profile]
+                assert lo <= bucket <= hi
+                if man.subgraphs[name].form is None:  # [decode 1..8, prefill 1..max_tokens]
+                    assert b.profile == (0 if bucket <= 8 else 1), (name, bucket)
+                else:  # one profile per MoE form, over its span
+                    assert b.profile == 0
+            assert bound["head"].outputs["logits"] == (bucket, cfg.vocab_size // man.tp)
+            assert bound["layers.0.attn_in"].inputs["residual"] == (bucket, cfg.hidden_size)
+            assert bound["layers.0.qk_rope"].outputs["q_rot"] == \
+                (bucket, cfg.num_attention_heads // man.tp, cfg.head_dim)
+            moe = bound[f"layers.0.moe_{form}"]
+            assert moe.inputs["h"] == (bucket, cfg.hidden_size)
+            for w in man.subgraphs[f"layers.0.moe_{form}"].weight_inputs:  # the experts: no token dimension
+                assert moe.inputs[w.name] == w.shape
+    # the default build: every bucket up to --decode-max is in the decode profile
+    plan = make_build_plan(man, BuildSettings(), "11.4.0", [0])
+    for bucket in (1, 2, 64, BuildSettings().decode_max):
+        assert {b.profile for b in trt_backend.bucket_bindings(man, 0, bucket, _profiles(plan, 0)).values()} == {0}
+    # a bucket an engine's profiles do not hold is refused before anything is captured
+    short = _profiles(plan, 0) | {"layers.1.o_proj": [(1, 4)]}
+    with pytest.raises(ValueError, match=r"decode bucket 8: engine layers.1.o_proj \(rank 0\)"):
+        trt_backend.bucket_bindings(man, 0, 8, short)
+    assert trt_backend.profile_for([(1, 8), (1, 64)], 8) == 0 and trt_backend.profile_for([(1, 8), (1, 64)], 9) == 1
+    assert trt_backend.profile_for([(1, 8)], 9) is None
 
 
 def test_build_plan_skips_what_is_up_to_date(exported):

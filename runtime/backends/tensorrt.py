@@ -7,17 +7,26 @@ another. Device buffers come from PyTorch; enqueues go on a non-default stream; 
 profile is chosen by token count. An engine that does not match the manifest (built from another
 ONNX file, or with other I/O) is an error, never a silent run.
 
-Not run here: TensorRT cannot be installed on these machines. The names it uses are checked against
-the real TensorRT 11.4 bindings (tests/test_engines.py).
+Decode steps captured in CUDA graphs (runtime/cuda_graphs.py): inside `capture_scope(bucket)` every
+engine of the bucket's step runs on an execution context of its own for that bucket, whose profile
+and input shapes are set once, before the warm-up enqueue that precedes capture, and never changed
+again; its enqueues go on the current stream (the capturing one), with no hand-off. docs/DESIGN.md
+("The TensorRT backend in CUDA graphs") gives the reasoning.
+
+Not run here: TensorRT cannot be installed on these machines, and no engine, eager or captured, has
+run anywhere. The names it uses are checked against the real TensorRT 11.4 bindings
+(tests/test_engines.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from export.manifest import EngineRecord, EnginesIndex, Manifest, ManifestError, SubgraphSpec, engine_file
+from export.manifest import (EngineRecord, EnginesIndex, Manifest, ManifestError, SubgraphSpec, SubgraphStep,
+                             engine_file)
 
 _TORCH_OF = {"BF16": torch.bfloat16, "FLOAT": torch.float32, "INT64": torch.int64, "HALF": torch.float16,
              "INT32": torch.int32, "BOOL": torch.bool}
@@ -46,6 +55,7 @@ class LoadedEngine:
     profiles: list[tuple[int, int]]  # (min, max) tokens per optimization profile
     scratch_bytes: int
     profile: int = -1
+    buckets: dict[int, object] = field(default_factory=dict)  # decode bucket -> its own context (capture)
 
 
 def engine_io(trt, engine) -> tuple[list[str], list[str], dict[str, str]]:
@@ -95,10 +105,15 @@ def bind_scratch(engines: list[LoadedEngine], ptr: int, size: int) -> None:
         e.context.set_device_memory(ptr, size)
 
 
+def profile_for(profiles: list[tuple[int, int]], tokens: int) -> int | None:
+    """The first optimization profile whose (min, max) tokens hold `tokens`: decode before prefill."""
+    return next((i for i, (lo, hi) in enumerate(profiles) if lo <= tokens <= hi), None)
+
+
 def enqueue(le: LoadedEngine, tokens: int, inputs: dict[str, torch.Tensor], alloc, stream_handle: int
             ) -> dict[str, torch.Tensor]:
     """Bind inputs, allocate outputs with `alloc(shape, dtype)`, and enqueue on the stream."""
-    profile = next((i for i, (lo, hi) in enumerate(le.profiles) if lo <= tokens <= hi), None)
+    profile = profile_for(le.profiles, tokens)
     if profile is None:
         raise ValueError(f"{tokens} tokens is outside every optimization profile {le.profiles}")
     ctx = le.context
@@ -118,6 +133,82 @@ def enqueue(le: LoadedEngine, tokens: int, inputs: dict[str, torch.Tensor], allo
     return outputs
 
 
+# ---- decode steps in CUDA graphs -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BucketBinding:
+    """What one engine's context for one decode bucket is set to before capture: its profile and
+    the shapes of its inputs and outputs at the bucket's token count, from the manifest."""
+    profile: int
+    inputs: dict[str, tuple[int, ...]]
+    outputs: dict[str, tuple[int, ...]]
+
+
+def bucket_bindings(manifest: Manifest, rank: int, bucket: int, profiles: dict[str, list[tuple[int, int]]]
+                    ) -> dict[str, BucketBinding]:
+    """The engines a decode step of `bucket` tokens runs on `rank` (the manifest's subgraph steps at
+    the bucket's MoE form, as StepExecutor.forward picks them), each with the profile the bucket falls
+    in (`profiles`: each engine's (min, max) per profile, from engines.json). A bucket outside every
+    profile of an engine it runs is an error: that step could not run, captured or not."""
+    form = manifest.moe.pick(bucket)
+    out: dict[str, BucketBinding] = {}
+    for step in manifest.steps:
+        if not isinstance(step, SubgraphStep):
+            continue
+        name = step.pick(form)
+        sg = manifest.subgraphs[name]
+        if rank not in sg.ranks:
+            continue
+        profile = profile_for(profiles[name], bucket)
+        if profile is None:
+            raise ValueError(f"decode bucket {bucket}: engine {name} (rank {rank}) has no optimization profile "
+                             f"that holds it ({profiles[name]}); rebuild the engines with a larger --decode-max "
+                             "or lower --max-num-seqs")
+        out[name] = BucketBinding(profile, {t.name: t.concrete(bucket) for t in sg.inputs + sg.weight_inputs},
+                                  {t.name: t.concrete(bucket) for t in sg.outputs})
+    return out
+
+
+def bucket_context(trt, le: LoadedEngine, name: str, binding: BucketBinding, scratch_ptr: int, scratch_bytes: int,
+                   stream_handle: int):
+    """A new context of `le` for one decode bucket: the shared scratch, the bucket's profile and input
+    shapes, set now and never again (a graph replays the work captured for that state). The output
+    shapes TensorRT infers must be the manifest's."""
+    ctx = le.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+    ctx.set_device_memory(scratch_ptr, scratch_bytes)
+    ctx.set_optimization_profile_async(binding.profile, stream_handle)
+    for n, shape in binding.inputs.items():
+        if not ctx.set_input_shape(n, shape):
+            raise ValueError(f"engine {name}: input {n} of shape {shape} is outside profile {binding.profile}")
+    missing = list(ctx.infer_shapes())
+    if missing:
+        raise ValueError(f"engine {name}: the shapes of {missing} are not determined by its inputs")
+    for n, shape in binding.outputs.items():
+        got = tuple(ctx.get_tensor_shape(n))
+        if got != shape:
+            raise ManifestError(f"engine {name}: TensorRT infers output {n} as {got}, the manifest says {shape}; "
+                                "rebuild the engines")
+    return ctx
+
+
+def enqueue_bound(le: LoadedEngine, ctx, name: str, binding: BucketBinding, inputs: dict[str, torch.Tensor], alloc,
+                  stream_handle: int) -> dict[str, torch.Tensor]:
+    """Enqueue on a bucket's context, whose shapes are already set: only tensor addresses change
+    (host calls, not stream work), and outputs come from `alloc` (inside capture: the graph's pool)."""
+    for n, shape in binding.inputs.items():
+        t = inputs[n].contiguous()
+        if tuple(t.shape) != shape:
+            raise ValueError(f"engine {name}: input {n} is {tuple(t.shape)}, its bucket context was set to {shape}")
+        ctx.set_tensor_address(n, t.data_ptr())
+    outputs = {}
+    for n, shape in binding.outputs.items():
+        outputs[n] = alloc(shape, _TORCH_OF.get(le.dtypes[n], torch.float32))
+        ctx.set_tensor_address(n, outputs[n].data_ptr())
+    if not ctx.execute_async_v3(stream_handle):
+        raise RuntimeError(f"TensorRT enqueue of {name} failed")
+    return outputs
+
+
 class TrtBackend:
     name = "trt"
 
@@ -130,7 +221,9 @@ class TrtBackend:
                                 "of time to check the graphs); they do not load in TensorRT 11. Build the serving "
                                 "engines on the A100 machine: `make engines ... TENSORRT=tensorrt`")
         self.dtype, self.device = torch.bfloat16, torch.device(device)
-        self.trt = trt
+        self.trt, self.manifest, self.rank = trt, manifest, rank
+        self.bucket: int | None = None  # inside capture_scope: the decode bucket being warmed up and captured
+        self._bindings: dict[int, dict[str, BucketBinding]] = {}
         self.logger, self.runtime = make_runtime(trt, built.settings.get("version_compatible", False))
         self.engines: dict[str, LoadedEngine] = {}
         for name, sg in manifest.on_rank(rank).items():
@@ -155,10 +248,43 @@ class TrtBackend:
                 self.weights.setdefault(name, {})[n] = on_device[id(a)]
         scratch = max((e.scratch_bytes for e in self.engines.values()), default=0)
         self.scratch = torch.empty(max(scratch, 1), dtype=torch.uint8, device=self.device)
+        self.scratch_bytes = scratch
         bind_scratch(list(self.engines.values()), self.scratch.data_ptr(), scratch)
         self.stream = torch.cuda.Stream(device=self.device)
 
+    @contextmanager
+    def capture_scope(self, bucket: int):
+        """DecodeGraphs' warm-up and capture of one bucket's step (runtime/cuda_graphs.py): runs go to
+        the bucket's own contexts, on the current stream. The bucket's profiles are checked on entry."""
+        if bucket not in self._bindings:
+            profiles = {name: le.profiles for name, le in self.engines.items()}
+            self._bindings[bucket] = bucket_bindings(self.manifest, self.rank, bucket, profiles)
+        self.bucket = bucket
+        try:
+            yield
+        finally:
+            self.bucket = None
+
+    def _run_bucket(self, name: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        le, binding = self.engines[name], self._bindings[self.bucket][name]
+        stream = torch.cuda.current_stream(self.device)
+        if stream.cuda_stream == 0:  # DecodeGraphs warms up on a side stream and captures on torch's
+            raise RuntimeError("a bucket's TensorRT enqueue must not go on the default stream")
+        ctx = le.buckets.get(self.bucket)
+        if ctx is None:
+            # Made and shaped just before its first (warm-up) enqueue, on the same stream, as the
+            # eager path switches profiles; never during capture.
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"engine {name}: no context for bucket {self.bucket} was warmed up before capture")
+            ctx = le.buckets[self.bucket] = bucket_context(self.trt, le, name, binding, self.scratch.data_ptr(),
+                                                           self.scratch_bytes, stream.cuda_stream)
+        return enqueue_bound(le, ctx, name, binding, inputs | self.weights.get(name, {}),
+                             lambda shape, dtype: torch.empty(shape, dtype=dtype, device=self.device),
+                             stream.cuda_stream)
+
     def run(self, name: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.bucket is not None:
+            return self._run_bucket(name, inputs)
         tokens = next(iter(inputs.values())).shape[0]
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
