@@ -11,7 +11,7 @@ from export.manifest import AllReduceStep, AttentionStep, BroadcastStep, Manifes
 from .attention import AttentionMetadata, paged_attention, paged_decode_attention
 from .block_tables import DeviceTables, TableDelta
 from .kv_cache import KVCache
-from .vocab_parallel import VocabGather
+from .vocab_parallel import StepExtras, VocabGather
 
 
 class SingleRank:
@@ -51,6 +51,7 @@ class StepExecutor:
         self.moe = manifest.moe  # which MoE form runs at which token count
         self.hidden = manifest.config.hidden_size
         self.last_form = ""  # MoE form of the last step (for stats)
+        self.last_logprobs = None  # rank 0's LogprobStats of the last step that asked for them
         head = manifest.subgraphs["head"].outputs[0]
         self.vocab = VocabGather(self.comm, manifest.config.vocab_size, head.shape[-1])
         self.tables = DeviceTables(backend.device)  # every rank's block tables, updated as each step says
@@ -62,14 +63,15 @@ class StepExecutor:
                                               decode.use_graphs)
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-            logits_rows: torch.Tensor, candidates: int = 0) -> torch.Tensor | None:
+            logits_rows: torch.Tensor, candidates: int = 0, extras: StepExtras | None = None) -> torch.Tensor | None:
         """One forward step over packed tokens; returns float32 logits [len(logits_rows), V] on rank 0.
         Rank 0 first sends the step's metadata to the other ranks, which run the same step.
         candidates: what sampling needs of each rank's vocabulary slice (runtime/vocab_parallel.py):
-        1 greedy, k the top k, 0 everything; entries not sent are -inf."""
+        1 greedy, k the top k, 0 everything; entries not sent are -inf. extras: grammar masks and
+        logprobs (`last_logprobs` then holds rank 0's LogprobStats)."""
         if self.comm.world > 1:
-            self.comm.share_step((ids, positions, meta, logits_rows, candidates))
-        return self._run(ids, positions, meta, logits_rows, candidates)
+            self.comm.share_step((ids, positions, meta, logits_rows, candidates, extras))
+        return self._run(ids, positions, meta, logits_rows, candidates, extras)
 
     def serve(self) -> None:
         """The loop of ranks other than 0: run each step rank 0 sends, until it sends None."""
@@ -85,7 +87,7 @@ class StepExecutor:
             if self.backend.device.type == "cuda":
                 torch.cuda.synchronize(self.backend.device)
 
-    def _run(self, ids, positions, meta, logits_rows, candidates=0):
+    def _run(self, ids, positions, meta, logits_rows, candidates=0, extras=None):
         dev = self.backend.device
         tables = meta.block_tables
         if isinstance(tables, TableDelta):
@@ -100,6 +102,12 @@ class StepExecutor:
             meta = AttentionMetadata(meta.slot_mapping.to(dev), meta.q_lens, meta.context_lens, tables)
             self.last_form = self.moe.pick(ids.numel())
             local = self.forward(ids.to(dev), positions.to(dev), logits_rows.to(dev), meta=meta)
+        self.last_logprobs = None
+        if extras is not None:  # raw logprobs first, then the grammar's mask (runtime/vocab_parallel.py)
+            if extras.top_logprobs is not None:
+                self.last_logprobs = self.vocab.logprob_stats(local, extras.top_logprobs)
+            if extras.mask_rows:
+                local = self.vocab.apply_mask(local, extras.mask_rows, extras.mask)
         return self.vocab.finish(local, candidates)
 
     def forward(self, ids, positions, logits_rows, meta: AttentionMetadata | None = None, decode=None):
