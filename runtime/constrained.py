@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .text import TOOL_CALL_END, TOOL_CALL_START
+
 # The JSON-schema keywords the compiled grammar enforces (checked against jsonschema in
 # tests/test_constrained.py), and those that only annotate. Anything else is refused: a keyword the
 # grammar ignored would let an answer through that does not validate.
@@ -31,7 +33,9 @@ ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", 
 FORMATS = {"date", "time", "date-time", "uuid", "ipv4", "ipv6", "email"}
 # What the model writes between `</think>` and its tool-call block (the published template's "\n\n").
 TOOL_BLOCK_LEAD = r"[ \n]{0,4}"
-XML_WHITESPACE = 4  # at most this many whitespace characters in a row inside a call (newlines around values)
+# No whitespace of the grammar's own around a call's values: tool_calls.py keeps spaces around a string
+# value (and an enum's " open" would not be "open"), so the value text must be the value.
+XML_WHITESPACE = 1
 
 
 class SchemaError(ValueError):
@@ -92,20 +96,24 @@ class Spec:
         return json.dumps([self.kind, self.schema, list(self.tools), self.one_call], sort_keys=True)
 
 
-def tool_call_tag(tools, one_call: bool) -> dict:
+def tool_call_tag(tools, one_call: bool, begin: int | None = None, end: int | None = None) -> dict:
     """The structural tag of one MiniMax tool-call block (docs/DESIGN.md "Tool calls"): invokes of
     the given tools (exactly one with one_call), each parameter's value as the schema's type in the
-    published XML form (strings as text, the rest as JSON)."""
+    published XML form (strings as text, the rest as JSON). begin / end: the block tags' token ids,
+    where the tokenizer has them as single tokens (the model writes them so; their spelling
+    character by character is then not allowed)."""
+    edge = lambda tok, text: {"type": "token", "token": tok} if tok is not None \
+        else {"type": "const_string", "value": text}  # noqa: E731
     tags = [{"type": "tag", "begin": f'<invoke name="{t["function"]["name"]}">\n',
              "content": {"type": "json_schema", "style": "minimax_xml", "max_whitespace_cnt": XML_WHITESPACE,
                          "json_schema": t["function"].get("parameters") or {"type": "object"}},
              "end": "</invoke>\n"} for t in tools]
     return {"type": "structural_tag", "format": {"type": "sequence", "elements": [
         {"type": "regex", "pattern": TOOL_BLOCK_LEAD},
-        {"type": "const_string", "value": "<minimax:tool_call>\n"},
+        edge(begin, TOOL_CALL_START), {"type": "const_string", "value": "\n"},
         {"type": "tags_with_separator", "tags": tags, "separator": "", "at_least_one": True,
          "stop_after_first": one_call},
-        {"type": "const_string", "value": "</minimax:tool_call>"}]}}
+        edge(end, TOOL_CALL_END)]}}
 
 
 class Grammars:
@@ -116,6 +124,7 @@ class Grammars:
     def __init__(self, codec, vocab_size: int, eos_ids: list[int]):
         self.codec, self.vocab_size, self.eos_ids = codec, vocab_size, list(eos_ids)
         self._compiler = None
+        self._keep: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
 
     def _get(self):
@@ -139,28 +148,46 @@ class Grammars:
                 # Compact JSON (", " and ": "): a free run of whitespace is where constrained models loop.
                 return c.compile_json_schema(json.dumps(spec.schema), any_whitespace=False, strict_mode=True)
             if spec.kind == "tools":
-                return c.compile_structural_tag(json.dumps(tool_call_tag(spec.tools, spec.one_call)))
+                ids = {t: i for i, t in self.codec.literal.items()}
+                tag = tool_call_tag(spec.tools, spec.one_call, ids.get(TOOL_CALL_START), ids.get(TOOL_CALL_END))
+                return c.compile_structural_tag(json.dumps(tag))
         except (RuntimeError, ValueError) as e:
             raise SchemaError(f"the grammar could not be compiled: {str(e).strip().splitlines()[-1]}") from None
         raise ValueError(f"unknown constraint kind {spec.kind!r}")
 
     def constraint(self, spec: Spec, in_thinking: bool) -> "Constraint":
-        return self.constraint_for(self.compile(spec), in_thinking)
+        return self.constraint_for(self.compile(spec), in_thinking, spec.kind)
 
-    def constraint_for(self, compiled, in_thinking: bool) -> "Constraint":
+    def constraint_for(self, compiled, in_thinking: bool, kind: str = "json") -> "Constraint":
         """A matcher of a compiled grammar, starting after `</think>` when the prompt opened a thinking block."""
-        return Constraint(compiled, self.codec.think_end if in_thinking else None, self.vocab_size)
+        return Constraint(compiled, self.codec.think_end if in_thinking else None, self.vocab_size, self.keep(kind))
+
+    def keep(self, kind: str) -> torch.Tensor:
+        """[ceil(V / 32)] int32: the tokens a grammar of this kind may ever use. The library's JSON strings
+        take raw control characters, which JSON forbids (json.loads and pydantic refuse them): tokens
+        holding a byte below 0x20 are never allowed in JSON (compact: it needs no whitespace), and only
+        the newline in a tool-call block (between its tags; string values are text)."""
+        with self._lock:
+            if kind not in self._keep:
+                ok = b"\n" if kind == "tools" else b""
+                words = [0xFFFFFFFF] * ((self.vocab_size + 31) // 32)
+                for i, raw in enumerate(self.codec.grammar_vocab()):
+                    if any(b < 0x20 and bytes([b]) not in ok for b in raw):
+                        words[i // 32] &= ~(1 << (i % 32))
+                # as int32 words (two's complement), the library's bitmask type
+                self._keep[kind] = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
+            return self._keep[kind]
 
 
 class Constraint:
     """One request's matcher. `wait_for`: the token id after which the grammar starts (the end of
     the thinking block), None to start at once."""
 
-    def __init__(self, compiled, wait_for: int | None, vocab_size: int):
+    def __init__(self, compiled, wait_for: int | None, vocab_size: int, keep: torch.Tensor | None = None):
         import xgrammar as xgr
 
         self.matcher = xgr.GrammarMatcher(compiled)
-        self.wait_for, self.vocab_size = wait_for, vocab_size
+        self.wait_for, self.vocab_size, self.keep = wait_for, vocab_size, keep
 
     @property
     def active(self) -> bool:
@@ -169,6 +196,8 @@ class Constraint:
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         self.matcher.fill_next_token_bitmask(bitmask, row)
+        if self.keep is not None:
+            bitmask[row] &= self.keep
 
     def accept(self, token: int) -> bool:
         """Advance past a sampled token; False if the grammar does not allow it (a bug: the mask did)."""

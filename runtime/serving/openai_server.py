@@ -197,7 +197,7 @@ class OpenAIServer:
             compiled = await asyncio.to_thread(grammars.compile, spec)
         except (SchemaError, RequestError) as e:
             raise OpenAIError(str(e), spec_param(spec)) from None
-        return grammars.constraint_for(compiled, self.codec.in_thinking(prompt))
+        return grammars.constraint_for(compiled, self.codec.in_thinking(prompt), spec.kind)
 
     async def _events(self, http: HTTPRequest, prompt: list[int], params, text: OutputText | None,
                       constraint=None) -> AsyncIterator[Event]:
