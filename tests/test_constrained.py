@@ -163,15 +163,15 @@ def test_engine_outputs_validate_and_agree_at_tp1_tp2_with_logprobs(exported, hf
         e = LLMEngine.start(exported("tiny", tp).root, EngineConfig(backend="ort"))
         try:
             prompt = e.codec.encode_chat([{"role": "user", "content": "weather?"}], thinking=False)
-            seqs, steps = [], []
+            seqs, lps[tp] = [], {}
             for seed, temp in ((0, 0.0), (1, 1.0), (2, 1.0)):
                 c = e.grammars.constraint(Spec("json", schema=SMALL), e.codec.in_thinking(prompt))
                 seqs.append(e.add_request(prompt, SamplingParams(temperature=temp, seed=seed, max_tokens=60,
                                                                  logprobs=3), c))
             while e.has_unfinished():
-                steps += e.step()
+                for o in e.step():  # keyed by (request, tokens so far) as the step leaves them
+                    lps[tp][seqs.index(o.seq), len(o.seq.output)] = (o.logprob, o.top_logprobs)
             outs[tp] = [list(s.output) for s in seqs]
-            lps[tp] = {(o.seq.id - seqs[0].id, len(o.seq.output)): (o.logprob, o.top_logprobs) for o in steps}
             for s in seqs:
                 assert s.finish_reason == "stop"
                 jsonschema.validate(json.loads(e.codec.decode(s.output)), SMALL)
