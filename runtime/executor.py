@@ -12,7 +12,7 @@ from .attention import AttentionMetadata, paged_attention, paged_decode_attentio
 from .block_tables import DeviceTables, TableDelta
 from .dispatch import NONE, Dispatch, StepPlan
 from .kv_cache import KVCache
-from .vocab_parallel import VocabGather
+from .vocab_parallel import StepExtras, VocabGather
 
 
 class SingleRank:
@@ -54,6 +54,7 @@ class StepExecutor:
         self.decode_layers = getattr(backend, "decode_layers", {})
         self.hidden = manifest.config.hidden_size
         self.last_ran = ""  # what the last step ran (StepPlan.ran, for stats)
+        self.last_logprobs = None  # rank 0's LogprobStats of the last step that asked for them
         self._step_layer = self._layers_of_steps(manifest)
         head = manifest.subgraphs["head"].outputs[0]
         self.vocab = VocabGather(self.comm, manifest.config.vocab_size, head.shape[-1])
@@ -66,14 +67,15 @@ class StepExecutor:
                                               decode.use_graphs)
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-            logits_rows: torch.Tensor, candidates: int = 0) -> torch.Tensor | None:
+            logits_rows: torch.Tensor, candidates: int = 0, extras: StepExtras | None = None) -> torch.Tensor | None:
         """One forward step over packed tokens; returns float32 logits [len(logits_rows), V] on rank 0.
         Rank 0 first sends the step's metadata to the other ranks, which run the same step.
         candidates: what sampling needs of each rank's vocabulary slice (runtime/vocab_parallel.py):
-        1 greedy, k the top k, 0 everything; entries not sent are -inf."""
+        1 greedy, k the top k, 0 everything; entries not sent are -inf. extras: grammar masks and
+        logprobs (`last_logprobs` then holds rank 0's LogprobStats)."""
         if self.comm.world > 1:
-            self.comm.share_step((ids, positions, meta, logits_rows, candidates))
-        return self._run(ids, positions, meta, logits_rows, candidates)
+            self.comm.share_step((ids, positions, meta, logits_rows, candidates, extras))
+        return self._run(ids, positions, meta, logits_rows, candidates, extras)
 
     def serve(self) -> None:
         """The loop of ranks other than 0: run each step rank 0 sends, until it sends None."""
@@ -89,7 +91,7 @@ class StepExecutor:
             if self.backend.device.type == "cuda":
                 torch.cuda.synchronize(self.backend.device)
 
-    def _run(self, ids, positions, meta, logits_rows, candidates=0):
+    def _run(self, ids, positions, meta, logits_rows, candidates=0, extras=None):
         dev = self.backend.device
         tables = meta.block_tables
         if isinstance(tables, TableDelta):
@@ -111,6 +113,12 @@ class StepExecutor:
             self.last_ran = plan.ran
             local = self.forward(ids.to(dev), positions.to(dev), logits_rows.to(dev), meta=meta, decode=decode,
                                  plan=plan)
+        self.last_logprobs = None
+        if extras is not None:  # raw logprobs first, then the grammar's mask (runtime/vocab_parallel.py)
+            if extras.top_logprobs is not None:
+                self.last_logprobs = self.vocab.logprob_stats(local, extras.top_logprobs)
+            if extras.mask_rows:
+                local = self.vocab.apply_mask(local, extras.mask_rows, extras.mask)
         return self.vocab.finish(local, candidates)
 
     @staticmethod

@@ -10,9 +10,12 @@ from export.config import note_missing_eos
 from export.manifest import Manifest, ManifestError, find_manifest
 from export.text_config import GenerationDefaults
 
+import torch
+
 from .block_manager import BlockManager
 from .block_tables import TableRows
 from .config import EngineConfig
+from .constrained import Grammars, bitmask
 from .rank import build_rank
 from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler
@@ -20,7 +23,7 @@ from .sequence import Sequence, Status
 from .step_inputs import build_step, record_computed
 from .text import TextCodec
 from .validation import Limits, RequestError
-from .vocab_parallel import candidates_needed
+from .vocab_parallel import StepExtras, candidates_needed
 
 __all__ = ["LLMEngine", "RequestError", "StepOutput"]
 
@@ -32,6 +35,8 @@ class StepOutput:
     token: int | None
     finished: bool
     error: str | None = None
+    logprob: float | None = None                          # with params.logprobs: the token's raw logprob
+    top_logprobs: list[tuple[int, float]] | None = None   # and the params.logprobs most likely (id, logprob)
 
 
 @dataclass
@@ -67,6 +72,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self.stats = Stats()
         self._group = None
+        self._grammars = None
 
     @classmethod
     def start(cls, model: str | Path, config: EngineConfig | None = None) -> "LLMEngine":
@@ -114,14 +120,25 @@ class LLMEngine:
         """Parameters for a request: what it leaves unset comes from the model's generation_config.json."""
         return SamplingParams.with_defaults(self.generation_defaults, temperature, top_p, top_k, **given)
 
-    def add_request(self, prompt: list[int], params: SamplingParams | None = None) -> Sequence:
+    def add_request(self, prompt: list[int], params: SamplingParams | None = None, constraint=None) -> Sequence:
         """Validate and queue one request (params None: the model's defaults); a bad one raises
-        RequestError and changes nothing."""
+        RequestError and changes nothing. constraint: a grammar's matcher for this request
+        (runtime/constrained.py, from `grammars`)."""
         params = params or self.sampling_params()
         self.check_request(prompt, params)
         seq = Sequence(prompt, params)  # copies the prompt
+        seq.constraint = constraint
         self.scheduler.add(seq)
         return seq
+
+    @property
+    def grammars(self) -> Grammars:
+        """The grammar compiler for this model's vocabulary (built on first use; needs a tokenizer)."""
+        if self._grammars is None:
+            if self.codec is None:
+                raise RequestError("constrained decoding needs the model's tokenizer.json")
+            self._grammars = Grammars(self.codec, self.model_config.vocab_size, self.model_config.eos_token_ids)
+        return self._grammars
 
     @property
     def limits(self) -> Limits:
@@ -167,21 +184,28 @@ class LLMEngine:
         inputs = build_step(batch, self.blocks.block_size, self.table_rows)
         self.stats.prefill_tokens += inputs.prefill_tokens
         self.stats.decode_tokens += inputs.decode_tokens
+        # A prompt chunk that leaves more of its prompt to compute samples nothing.
+        done = [i for i in range(len(batch.seqs)) if batch.completes(i)]
+        extras = self._extras(batch.seqs, done)
         t0 = time.perf_counter()
         logits = self.executor.run(inputs.ids, inputs.positions, inputs.meta, inputs.logits_rows,
-                                   candidates_needed([s.params for i, s in enumerate(batch.seqs) if batch.completes(i)]))
+                                   candidates_needed([batch.seqs[i].params for i in done]), extras)
         self.stats.forward_seconds += time.perf_counter() - t0
         self.stats.steps += 1
         form = self.executor.last_ran
         self.stats.forms[form] = self.stats.forms.get(form, 0) + 1
-        # A prompt chunk that leaves more of its prompt to compute samples nothing.
-        done = [i for i in range(len(batch.seqs)) if batch.completes(i)]
         sampled, failed = {}, {}
         if done:
             toks, bad = self.sampler.sample(logits[done] if len(done) < len(batch.seqs) else logits,
                                             [batch.seqs[i].id for i in done], [batch.seqs[i].params for i in done])
             sampled = dict(zip(done, toks))
             failed = {done[j]: why for j, why in bad.items()}
+            for i, tok in sampled.items():
+                c = batch.seqs[i].constraint
+                if i not in failed and c is not None and not c.accept(tok):
+                    failed[i] = f"the grammar does not allow the sampled token {tok}"
+        logprobs = self._logprobs(batch.seqs, logits, sampled, failed) if extras and extras.top_logprobs is not None \
+            else {}
         record_computed(batch, self.blocks)
         out = []
         for i, seq in enumerate(batch.seqs):
@@ -198,7 +222,40 @@ class LLMEngine:
             if reason:
                 self.scheduler.finish(seq, reason)
                 self.sampler.forget(seq.id)
-            out.append(StepOutput(seq, tok, reason is not None))
+            out.append(StepOutput(seq, tok, reason is not None, None, *logprobs.get(i, (None, None))))
+        return out
+
+    def _extras(self, seqs: list[Sequence], done: list[int]) -> StepExtras | None:
+        """The step's grammar masks and logprobs needs; None (nothing sent, nothing computed) when no
+        sampled row is constrained or asks for logprobs."""
+        rows = [i for i in done if seqs[i].constraint is not None and seqs[i].constraint.active]
+        want = [seqs[i].params.logprobs for i in done if seqs[i].params.logprobs is not None]
+        if not rows and not want:
+            return None
+        mask = None
+        if rows:
+            mask = bitmask(len(rows), self.model_config.vocab_size)
+            for j, i in enumerate(rows):
+                seqs[i].constraint.fill(mask, j)
+        return StepExtras(rows, mask, max(want) if want else None)
+
+    def _logprobs(self, seqs, logits, sampled: dict[int, int], failed) -> dict[int, tuple]:
+        """{row: (the sampled token's logprob, its top alternatives)} for the rows that asked: raw logits
+        (before temperature and the grammar's mask) less the row's logsumexp over the vocabulary."""
+        stats = self.executor.last_logprobs
+        rows = [i for i in sampled if i not in failed and seqs[i].params.logprobs is not None]
+        if not rows or stats is None:
+            return {}
+        at = torch.tensor(rows, device=logits.device)
+        toks = torch.tensor([sampled[i] for i in rows], device=logits.device)
+        lse = stats.lse.to(logits.device)[at]
+        chosen = (logits[at, toks] - lse).tolist()
+        top_lp = (stats.top_values.to(logits.device)[at] - lse[:, None]).tolist()
+        top_ids = stats.top_ids[at.to(stats.top_ids.device)].tolist()
+        out = {}
+        for j, i in enumerate(rows):
+            n = seqs[i].params.logprobs
+            out[i] = (chosen[j], list(zip(top_ids[j][:n], top_lp[j][:n])))
         return out
 
     def _stop_reason(self, seq: Sequence, tok: int) -> str | None:

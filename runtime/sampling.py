@@ -7,6 +7,8 @@ import torch
 
 from export.text_config import GenerationDefaults
 
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs bound; vLLM's default max_logprobs)
+
 
 @dataclass
 class SamplingParams:
@@ -17,6 +19,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)  # besides the model's end-of-turn token
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; n: each token's logprob and the n most likely (0..MAX_LOGPROBS)
 
     @classmethod
     def with_defaults(cls, defaults: GenerationDefaults, temperature: float | None = None,
@@ -42,6 +45,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.seed is not None and not -(2 ** 63) <= self.seed < 2 ** 64:
             raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in 0..{MAX_LOGPROBS}, got {self.logprobs}")
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"stop token ids {bad} are outside the vocabulary (0..{vocab_size - 1})")

@@ -60,6 +60,7 @@ class Sequence:
         self.num_cached_prompt = 0   # of those, how many came from the prefix cache at the last admission
         self.num_prefilled = 0       # tokens this sequence computed in prefills, over its life
         self.finish_reason: str | None = None
+        self.constraint = None  # a grammar's matcher (runtime/constrained.py), or None: free text
         # prefix-cache bookkeeping (runtime/block_manager.py): the leading blocks of block_table
         # registered so far, and the chained hash of the last of them
         self.num_hashed = 0

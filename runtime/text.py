@@ -32,6 +32,11 @@ class TextCodec:
         self.think_end = self.tok.token_to_id(THINK_END)
         # Shown as their text whether or not the tokenizer marks them special (the tool-call parser reads them).
         self.literal = {i: t for t in (TOOL_CALL_START, TOOL_CALL_END) if (i := self.tok.token_to_id(t)) is not None}
+        self._special = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special} - set(self.literal)
+        decoder = json.loads(self.tok.to_str()).get("decoder") or {}
+        kinds = [d.get("type") for d in decoder.get("decoders", [decoder])]
+        self.byte_level = "ByteLevel" in kinds
+        self._byte_of = None  # the byte-level alphabet's inverse, built on first use
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                          extensions=["jinja2.ext.loopcontrols"])
 
@@ -79,6 +84,42 @@ class TextCodec:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+    def token_bytes(self, token: int) -> bytes:
+        """One token's bytes as the output shows them (logprobs' `bytes`; the grammar's vocabulary):
+        a regular token's byte-level BPE string mapped back to bytes, a tool-call tag its text, any
+        other special token nothing (the output never shows one)."""
+        if self._byte_of is None:
+            self._byte_of = _byte_level_decoder()
+        if token in self.literal:
+            return self.literal[token].encode()
+        if token in self._special:
+            return b""
+        piece = self.tok.id_to_token(token)
+        if piece is None:
+            return b""
+        return bytes(self._byte_of[c] for c in piece)
+
+    def grammar_vocab(self) -> list[bytes]:
+        """Every token's bytes (token_bytes), for the grammar library; byte-level BPE only (the published
+        tokenizer's kind)."""
+        if not self.byte_level:
+            raise ValueError("constrained decoding needs a byte-level BPE tokenizer (tokenizer.json's decoder "
+                             "is not ByteLevel)")
+        return [self.token_bytes(i) for i in range(self.tok.get_vocab_size())]
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """The byte-level BPE alphabet (each byte as one printable character, GPT-2's table) inverted."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 class Detokenizer:

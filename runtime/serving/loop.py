@@ -41,6 +41,8 @@ class Event:
     seq: Sequence | None
     batch_size: int = 0
     error: str | None = None
+    logprob: float | None = None                          # with logprobs asked: the token's
+    top_logprobs: list[tuple[int, float]] | None = None   # and its alternatives (id, logprob)
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Request:
     on_event: Callable[[Event], None]          # called on the loop's thread; must not block
     text: OutputText | None = None             # None: ids only (no tokenizer)
     is_cancelled: Callable[[], bool] | None = None  # polled between steps (e.g. Triton's sender)
+    constraint: object | None = None           # a grammar's matcher (runtime/constrained.py)
     seq: Sequence | None = None
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -172,7 +175,7 @@ class ServingLoop:
                 self._fail(req, self.dead)
             else:
                 try:
-                    req.seq = self.engine.add_request(req.prompt, req.params)
+                    req.seq = self.engine.add_request(req.prompt, req.params, req.constraint)
                     self.active[req.seq.id] = req
                 except RequestError as e:
                     self._fail(req, str(e))
@@ -208,7 +211,7 @@ class ServingLoop:
             return
         if finished:
             self.active.pop(seq.id, None)
-        self._send(req, Event(out.token, delta, finished, reason, seq, batch))
+        self._send(req, Event(out.token, delta, finished, reason, seq, batch, None, out.logprob, out.top_logprobs))
 
     def _drop_cancelled(self) -> None:
         for req in [r for r in self.active.values() if r.cancelled]:

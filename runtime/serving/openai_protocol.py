@@ -2,8 +2,8 @@
 shape. The models say each field's JSON type and range, so /openapi.json documents what the server
 accepts; runtime/validation.py then checks what a schema cannot say (the context, the vocabulary).
 
-A field that would change the result and is not implemented (n > 1, logprobs, penalties,
-response_format, ...) is refused with a 400, never ignored; fields that change nothing here
+A field that would change the result and is not implemented (n > 1, penalties, echo, ...) is
+refused with a 400, never ignored; fields that change nothing here
 (user, metadata, store, stream_options' include_usage, ...) are accepted."""
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
+from ..sampling import MAX_LOGPROBS
 from ..validation import MAX_STOP_CHARS, MAX_STOP_IDS, MAX_STOP_STRINGS, MAX_TOOLS, SEED_RANGE
 
 # Accepted and without effect on the tokens.
-HARMLESS = {"user", "metadata", "store", "stream_options", "service_tier", "parallel_tool_calls"}
+HARMLESS = {"user", "metadata", "store", "stream_options", "service_tier"}
 # Not implemented; accepted only at the value that means "off".
-OFF_VALUES = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "presence_penalty": (None, 0),
-              "frequency_penalty": (None, 0), "repetition_penalty": (None, 1), "logit_bias": (None, {}),
-              "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "response_format": (None,),
-              "min_tokens": (None, 0), "prompt_logprobs": (None, 0)}
+OFF_VALUES = {"presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
+              "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None, ""), "min_tokens": (None, 0),
+              "prompt_logprobs": (None, 0)}
 
 
 class OpenAIError(Exception):
@@ -143,17 +143,52 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")] = "response"
+    description: str | None = None
+    # "schema" shadows a pydantic BaseModel attribute: held under another name, read by its alias
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: free text, any JSON object, or JSON matching a schema
+    (runtime/constrained.py enforces it token by token)."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+TopLogprobs = Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]
+
+
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: StrictBool | None = None  # false: at most (with tool_choice required/named: exactly) one
+    response_format: ResponseFormat | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: TopLogprobs | None = None
     thinking: StrictBool = True                  # false: the prompt closes the thinking block
 
     def check(self) -> None:
         super().check()
-        if self.tool_choice not in (None, "none", "auto"):
-            raise OpenAIError("tool_choice other than 'auto' or 'none' is not supported yet", "tool_choice")
+        if self.top_logprobs and not self.logprobs:
+            raise OpenAIError("top_logprobs needs logprobs: true", "top_logprobs")
+        forced = self.tool_choice not in (None, "none", "auto")
+        if forced and not self.tools:
+            raise OpenAIError("tool_choice 'required' or a named function needs tools", "tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice) and \
+                self.tool_choice.function.name not in {t.function.name for t in self.tools}:
+            raise OpenAIError(f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools",
+                              "tool_choice")
+        rf = self.response_format
+        if forced and rf is not None and rf.type != "text":
+            raise OpenAIError("response_format and a forced tool_choice cannot both hold the answer", "response_format")
+        if rf is not None and rf.type == "json_schema" and (rf.json_schema is None or rf.json_schema.schema_ is None):
+            raise OpenAIError("response_format json_schema needs json_schema.schema", "response_format.json_schema")
 
     def message_dicts(self) -> list[dict]:
         return [m.model_dump(exclude_none=True) for m in self.messages]
@@ -171,9 +206,18 @@ class CompletionRequest(_Sampling):
                   Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)],
                   Annotated[list[TokenIds], Field(min_length=1, max_length=1)]]
     return_token_ids: StrictBool = False         # vLLM's extension: token_ids in each choice
+    logprobs: TopLogprobs | None = None          # the legacy form: how many alternatives per token
+    echo: StrictBool = False
+    response_format: ResponseFormat | None = None  # vLLM's extension on completions
 
     def check(self) -> None:
         super().check()
+        if self.echo:
+            raise OpenAIError("echo is not supported: the LM head runs only where a token is sampled, so prompt "
+                              "logprobs are not computed", "echo")
+        if self.response_format is not None and self.response_format.type == "json_schema" and (
+                self.response_format.json_schema is None or self.response_format.json_schema.schema_ is None):
+            raise OpenAIError("response_format json_schema needs json_schema.schema", "response_format.json_schema")
         p = self.prompt
         if isinstance(p, list) and isinstance(p[0], (str, list)):
             self.prompt = p[0]

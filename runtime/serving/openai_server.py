@@ -34,6 +34,9 @@ from .. import validation
 from . import anthropic_api
 from ..llm_engine import LLMEngine, RequestError
 from ..output_text import OutputText
+from ..constrained import SchemaError, Spec
+from .constraints import chat_spec, spec_param
+from .logprobs import ChatLogprobs, CompletionLogprobs
 from .loop import Event, Request, ServingLoop
 from .openai_protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, OpenAIError
 from .tool_calls import CallDelta, Parsed, ToolCallParser, merge_calls
@@ -184,12 +187,25 @@ class OpenAIServer:
         if self.codec is None:
             raise OpenAIError(f"this model has no tokenizer.json: {what} needs one; send token ids to /v1/completions")
 
-    async def _events(self, http: HTTPRequest, prompt: list[int], params, text: OutputText | None
-                      ) -> AsyncIterator[Event]:
+    async def constraint(self, spec: Spec | None, prompt: list[int]):
+        """The request's grammar matcher (None: free text). The compile runs on a worker thread (the
+        library caches it by the grammar's text), so neither this event loop nor the serving loop waits."""
+        if spec is None:
+            return None
+        try:
+            grammars = self.engine.grammars
+            compiled = await asyncio.to_thread(grammars.compile, spec)
+        except (SchemaError, RequestError) as e:
+            raise OpenAIError(str(e), spec_param(spec)) from None
+        return grammars.constraint_for(compiled, self.codec.in_thinking(prompt), spec.kind)
+
+    async def _events(self, http: HTTPRequest, prompt: list[int], params, text: OutputText | None,
+                      constraint=None) -> AsyncIterator[Event]:
         """The request's events as they come; cancelled (blocks freed) if the client goes away."""
         aloop = asyncio.get_running_loop()
         q: asyncio.Queue[Event] = asyncio.Queue()
-        req = Request(prompt, params, lambda ev: aloop.call_soon_threadsafe(q.put_nowait, ev), text)
+        req = Request(prompt, params, lambda ev: aloop.call_soon_threadsafe(q.put_nowait, ev), text,
+                      constraint=constraint)
         self.loop.submit(req)
         done, first = False, True
         checked = time.monotonic()
@@ -248,15 +264,20 @@ class OpenAIServer:
         name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         params = self._params(body, ids, body.max_completion_tokens or body.max_tokens, name, "messages")
         self._check_capacity()
+        if body.logprobs:
+            params.logprobs = body.top_logprobs or 0
+        spec = chat_spec(body.response_format, tools, body.tool_choice, body.parallel_tool_calls)
         text = OutputText(self.codec, self.codec.in_thinking(ids), stops)
         # Always a parser: without declared tools (or with tool_choice 'none') every invoke is undeclared,
         # so the markup is dropped and never shown as content.
-        return ids, params, text, ToolCallParser(tools or [])
+        return ids, params, text, ToolCallParser(tools or []), spec
 
     async def chat(self, body: ChatCompletionRequest, http: HTTPRequest):
-        ids, params, text, parser = self._chat_prompt(body)
+        ids, params, text, parser, spec = self._chat_prompt(body)
+        constraint = await self.constraint(spec, ids)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", _now()
-        events = self._events(http, ids, params, text)
+        events = self._events(http, ids, params, text, constraint)
+        lp = ChatLogprobs(self.codec) if body.logprobs else None
 
         def split(ev: Event) -> tuple[str, Parsed]:
             parsed = parser.feed(ev.delta.content)
@@ -288,21 +309,26 @@ class OpenAIServer:
                     if parsed.calls:
                         called = True
                         delta["tool_calls"] = [_call_delta(c) for c in parsed.calls]
-                    if delta or ev.finished:
-                        yield _sse(head | {"choices": [{"index": 0, "delta": delta,
-                                                        "finish_reason": reason(ev, called) if ev.finished else None}]})
+                    logprobs = lp.entry(ev) if lp else None
+                    if delta or ev.finished or logprobs:
+                        choice = {"index": 0, "delta": delta, "finish_reason": reason(ev, called) if ev.finished else None}
+                        if logprobs:
+                            choice["logprobs"] = {"content": logprobs}
+                        yield _sse(head | {"choices": [choice]})
                     if ev.finished and include_usage:
                         yield _sse(head | {"choices": [], "usage": self._usage(ev, len(ids))})
                 yield b"data: [DONE]\n\n"
 
             return StreamingResponse(stream(), media_type="text/event-stream")
 
-        reasoning, content, calls, last = "", "", [], None
+        reasoning, content, calls, last, entries = "", "", [], None, []
         async for ev in events:
             if ev.error is not None:
                 raise OpenAIError(ev.error, status=503 if self.loop.dead else 500, kind="server_error")
             r, parsed = split(ev)
             reasoning, content, calls, last = reasoning + r, content + parsed.content, calls + parsed.calls, ev
+            if lp:
+                entries += lp.entry(ev)
         if last is None:  # the client went away
             return Response(status_code=499)
         message = {"role": "assistant", "content": content or (None if calls else ""),
@@ -311,7 +337,7 @@ class OpenAIServer:
             message["tool_calls"] = merge_calls(calls)
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
                 "choices": [{"index": 0, "message": message, "finish_reason": reason(last, bool(calls)),
-                             "logprobs": None}],
+                             "logprobs": {"content": entries} if lp else None}],
                 "usage": self._usage(last, len(ids))}
 
     # ---- completions --------------------------------------------------------------------------
@@ -326,14 +352,21 @@ class OpenAIServer:
         if body.stops() and self.codec is None:
             self._need_codec("stop strings")
         params = self._params(body, ids, body.max_tokens)
+        params.logprobs = body.logprobs
+        spec = chat_spec(body.response_format, None, None, None)
+        if (spec is not None or body.logprobs is not None) and self.codec is None:
+            self._need_codec("response_format and logprobs")
         self._check_capacity()
+        constraint = await self.constraint(spec, ids)
         # Raw completion: the text in order, thinking included (no </think> split is asked for here).
         text = OutputText(self.codec, False, body.stops()) if self.codec else None
         rid, created = f"cmpl-{uuid.uuid4().hex}", _now()
-        events = self._events(http, ids, params, text)
+        events = self._events(http, ids, params, text, constraint)
+        lp = CompletionLogprobs(self.codec) if body.logprobs is not None else None
 
         def choice(ev: Event, toks: list[int]) -> dict:
-            c = {"index": 0, "text": ev.delta.reasoning + ev.delta.content, "logprobs": None,
+            c = {"index": 0, "text": ev.delta.reasoning + ev.delta.content,
+                 "logprobs": lp.chunk(ev) if lp else None,
                  "finish_reason": ev.finish_reason if ev.finished else None}
             if body.return_token_ids:
                 c["token_ids"] = toks
@@ -357,9 +390,11 @@ class OpenAIServer:
                 raise OpenAIError(ev.error, status=503 if self.loop.dead else 500, kind="server_error")
             text_out, last = text_out + ev.delta.reasoning + ev.delta.content, ev
             toks.append(ev.token)
+            if lp:
+                lp.add(ev)
         if last is None:
             return Response(status_code=499)
-        c = {"index": 0, "text": text_out, "logprobs": None, "finish_reason": last.finish_reason}
+        c = {"index": 0, "text": text_out, "logprobs": lp.whole() if lp else None, "finish_reason": last.finish_reason}
         if body.return_token_ids:
             c["token_ids"] = toks
         return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
