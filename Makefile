@@ -24,7 +24,7 @@ TWINS       ?=
 EXPORT_ARGS  = $(if $(JOBS),--jobs $(JOBS)) $(if $(MAX_TOKENS),--max-tokens $(MAX_TOKENS)) \
                $(if $(wildcard $(MOE_FORMS)),--moe-forms-file $(MOE_FORMS))
 
-.PHONY: help setup tiny demo chat generate onnx engines verify-engines serve triton triton-server triton-serve bench bench-cpu test test-gpu clean
+.PHONY: help setup tiny demo chat generate onnx engines verify-engines serve triton triton-server triton-serve bench bench-cpu test test-slow test-gpu clean
 
 help:
 	@echo "make demo      set up, build the embedded toy model's export, run one chat turn on it"
@@ -49,6 +49,7 @@ help:
 	@echo "make bench     all benchmarks (export, MoE forms, engine memory, GPU decode attention, decode step, prefill); JSON lines"
 	@echo "               to stdout and build/bench/results.jsonl (GPU parts need an NVIDIA GPU)"
 	@echo "make bench-cpu the CPU parts (export, MoE forms on ONNX Runtime, engine memory, host work per step); last line: one JSON summary"
+	@echo "make test-slow the long CPU tests left out of make test (TP=8 in eight processes, the benchmarks' smoke run)"
 	@echo "make test-gpu  the GPU-only tests (on a machine with an NVIDIA GPU)"
 
 setup: $(VENV)/.installed
@@ -125,6 +126,10 @@ bench-cpu: setup
 
 test: setup triton-server
 	$(BIN)/python -m pytest -q
+
+# The tests marked long (pyproject.toml): minutes each on two cores; CI runs them after `make test`.
+test-slow: setup
+	$(BIN)/python -m pytest -q -m long
 
 test-gpu: setup
 	$(BIN)/python -m pytest -q -m gpu

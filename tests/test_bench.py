@@ -11,7 +11,7 @@ from tests.cli import run_module
 ROW_PART = {"export": "export", "moe-cpu": "moe", "engine-memory": "engine-memory", "host": "host"}
 
 
-@pytest.mark.slow
+@pytest.mark.long  # ~1.5 min of the benchmarks' own work (it exports the toy twice): `make test-slow`
 def test_cpu_parts_run_on_the_toy(tmp_path):
     r = run_module("bench", "--cpu", "--toy", "--out", tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]

@@ -65,7 +65,7 @@ def test_seeded_sampling_is_the_same_at_tp1_and_tp2(exported):
     assert outs[1, 5] != outs[1, 0]  # the two paths sampled differently: both were exercised
 
 
-@pytest.mark.slow
+@pytest.mark.long  # eight rank processes on two cores, two more exports: minutes, `make test-slow`
 def test_tp8_eight_gloo_ranks_equal_tp1_and_transformers(exported, hf_model):
     """The user's configuration on the CPU: 8 KV heads, TP=8 -- one KV head per rank, QK-norm sums of
     squares all-reduced over eight ranks, intermediate slices of 32 rows (inside FP8 blocks)."""
