@@ -25,9 +25,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from export.manifest import AllReduceStep, AttentionStep, Manifest, SubgraphStep
+from export.manifest import AttentionStep, Manifest
 from export.model import AttnIn, Moe, OProj, QkRope
 
+from .dispatch import step_kind, step_layers
 from .kernels import fused_moe, gemv, moe_route, paged_decode, qk_rope
 
 MAX_TOKENS = 64  # the kernels' limit (gemv, route_top_k): larger steps run the manifest's steps
@@ -35,20 +36,7 @@ MAX_TOKENS = 64  # the kernels' limit (gemv, route_top_k): larger steps run the 
 
 def layer_pattern(manifest: Manifest, n: int) -> list[str]:
     """The kinds of the manifest's steps of layer n, in order (what a decode layer replaces)."""
-    out, current = [], None
-    for step in manifest.steps:
-        if isinstance(step, SubgraphStep):
-            current = manifest.subgraphs[next(iter(step.variants.values())) if step.variants else step.name].layer
-            if current == n:
-                out.append(manifest.subgraphs[step.pick(next(iter(step.variants))) if step.variants
-                                              else step.name].piece)
-        elif isinstance(step, AttentionStep):
-            current = step.layer
-            if current == n:
-                out.append("attention")
-        elif isinstance(step, AllReduceStep) and current == n:
-            out.append("all_reduce:" + ",".join(step.tensors))
-    return out
+    return [step_kind(manifest, step) for step, layer in zip(manifest.steps, step_layers(manifest)) if layer == n]
 
 
 # What a decode layer implements: the layout's steps of one layer (export/layout.py), per TP.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from export.manifest import AllReduceStep, AttentionStep, BroadcastStep, Manifest, SubgraphStep
 from export.moe_forms import MoeSchedule
 
 
@@ -57,3 +58,30 @@ class Dispatch:
         if k.moe_kernels and not layer:
             moe = "gather" if tokens <= k.gather_tokens else "grouped"
         return StepPlan(tokens, self.schedule.pick(tokens), layer, moe)
+
+
+def step_layers(manifest: Manifest) -> list[int | None]:
+    """Each of the manifest's steps' layer (None: the embedding, its broadcast, the head); an
+    all-reduce belongs to the layer of the step before it. What a decode layer replaces."""
+    out, current = [], None
+    for step in manifest.steps:
+        if isinstance(step, SubgraphStep):
+            current = manifest.subgraphs[next(iter(step.variants.values())) if step.variants else step.name].layer
+        elif isinstance(step, AttentionStep):
+            current = step.layer
+        elif isinstance(step, BroadcastStep):
+            current = None
+        out.append(current)
+    return out
+
+
+def step_kind(manifest: Manifest, step) -> str:
+    """A step as a decode layer's pattern names it: the subgraph's piece, `attention`, or
+    `all_reduce:<tensors>`."""
+    if isinstance(step, SubgraphStep):
+        return manifest.subgraphs[next(iter(step.variants.values())) if step.variants else step.name].piece
+    if isinstance(step, AttentionStep):
+        return "attention"
+    if isinstance(step, AllReduceStep):
+        return "all_reduce:" + ",".join(step.tensors)
+    return type(step).__name__

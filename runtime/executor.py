@@ -10,7 +10,7 @@ from export.manifest import AllReduceStep, AttentionStep, BroadcastStep, Manifes
 
 from .attention import AttentionMetadata, paged_attention, paged_decode_attention
 from .block_tables import DeviceTables, TableDelta
-from .dispatch import NONE, Dispatch, StepPlan
+from .dispatch import NONE, Dispatch, StepPlan, step_layers
 from .kv_cache import KVCache
 from .vocab_parallel import StepExtras, VocabGather
 
@@ -55,7 +55,7 @@ class StepExecutor:
         self.hidden = manifest.config.hidden_size
         self.last_ran = ""  # what the last step ran (StepPlan.ran, for stats)
         self.last_logprobs = None  # rank 0's LogprobStats of the last step that asked for them
-        self._step_layer = self._layers_of_steps(manifest)
+        self._step_layer = step_layers(manifest)
         head = manifest.subgraphs["head"].outputs[0]
         self.vocab = VocabGather(self.comm, manifest.config.vocab_size, head.shape[-1])
         self.tables = DeviceTables(backend.device)  # every rank's block tables, updated as each step says
@@ -120,22 +120,6 @@ class StepExecutor:
             if extras.mask_rows:
                 local = self.vocab.apply_mask(local, extras.mask_rows, extras.mask)
         return self.vocab.finish(local, candidates)
-
-    @staticmethod
-    def _layers_of_steps(manifest: Manifest) -> list[int | None]:
-        """Each step's layer (None: the embedding, its broadcast, the head); an all-reduce belongs to
-        the layer of the step before it."""
-        out, current = [], None
-        for step in manifest.steps:
-            if isinstance(step, SubgraphStep):
-                sg = manifest.subgraphs[next(iter(step.variants.values())) if step.variants else step.name]
-                current = sg.layer
-            elif isinstance(step, AttentionStep):
-                current = step.layer
-            elif isinstance(step, BroadcastStep):
-                current = None
-            out.append(current)
-        return out
 
     def forward(self, ids, positions, logits_rows, meta: AttentionMetadata | None = None, decode=None,
                 plan: StepPlan | None = None):

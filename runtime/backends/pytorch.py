@@ -1,5 +1,7 @@
 """The PyTorch pieces the graphs were traced from, built from the checkpoint: the reference, and the
-GPU path without TensorRT (bf16, fused gather-MoE kernel, CUDA graphs).
+GPU path without TensorRT (bf16, CUDA graphs; on a GPU in bf16 also the runtime's decode layers,
+runtime/decode_layer.py, and its MoE kernels, runtime/piece_kernels.py, which runtime/dispatch.py
+picks between).
 
 Weights once: a layer-rank's pieces (and each scheduled MoE form's module) are built from one read
 of its weights, so on the host they share every tensor; they are then placed on the device together,
