@@ -152,7 +152,8 @@ class Grammars:
         self._keep: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
 
-    def _get(self):
+    def compiler(self):
+        """The library's compiler of this vocabulary (its table built on the first call)."""
         with self._lock:
             if self._compiler is None:
                 import xgrammar as xgr
@@ -165,7 +166,7 @@ class Grammars:
 
     def compile(self, spec: Spec):
         """The compiled grammar (cached by the library); SchemaError for one it cannot compile."""
-        c = self._get()
+        c = self.compiler()
         try:
             if spec.kind == "json" and spec.schema is None:
                 return c.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)

@@ -189,6 +189,10 @@ def test_engine_outputs_validate_and_agree_at_tp1_tp2_with_logprobs(exported, hf
         e = LLMEngine.start(exported("tiny", tp).root, EngineConfig(backend="ort"))
         try:
             prompt = e.codec.encode_chat([{"role": "user", "content": "weather?"}], thinking=False)
+            # no constrained row and no logprobs: no step sends extras (no mask, no logprob gather)
+            e.generate([prompt, prompt[:3]], [SamplingParams(temperature=0, max_tokens=4),
+                                              SamplingParams(temperature=1.0, seed=3, max_tokens=4)])
+            assert e.stats.steps > 0 and e.stats.extras_steps == 0
             seqs, lps[tp] = [], {}
             for seed, temp in ((0, 0.0), (1, 1.0), (2, 1.0)):
                 c = e.grammars.constraint(Spec("json", schema=SMALL), e.codec.in_thinking(prompt))
@@ -198,6 +202,7 @@ def test_engine_outputs_validate_and_agree_at_tp1_tp2_with_logprobs(exported, hf
                 for o in e.step():  # keyed by (request, tokens so far) as the step leaves them
                     lps[tp][seqs.index(o.seq), len(o.seq.output)] = (o.logprob, o.top_logprobs)
             outs[tp] = [list(s.output) for s in seqs]
+            assert e.stats.extras_steps > 0
             for s in seqs:
                 assert s.finish_reason == "stop"
                 jsonschema.validate(json.loads(e.codec.decode(s.output)), SMALL)
