@@ -1,4 +1,4 @@
-"""python -m bench [--parts export,moe-cpu,engine-memory,host,moe-gpu,attention,step,decode-rank,prefill,real-scale] [--cpu] [--toy]
+"""python -m bench [--parts export,moe-cpu,engine-memory,host,moe-gpu,attention,step,decode-rank,prefill,constrained,real-scale] [--cpu] [--toy]
 
 Each measurement is one JSON line (also appended to build/bench/results.jsonl), with the machine and
 date; a short table follows. `--cpu` (make bench-cpu) runs the CPU parts and ends with one JSON
@@ -6,6 +6,7 @@ object: export_time_vs_floor, export_peak_rss_gb, moe_gather_t1_vs_floor, moe_fo
 `--toy` runs the parts once on a toy model at small sizes, results under build/bench/toy (or --out),
 and saves no MoE schedule: a smoke run (tests/test_bench.py), whose numbers mean nothing.
 `real-scale` runs only when named (it writes a ~30 GB checkpoint once); without a GPU it is skipped.
+`constrained` is a GPU part whose `--toy` form runs on the CPU (`--parts constrained --toy`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from .common import OUT, Results
 
 CPU_PARTS = ["export", "moe-cpu", "engine-memory", "host"]
 TOY = "kv8"  # the toy preset (export/tiny.py) with the real model's 8 KV heads: TP=8 shards it
-GPU_PARTS = ["moe-gpu", "attention", "step", "decode-rank", "prefill"]
+GPU_PARTS = ["moe-gpu", "attention", "step", "decode-rank", "prefill", "constrained"]
+TOY_ON_CPU = {"constrained"}  # GPU parts whose --toy form runs on the CPU
 NAMED_PARTS = ["real-scale"]  # run only when asked for; skipped without a GPU
 
 
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(parts) - set(CPU_PARTS + GPU_PARTS + NAMED_PARTS)
     if unknown:
         ap.error(f"unknown parts {sorted(unknown)}")
-    if not gpu and set(parts) & set(GPU_PARTS):
+    if not gpu and set(parts) & set(GPU_PARTS) - (TOY_ON_CPU if a.toy else set()):
         ap.error("the GPU parts need an NVIDIA GPU")
     if not a.parts and not gpu and not a.cpu:
         print("no GPU here: running the CPU parts only (make bench on a GPU machine runs all four)", file=sys.stderr)
@@ -99,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     if "prefill" in parts:
         from . import prefill
         prefill.run(res, layers=a.layers, prompts=tuple(int(n) for n in a.prefill_prompts.split(",")))
+    if "constrained" in parts:
+        from . import constrained
+        if a.toy:
+            constrained.run(res, batches=(1, 2), steps=2, toy=TOY)
+        else:
+            constrained.run(res, layers=a.layers)
     if "real-scale" in parts:
         real_scale.run(res, a.checkpoint, a.real_preset, long=a.long_prompt, chunk=a.chunk, utilization=a.utilization)
     table(res.rows)

@@ -67,8 +67,9 @@ class RandomWeights:
             w13=self._w(E, 2 * I, H), w2=self._w(E, H, I))
 
 
-def write_export(cfg, root: Path, max_tokens: int) -> Manifest:
-    """A manifest with no graph files (the torch backend needs only the layout) and a tokenizer."""
+def write_export(cfg, root: Path, max_tokens: int, text_spec=PRESETS["real"]) -> Manifest:
+    """A manifest with no graph files (the torch backend needs only the layout) and a tokenizer
+    (text_spec's: the real preset's has the real vocabulary's size)."""
     # With both MoE kernels the torch backend picks by step size; the schedule names the form in stats.
     moe = MoeSchedule.parse(f"gather:{cfg.num_experts // cfg.top_k},block", max_tokens, "bench: the GPU kernels")
     layout = make_layout(cfg, 1, forms=moe.forms)
@@ -76,7 +77,7 @@ def write_export(cfg, root: Path, max_tokens: int) -> Manifest:
                    steps=layout.steps, subgraphs={s.name: s for s in layout.subgraphs}, files={},
                    producer="bench.step (random weights)")
     man.save(root)
-    write_text_files(root, PRESETS["real"], 0)
+    write_text_files(root, text_spec, 0)
     return Manifest.load(root)
 
 

@@ -15,6 +15,7 @@ imported only when the first constrained request arrives: a server that never se
 from __future__ import annotations
 
 import json
+import re
 import threading
 from dataclasses import dataclass
 
@@ -33,9 +34,13 @@ ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", 
 FORMATS = {"date", "time", "date-time", "uuid", "ipv4", "ipv6", "email"}
 # What the model writes between `</think>` and its tool-call block (the published template's "\n\n").
 TOOL_BLOCK_LEAD = r"[ \n]{0,4}"
-# No whitespace of the grammar's own around a call's values: tool_calls.py keeps spaces around a string
-# value (and an enum's " open" would not be "open"), so the value text must be the value.
-XML_WHITESPACE = 1
+# At most one whitespace character in a row inside a parameter's JSON value (objects, arrays): a free
+# run of whitespace is where constrained models loop. (The library takes no 0.)
+JSON_WHITESPACE = 1
+# The library's optional whitespace rule (`name ::= ("" | ([ \n\r\t]))`) in its printed grammar, and
+# the XML rules (those that write a `<parameter name="` tag): see `documented_layout`.
+_WS_RULE = re.compile(r'^(\w+) ::= \(""\s*\|\s*\(\[ \\n\\r\\t\]\)\)$', re.M)
+_XML_RULE = re.compile(r'^.*"<parameter name=\\".*$', re.M)
 
 
 class SchemaError(ValueError):
@@ -105,7 +110,7 @@ def tool_call_tag(tools, one_call: bool, begin: int | None = None, end: int | No
     edge = lambda tok, text: {"type": "token", "token": tok} if tok is not None \
         else {"type": "const_string", "value": text}  # noqa: E731
     tags = [{"type": "tag", "begin": f'<invoke name="{t["function"]["name"]}">\n',
-             "content": {"type": "json_schema", "style": "minimax_xml", "max_whitespace_cnt": XML_WHITESPACE,
+             "content": {"type": "json_schema", "style": "minimax_xml", "max_whitespace_cnt": JSON_WHITESPACE,
                          "json_schema": t["function"].get("parameters") or {"type": "object"}},
              "end": "</invoke>\n"} for t in tools]
     return {"type": "structural_tag", "format": {"type": "sequence", "elements": [
@@ -114,6 +119,26 @@ def tool_call_tag(tools, one_call: bool, begin: int | None = None, end: int | No
         {"type": "tags_with_separator", "tags": tags, "separator": "", "at_least_one": True,
          "stop_after_first": one_call},
         edge(end, TOOL_CALL_END)]}}
+
+
+def documented_layout(ebnf: str) -> str:
+    """The library's printed grammar of a tool-call block, its XML held to the documented layout
+    (docs/reference: one `<parameter name="K">VALUE</parameter>` per line, nothing else): the library
+    lets one whitespace character sit before, after and around each value, which is not the model's
+    format, and which tool_calls.py keeps in a string value (an enum's " open" is not "open"; the
+    published parser strips it, ours keeps spaces as text). So in the XML rules every optional
+    whitespace is dropped and each `</parameter>` is followed by its newline. JSON values keep
+    theirs (json.loads takes it). tests/test_constrained.py checks the result token by token."""
+    ws = set(_WS_RULE.findall(ebnf))
+    if not ws:
+        return ebnf
+    ref = re.compile(r"\b(?:" + "|".join(map(re.escape, sorted(ws))) + r")\b")
+
+    def xml(m: re.Match) -> str:
+        head, eq, body = m.group(0).partition(" ::= ")
+        # a reference becomes the empty string (valid wherever a rule name was)
+        return head + eq + ref.sub('""', body).replace('"</parameter>"', '"</parameter>\\n"')
+    return _XML_RULE.sub(xml, ebnf)
 
 
 class Grammars:
@@ -127,7 +152,8 @@ class Grammars:
         self._keep: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
 
-    def _get(self):
+    def compiler(self):
+        """The library's compiler of this vocabulary (its table built on the first call)."""
         with self._lock:
             if self._compiler is None:
                 import xgrammar as xgr
@@ -140,7 +166,7 @@ class Grammars:
 
     def compile(self, spec: Spec):
         """The compiled grammar (cached by the library); SchemaError for one it cannot compile."""
-        c = self._get()
+        c = self.compiler()
         try:
             if spec.kind == "json" and spec.schema is None:
                 return c.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
@@ -148,9 +174,11 @@ class Grammars:
                 # Compact JSON (", " and ": "): a free run of whitespace is where constrained models loop.
                 return c.compile_json_schema(json.dumps(spec.schema), any_whitespace=False, strict_mode=True)
             if spec.kind == "tools":
+                import xgrammar as xgr
+
                 ids = {t: i for i, t in self.codec.literal.items()}
                 tag = tool_call_tag(spec.tools, spec.one_call, ids.get(TOOL_CALL_START), ids.get(TOOL_CALL_END))
-                return c.compile_structural_tag(json.dumps(tag))
+                return c.compile_grammar(documented_layout(str(xgr.Grammar.from_structural_tag(json.dumps(tag)))))
         except (RuntimeError, ValueError) as e:
             raise SchemaError(f"the grammar could not be compiled: {str(e).strip().splitlines()[-1]}") from None
         raise ValueError(f"unknown constraint kind {spec.kind!r}")

@@ -46,6 +46,8 @@ class Stats:
     decode_tokens: int = 0
     forward_seconds: float = 0.0
     forms: dict = field(default_factory=dict)
+    extras_steps: int = 0         # steps that sent grammar masks or asked for logprobs (StepExtras)
+    mask_seconds: float = 0.0     # host time building them (filling the grammar masks)
 
 
 class LLMEngine:
@@ -186,7 +188,11 @@ class LLMEngine:
         self.stats.decode_tokens += inputs.decode_tokens
         # A prompt chunk that leaves more of its prompt to compute samples nothing.
         done = [i for i in range(len(batch.seqs)) if batch.completes(i)]
+        t0 = time.perf_counter()
         extras = self._extras(batch.seqs, done)
+        if extras is not None:
+            self.stats.extras_steps += 1
+            self.stats.mask_seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
         logits = self.executor.run(inputs.ids, inputs.positions, inputs.meta, inputs.logits_rows,
                                    candidates_needed([batch.seqs[i].params for i in done]), extras)

@@ -174,8 +174,6 @@ BAD = [  # (path, body, status, error type, fragment of the message)
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}, 400,
      "invalid_request_error", "not supported"),
     ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
-                      "tool_choice": {"type": "any"}}, 400, "invalid_request_error", "constrained decoding"),
-    ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
                       "tools": [{"name": "bad name!", "input_schema": {"type": "object"}}]}, 400,
      "invalid_request_error", "tools.0.name"),
     ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
@@ -197,9 +195,14 @@ BAD = [  # (path, body, status, error type, fragment of the message)
      "invalid_request_error", "context"),
     ("/v1/messages", {"max_tokens": 5, "model": "claude-x", "messages": [{"role": "user", "content": "hi"}]}, 404,
      "not_found_error", "does not exist"),
+    ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], "output_config": {
+        "format": {"type": "json_schema", "schema": {"type": "array", "uniqueItems": True}}}}, 400,
+     "invalid_request_error", "output_config.format.schema.uniqueItems: the keyword 'uniqueItems'"),
+    ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS,
+                      "tool_choice": {"type": "tool", "name": "get_tide"}}, 400, "invalid_request_error",
+     "not in tools"),
     ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
-                      "output_config": {"format": {"type": "json_schema", "schema": {}}}}, 400,
-     "invalid_request_error", "structured output"),
+                      "tool_choice": {"type": "any"}}, 400, "invalid_request_error", "needs tools"),
     ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"},
                                                     {"role": "assistant", "content": "The answer is"}]}, 400,
      "invalid_request_error", "prefill"),
@@ -224,7 +227,7 @@ def test_bad_requests_get_anthropic_shaped_errors(served):
     # the official client reads them as their classes
     with pytest.raises(anthropic.BadRequestError) as e:
         s.anthropic.messages.create(model=s.model, messages=[{"role": "user", "content": "hi"}], max_tokens=5,
-                                    tool_choice={"type": "tool", "name": "get_weather"}, tools=TOOLS)
+                                    tool_choice={"type": "tool", "name": "nope"}, tools=TOOLS)
     assert e.value.body["error"]["type"] == "invalid_request_error"
     with pytest.raises(anthropic.NotFoundError):
         s.anthropic.messages.create(model="claude-x", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
@@ -238,6 +241,41 @@ def test_bad_requests_get_anthropic_shaped_errors(served):
     sampled = {"temperature": 0.7, "top_p": 0.9, "top_k": 5, "metadata": {"user_id": "u"}}
     assert s.anthropic.messages.create(model=s.model, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                        extra_body=sampled).usage.output_tokens == 2
+
+
+@pytest.mark.slow
+def test_forced_tool_use_and_structured_output(served):
+    """tool_choice any / tool (disable_parallel_tool_use: one call) hold the answer to one tool_use
+    block whose input validates against its input_schema; output_config.format through the client's
+    pydantic `parse` gives a text block that validates. Whatever the random weights: the grammar."""
+    import jsonschema
+    import pydantic
+    from typing import Literal
+
+    class Weather(pydantic.BaseModel):
+        city: Literal["Paris", "Oslo"]
+        days: Literal[1, 2, 3]  # the client moves a range into the description: an enum is kept
+        metric: bool
+
+    s = served(1)
+    msgs, off = [{"role": "user", "content": "weather?"}], {"type": "disabled"}
+    r = s.anthropic.messages.parse(model=s.model, messages=msgs, max_tokens=80, output_format=Weather,
+                                   thinking=off, extra_body=GREEDY)
+    assert r.stop_reason == "end_turn" and isinstance(r.parsed_output, Weather)
+    schema = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]},
+              "days": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["city", "days"],
+              "additionalProperties": False}
+    tools = [{"name": n, "input_schema": schema} for n in ("get_weather", "get_tide")]
+    # bounded by the schema (tests/test_openai_server.py: every token but the tags and the end holds a character)
+    longest = max(len(f'\n<invoke name="{t["name"]}">\n<parameter name="city">Paris</parameter>\n'
+                      '<parameter name="days">9</parameter>\n</invoke>\n') for t in tools)
+    for choice in ({"type": "any", "disable_parallel_tool_use": True}, {"type": "tool", "name": "get_tide"}):
+        r = s.anthropic.messages.create(model=s.model, messages=msgs, max_tokens=4 + longest + 3, tools=tools,
+                                        tool_choice=choice, thinking=off, extra_body=GREEDY)
+        uses = [b for b in r.content if b.type == "tool_use"]
+        assert r.stop_reason == "tool_use" and len(uses) == 1, r
+        assert choice["type"] == "any" or uses[0].name == "get_tide"
+        jsonschema.validate(uses[0].input, schema)
 
 
 @pytest.mark.slow

@@ -29,3 +29,16 @@ def test_gpu_parts_refused_cleanly_without_a_gpu():
         pytest.skip("a GPU is here")
     r = run_module("bench", "--parts", GPU_PARTS[0])
     assert r.returncode == 2 and "need an NVIDIA GPU" in r.stderr
+
+
+@pytest.mark.slow
+def test_constrained_part_runs_on_the_toy(tmp_path):
+    """The GPU part `constrained` in its --toy form (CPU): its rows are written, a free step sends no
+    extras and a constrained one masks every step (the part checks both and fails otherwise)."""
+    r = run_module("bench", "--parts", "constrained", "--toy", "--out", tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    decode = [row for row in rows if row["part"] == "constrained" and row["what"] == "decode"]
+    assert {(row["batch"], row["constrained"]) for row in decode} == {(1, False), (1, True), (2, False), (2, True)}
+    assert all((row["extras_steps"] > 0) == row["constrained"] for row in decode)
+    assert any(row["what"] == "compile" for row in rows)

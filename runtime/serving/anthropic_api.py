@@ -21,10 +21,12 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
 from .. import validation
+from ..constrained import Spec
 from ..llm_engine import RequestError
 from ..output_text import OutputText
 from .loop import Event
 from .openai_protocol import OpenAIError, text_parts_only
+from .constraints import json_spec, tools_spec
 from .tool_calls import CallDelta, ToolCallParser
 
 if TYPE_CHECKING:
@@ -146,9 +148,15 @@ class Thinking(BaseModel):
     budget_tokens: StrictInt | None = None   # not enforced: the model ends its thinking itself
 
 
+class OutputFormat(BaseModel):
+    """Structured output: the answer's text is JSON that validates against `schema`."""
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
 class OutputConfig(BaseModel):
     effort: StrictStr | None = None            # accepted; the model decides how long it thinks
-    format: dict[str, Any] | None = None       # refused: it needs constrained decoding
+    format: OutputFormat | None = None
 
 
 class CountTokensRequest(BaseModel):
@@ -166,11 +174,29 @@ class CountTokensRequest(BaseModel):
         for name in self.model_extra or {}:
             if name not in HARMLESS:
                 raise OpenAIError(f"{name} is not supported by this server", name)
+        c = self.tool_choice
+        if c is not None and c.type in ("any", "tool"):
+            if not self.tools:
+                raise OpenAIError(f"tool_choice {c.type!r} needs tools", "tool_choice")
+            if c.type == "tool" and c.name not in {t.name for t in self.tools}:
+                raise OpenAIError(f"tool_choice names {c.name!r}, which is not in tools", "tool_choice.name")
+            if self.output_config is not None and self.output_config.format is not None:
+                raise OpenAIError("output_config.format and a forced tool_choice cannot both hold the answer",
+                                  "output_config.format")
+        elif c is not None and c.name is not None:
+            raise OpenAIError(f"tool_choice {c.type!r} takes no name", "tool_choice.name")
+
+    def spec(self, tools: list[dict] | None) -> Spec | None:
+        """What the answer is held to (runtime/constrained.py): tool_choice any -> a call of any tool,
+        tool -> of that one (and one call only), disable_parallel_tool_use -> exactly one call;
+        output_config.format -> JSON of its schema; None: free text."""
+        c = self.tool_choice
+        if c is not None and c.type in ("any", "tool"):
+            return tools_spec(tools, c.name if c.type == "tool" else None, c.disable_parallel_tool_use is True,
+                              lambda i: f"tools[{i}].input_schema")
         if self.output_config is not None and self.output_config.format is not None:
-            raise OpenAIError("output_config.format (structured output) is not supported yet", "output_config")
-        if self.tool_choice is not None and self.tool_choice.type in ("any", "tool"):
-            raise OpenAIError(f"tool_choice {self.tool_choice.type!r} is not supported yet (it needs constrained "
-                              "decoding); use 'auto' or 'none'", "tool_choice")
+            return json_spec(self.output_config.format.schema_, "output_config.format.schema")
+        return None
 
 
 class MessagesRequest(CountTokensRequest):
@@ -357,6 +383,7 @@ class MessagesAPI:
     async def create(self, body: MessagesRequest, http: HTTPRequest):
         s = self.s
         ids, tools = self._prompt(body)
+        spec = body.spec(tools)
         try:
             stops = validation.check_stops(body.stop_sequences)
         except RequestError as e:
@@ -368,7 +395,8 @@ class MessagesAPI:
         text = OutputText(s.codec, s.codec.in_thinking(ids), stops)
         parser = ToolCallParser(tools or [])  # no tools declared: markup is dropped, never content
         rid = f"msg_{uuid.uuid4().hex}"
-        events = s._events(http, ids, params, text)
+        param = None if spec is None else "output_config.format" if spec.kind == "json" else "tools"
+        events = s._events(http, ids, params, text, await s.constraint(spec, ids, param))
         blocks = Blocks()
 
         def step(ev: Event) -> list[dict]:

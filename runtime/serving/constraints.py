@@ -11,20 +11,28 @@ def chat_spec(response_format, tools: list[dict] | None, tool_choice, parallel_t
               ) -> Spec | None:
     """None (free text), a tool-call block (tool_choice 'required': any declared tool; a named
     function: that one; parallel_tool_calls false: exactly one call) or JSON (response_format)."""
-    one = parallel_tool_calls is False
     if tool_choice == "required" or isinstance(tool_choice, NamedToolChoice):
         name = tool_choice.function.name if isinstance(tool_choice, NamedToolChoice) else None
-        chosen = [(i, t) for i, t in enumerate(tools or []) if name is None or t["function"]["name"] == name]
-        for i, t in chosen:
-            _check(t["function"].get("parameters") or {"type": "object"}, f"tools[{i}].function.parameters")
-        # One named function: exactly one call, as OpenAI answers it.
-        return Spec("tools", tools=tuple(t for _, t in chosen), one_call=one or name is not None)
+        return tools_spec(tools, name, parallel_tool_calls is False)
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":
         return Spec("json")
-    schema = response_format.json_schema.schema_
-    _check(schema, "response_format.json_schema.schema")
+    return json_spec(response_format.json_schema.schema_, "response_format.json_schema.schema")
+
+
+def tools_spec(tools: list[dict] | None, name: str | None, one_call: bool,
+               where=lambda i: f"tools[{i}].function.parameters") -> Spec:
+    """A tool-call block of the OpenAI-form `tools` (name: only that one, and exactly one call, as
+    OpenAI answers a named function); where(i): the request path of tool i's schema, for a 400."""
+    chosen = [(i, t) for i, t in enumerate(tools or []) if name is None or t["function"]["name"] == name]
+    for i, t in chosen:
+        _check(t["function"].get("parameters") or {"type": "object"}, where(i))
+    return Spec("tools", tools=tuple(t for _, t in chosen), one_call=one_call or name is not None)
+
+
+def json_spec(schema, where: str) -> Spec:
+    _check(schema, where)
     return Spec("json", schema=schema)
 
 

@@ -187,16 +187,17 @@ class OpenAIServer:
         if self.codec is None:
             raise OpenAIError(f"this model has no tokenizer.json: {what} needs one; send token ids to /v1/completions")
 
-    async def constraint(self, spec: Spec | None, prompt: list[int]):
+    async def constraint(self, spec: Spec | None, prompt: list[int], param: str | None = None):
         """The request's grammar matcher (None: free text). The compile runs on a worker thread (the
-        library caches it by the grammar's text), so neither this event loop nor the serving loop waits."""
+        library caches it by the grammar's text), so neither this event loop nor the serving loop waits.
+        param: the request field a compile error names (default: the OpenAI one)."""
         if spec is None:
             return None
         try:
             grammars = self.engine.grammars
             compiled = await asyncio.to_thread(grammars.compile, spec)
         except (SchemaError, RequestError) as e:
-            raise OpenAIError(str(e), spec_param(spec)) from None
+            raise OpenAIError(str(e), param or spec_param(spec)) from None
         return grammars.constraint_for(compiled, self.codec.in_thinking(prompt), spec.kind)
 
     async def _events(self, http: HTTPRequest, prompt: list[int], params, text: OutputText | None,
