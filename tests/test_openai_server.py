@@ -221,7 +221,8 @@ def test_disconnect_frees_blocks_and_bad_requests_get_400(servers):
         ({"model": s.model, "messages": []}, "at least one message"),
         ({"model": s.model, "messages": [{"role": "user", "content": "x " * 5000}]}, "longer than the context"),
         ({"model": s.model, "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n > 1"),
-        ({"model": s.model, "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+        ({"model": s.model, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+         "top_logprobs needs logprobs"),
         ({"model": s.model, "messages": [{"role": "wizard", "content": "hi"}]}, "Input should be 'system'"),
     ]
     for body, message in bad:
