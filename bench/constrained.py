@@ -115,7 +115,8 @@ def run(res: Results, layers: int = 4, batches=(1, 32), steps: int = 30, toy: st
     prompt = 8 if toy else 128
     schema = held_schema(64)
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = write_export(cfg, Path(tmp), max_tokens=256 if toy else 1024, text_spec=spec if toy else PRESETS["real"])
+        manifest = write_export(cfg, Path(tmp), max_tokens=256 if toy else 1024,
+                                text_spec=spec if toy else PRESETS["real"])
         backend = TorchBackend(manifest, 0, device, dtype, checkpoint=RandomWeights(cfg, device=device))
         engine = LLMEngine(tmp, EngineConfig(backend="torch", device=device, dtype=str(dtype).removeprefix("torch."),
                                              kv_cache_gb=0.05 if toy else 4, max_num_seqs=max(batches),

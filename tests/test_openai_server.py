@@ -221,7 +221,8 @@ def test_disconnect_frees_blocks_and_bad_requests_get_400(servers):
         ({"model": s.model, "messages": []}, "at least one message"),
         ({"model": s.model, "messages": [{"role": "user", "content": "x " * 5000}]}, "longer than the context"),
         ({"model": s.model, "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n > 1"),
-        ({"model": s.model, "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+        ({"model": s.model, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+         "top_logprobs needs logprobs"),
         ({"model": s.model, "messages": [{"role": "wizard", "content": "hi"}]}, "Input should be 'system'"),
     ]
     for body, message in bad:
@@ -281,6 +282,16 @@ def test_constrained_answers_and_logprobs_through_the_official_client(servers, t
         jsonschema.validate(json.loads(call.arguments), params)
         assert len(c.logprobs.content) == r.usage.completion_tokens
         assert all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in c.logprobs.content)
+    # completions: a json_schema and the legacy logprobs form (token -> logprob maps, text offsets)
+    small = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+             "additionalProperties": False}
+    r = s.client.completions.create(model=s.model, prompt="weather?", max_tokens=40, temperature=0, logprobs=2,
+                                    extra_body={"response_format": {"type": "json_schema", "json_schema": {
+                                        "name": "ok", "schema": small}}})
+    c = r.choices[0]
+    jsonschema.validate(json.loads(c.text), small)
+    assert len(c.logprobs.tokens) == r.usage.completion_tokens and "".join(c.logprobs.tokens) == c.text
+    assert all(lp <= 0 and 1 <= len(top) <= 2 for lp, top in zip(c.logprobs.token_logprobs, c.logprobs.top_logprobs))
     code, body = s.post("/v1/chat/completions", {"messages": msgs, "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}}})
     assert code == 400 and body["error"]["param"] == "response_format.json_schema.schema"
