@@ -280,14 +280,15 @@ def test_forced_tool_use_and_structured_output(served):
 
 @pytest.mark.slow
 def test_tensor_parallel_2_stream_and_answer(served, exported):
+    """The reference is chat.py at TP=1 (the first test's run): TP=2 gives TP=1's greedy tokens
+    (test_tensor_parallel.py), so no second chat.py with its own worker rank is started for it."""
     s = served(2)
-    export = exported("tiny", 2).root
-    codec = TextCodec(export)
-    want = chat_outputs(export, texts=[QUESTION], n=8)[0]
+    codec = TextCodec(exported("tiny", 2).root)
+    want = chat_outputs(exported("tiny", 1).root, texts=[QUESTION], n=N_NEW)[0]
     msgs = [{"role": "user", "content": QUESTION}]
-    r = s.anthropic.messages.create(model=s.model, messages=msgs, max_tokens=8, extra_body=GREEDY)
+    r = s.anthropic.messages.create(model=s.model, messages=msgs, max_tokens=N_NEW, extra_body=GREEDY)
     assert _dump(r.content) == _expected_blocks(codec, want) and r.usage.output_tokens == len(want)
-    with s.anthropic.messages.stream(model=s.model, messages=msgs, max_tokens=8, extra_body=GREEDY) as stream:
+    with s.anthropic.messages.stream(model=s.model, messages=msgs, max_tokens=N_NEW, extra_body=GREEDY) as stream:
         final = stream.get_final_message()
     assert _dump(final.content) == _dump(r.content)
 

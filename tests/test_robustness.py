@@ -359,8 +359,11 @@ def test_chat_unknown_command_and_ctrl_c(exported):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "unknown command '/bogus'" in r.stdout and "/reset" in r.stdout and "system prompt is kept" in r.stdout
+    # SIGINT's default action, as at a terminal: a shell that starts the tests in the background
+    # hands them SIGINT ignored, and Python then leaves it ignored (no KeyboardInterrupt).
     p = subprocess.Popen(chat_cmd("--model", export), cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, bufsize=0)
+                         stderr=subprocess.PIPE, bufsize=0,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert "MiniMax-M2 chat" in _read_to_prompt(p.stdout)
         p.send_signal(signal.SIGINT)  # at the prompt, waiting for input
