@@ -177,7 +177,7 @@ def test_mask_unpacking_equals_the_bits():
         assert torch.equal(out[1], local[1])  # an unconstrained row is untouched
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_engine_outputs_validate_and_agree_at_tp1_tp2_with_logprobs(exported, hf_model):
     """The random embedded model under a grammar: every output validates; TP=2 (each rank masks its
     vocabulary slice) gives the tokens of TP=1, greedy and seeded; logprobs equal a float32 log-softmax

@@ -243,7 +243,7 @@ def test_disconnect_frees_blocks_and_bad_requests_get_400(servers):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.long)])
 def test_constrained_answers_and_logprobs_through_the_official_client(servers, tp):
     """response_format through the client's pydantic `parse`, tool_choice required and named, logprobs
     in the OpenAI shape; every answer validates against its schema (jsonschema), whatever the weights."""

@@ -105,8 +105,8 @@ def test_a_request_failing_inside_a_step_fails_alone(exported):
     seqs = [e.add_request(p, GREEDY) for p in prompts]
     run = e.executor.run
 
-    def poisoned(ids, positions, meta, rows, k):
-        out = run(ids, positions, meta, rows, k)
+    def poisoned(ids, positions, meta, rows, k, extras=None):
+        out = run(ids, positions, meta, rows, k, extras)
         if len(seqs[1].output) == 2 and out.shape[0] == 3:  # the second request's third token
             out = out.clone()
             out[1, 0] = float("nan")
@@ -189,7 +189,8 @@ HOSTILE = [  # (body, status, param or None, fragment of the message)
     ({"prompt": [1, 2], "stop_token_ids": [10 ** 9]}, 400, "stop_token_ids", "outside the vocabulary"),
     ({"prompt": [1, 2], "stop": ["x"] * 100}, 400, "stop", None),
     ({"prompt": [1, 2], "stream": "yes"}, 400, "stream", None),
-    ({"prompt": [1, 2], "logprobs": 5}, 400, "logprobs", "not supported"),
+    ({"prompt": [1, 2], "echo": True}, 400, "echo", "not supported"),
+    ({"prompt": [1, 2], "logprobs": 50}, 400, "logprobs", None),
     ({"messages": [{"role": "user", "content": "hi"}],
       "tools": [{"type": "function", "function": {"name": "f", "parameters": 5}}]}, 400,
      "tools.0.function.parameters", None),

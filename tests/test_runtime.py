@@ -374,7 +374,7 @@ def test_ids_without_a_tokenizer(exported, reference, tmp_path):
     assert r.returncode == 2 and "no tokenizer.json" in r.stderr and "--prompt-ids" in r.stderr
 
 
-@pytest.mark.parametrize("backend", ["ort", "torch"])
+@pytest.mark.parametrize("backend", ["ort", pytest.param("torch", marks=pytest.mark.long)])
 def test_bucketed_decode_path(backend, exported, reference):
     """The GPU's decode path (steps padded to bucket sizes, attention on fixed-shape tensors, what a
     CUDA graph captures), run eagerly on the CPU: same tokens as the reference."""

@@ -164,6 +164,7 @@ def test_transformers_reads_tokenizer_template_and_eos(tiny_ckpt):
     assert re.fullmatch(r"\]~!b\[", tok.bos_token)
 
 
+@pytest.mark.long
 def test_fast_weights_keep_activations_finite_over_the_full_depth(tmp_path):
     """The fast path's random FP8 bytes (the rank8 and real presets) at the real depth (62 layers),
     on a small width: every weight finite, the rank8 preset's special ids inside its vocabulary,
