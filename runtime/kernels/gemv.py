@@ -12,19 +12,19 @@ rounded to bf16 before the product, as the reference does twice: their relative 
 element, random) moves a sum of K such products far less than the output's own rounding (2^-8).
 h is rounded as PyTorch rounds it (bit-equal).
 
-Steps of more than one token take cuBLAS (with `add_rms_norm`, one launch, before it): a sweep on an
+Steps of more than one token take cuBLAS (with moe_route.add_rms_norm, one launch, before it): a sweep on an
 H200 found it faster from two tokens on than Triton tiles of tokens or a program per token.
 Block sizes come from the shapes and the SM count alone, never from timing: with tensor
 parallelism every rank must compute its replicated values the same way.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from . import moe_route, sm_count
 
 
 @triton.jit
@@ -54,46 +54,11 @@ def _gemv_kernel(A, B, Wn, W, Out, Hout, eps, N: tl.constexpr, K: tl.constexpr, 
     tl.store(Out + ns, acc.to(Out.dtype.element_ty), mask=nmask)
 
 
-@triton.jit
-def _add_norm_kernel(A, B, Wn, Hout, Xout, eps, K: tl.constexpr, BK: tl.constexpr):
-    """Per token: h = a + b and weight * (h * 1/rms(h)), rounded as PyTorch rounds them."""
-    t = tl.program_id(0)
-    ssq = tl.zeros([BK], tl.float32)
-    for k0 in range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
-        m = ks < K
-        a = tl.load(A + t * K + ks, mask=m, other=0.0)
-        h = (a.to(tl.float32) + tl.load(B + t * K + ks, mask=m, other=0.0).to(tl.float32)).to(a.dtype)
-        tl.store(Hout + t * K + ks, h, mask=m)
-        ssq += h.to(tl.float32) * h.to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(ssq, 0) / K + eps)
-    for k0 in range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
-        m = ks < K
-        a = tl.load(A + t * K + ks, mask=m, other=0.0)
-        h = (a.to(tl.float32) + tl.load(B + t * K + ks, mask=m, other=0.0).to(tl.float32)).to(a.dtype)
-        xn = (h.to(tl.float32) * inv).to(a.dtype).to(tl.float32)
-        tl.store(Xout + t * K + ks, (tl.load(Wn + ks, mask=m, other=0.0).to(tl.float32) * xn).to(a.dtype), mask=m)
-
-
-def add_rms_norm(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(a + b, rms_norm(a + b) * weight) for a, b [T, K] in one launch."""
-    T, K = a.shape
-    h, x = torch.empty_like(a), torch.empty_like(a)
-    _add_norm_kernel[(T,)](a.contiguous(), b.contiguous(), weight, h, x, float(eps), K=K, BK=1024, num_warps=4)
-    return h, x
-
-
-@functools.cache
-def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def blocks(N: int, K: int, device: torch.device) -> tuple[int, int, int]:
     """(rows, columns a load, warps): rows in blocks of 2 to 8 for about two programs per SM, 1024
     columns, 8 warps (a sweep on an H200 over 2..16 rows, 512/1024 columns, 4/8 warps at N x K =
     1024 x 3072, 3072 x 768, 8192 x 3072, 3072 x 6144: within 6% of the best at each)."""
-    bn = max(2, min(8, triton.next_power_of_2(max(N // (2 * _sms(device)), 1))))
+    bn = max(2, min(8, triton.next_power_of_2(max(N // (2 * sm_count(device)), 1))))
     return bn, min(1024, triton.next_power_of_2(K)), 8
 
 
@@ -120,6 +85,6 @@ def linear(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | None = Non
 def norm_linear(a: torch.Tensor, b: torch.Tensor, norm: torch.Tensor, eps: float, w: torch.Tensor, config=None):
     """h = a + b and rms_norm(h) * norm @ w.T: (h [T, K], [T, N]) in a's dtype."""
     if a.shape[0] != 1:
-        h, x = add_rms_norm(a, b, norm, eps)
+        h, x = moe_route.add_rms_norm(a, b, norm, eps)
         return h, F.linear(x, w)
     return _gemv(a, b, norm, w.contiguous(), eps, None, config)

@@ -8,15 +8,15 @@ largest of sigmoid + bias (equal values: the lower expert id first) and renormal
 scores to sum 1.
 
 For few tokens only: the gate GEMV re-reads the [E, H] float32 gate per token; prefill-sized steps
-keep PyTorch's GEMM (the caller decides, MAX_TOKENS).
+keep PyTorch's GEMM (the caller decides, MAX_TOKENS). Also `add_rms_norm`, the norm alone.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from . import sm_count
 
 MAX_TOKENS = 64  # beyond this the gate's cuBLAS GEMM reads it once for all tokens
 
@@ -44,6 +44,16 @@ def _chunk(A, B, Wn, t, h0, inv, H: tl.constexpr, BH: tl.constexpr):
     xn = (h.to(tl.float32) * inv).to(a.dtype).to(tl.float32)
     x = (tl.load(Wn + hs, mask=m, other=0.0).to(tl.float32) * xn).to(a.dtype)
     return hs, m, h, x
+
+
+@triton.jit
+def _add_norm_kernel(A, B, Wn, Hout, Xout, eps, H: tl.constexpr, BH: tl.constexpr):
+    t = tl.program_id(0)
+    inv = _inv_rms(A, B, t, eps, H, BH)
+    for h0 in range(0, H, BH):
+        hs, m, h, x = _chunk(A, B, Wn, t, h0, inv, H, BH)
+        tl.store(Hout + t * H + hs, h, mask=m)
+        tl.store(Xout + t * H + hs, x, mask=m)
 
 
 @triton.jit
@@ -87,6 +97,15 @@ def _norm_gate_top_k_kernel(A, B, Wn, G, Bias, Hout, Xout, S, Ids, Wt, Count, ep
         tl.store(Count + t, 0)
 
 
+def add_rms_norm(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(a + b, rms_norm(a + b) * weight) for a, b [T, H] in one launch: the router's norm alone (the
+    input norm before a cuBLAS q/k/v product)."""
+    T, H = a.shape
+    h, x = torch.empty_like(a), torch.empty_like(a)
+    _add_norm_kernel[(T,)](a.contiguous(), b.contiguous(), weight, h, x, float(eps), H=H, BH=1024, num_warps=4)
+    return h, x
+
+
 _counters: dict[torch.device, torch.Tensor] = {}
 
 
@@ -123,15 +142,10 @@ def route_top_k(a: torch.Tensor, b: torch.Tensor, norm: torch.Tensor, eps: float
     return h, x, ids, weights
 
 
-@functools.cache
-def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def _block_experts(T: int, E: int, device: torch.device) -> int:
     """Experts per program of the gate GEMV: about four programs per SM in all (the gate is read
     once per token, so at T=1 the GEMV needs its 3 MB spread wide), at least 2, at most 64. A sweep
     on an H200 (132 SMs; 2..32 experts a program, T = 1, 8, 32, 64) found this rule within 3% of
     the best at each T."""
-    want = -(-T * E // (4 * _sms(device)))
+    want = -(-T * E // (4 * sm_count(device)))
     return min(64, max(2, triton.next_power_of_2(want)))

@@ -10,27 +10,21 @@ Plain tl.dot/tl.load on bf16 or float32: runs on SM80 (A100) and newer.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from . import sm_count
 
 PARTITIONS = (1024, 512, 256)  # context tokens per program: the largest that still fills the GPU
 BLOCK_N = 128                  # tokens per inner iteration
 NUM_WARPS, NUM_STAGES = 4, 3   # chosen by a sweep on an H100 (bench/attention.py measures the result)
 
 
-@functools.cache
-def _sm_count(index: int | None) -> int:
-    index = index if index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def choose_partition(batch: int, kv_heads: int, max_tokens: int, device: torch.device) -> int:
     """Large partitions read longer runs per program (fewer merges); small ones give a short batch
     enough programs to use every SM. Decided by shapes alone, so CUDA-graph replays keep it."""
-    sms = _sm_count(device.index) if device.type == "cuda" else 1
+    sms = sm_count(device)
     for part in PARTITIONS:
         if batch * kv_heads * triton.cdiv(max_tokens, part) >= sms:
             return part
@@ -38,20 +32,11 @@ def choose_partition(batch: int, kv_heads: int, max_tokens: int, device: torch.d
 
 
 @triton.jit
-def _partition_kernel(Q, K, V, Tables, Lens, Out, Lse,
-                      stride_qb, stride_qh, stride_kslot, stride_kh, stride_tb,
-                      stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                      scale_log2e,
-                      BS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                      PART: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
-    b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    ctx = tl.load(Lens + b)
-    start = s * PART
-    end = tl.minimum(start + PART, ctx)
-    g = tl.arange(0, GP)
-    d = tl.arange(0, D)
-    heads = h * G + g
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g[:, None] < G, other=0.0)
+def _attend(q, K, V, Tables, Out, Lse, b, h, s, start, end, heads, g, d, stride_kslot, stride_kh, stride_tb,
+            stride_ob, stride_oh, stride_os, stride_lb, stride_lh, scale_log2e, BS: tl.constexpr, G: tl.constexpr,
+            BN: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, IEEE: tl.constexpr):
+    """Online-softmax attention of q [GP, D] (the G query heads of KV head h) over tokens [start, end)
+    of sequence b, read through its block table; stores the partition's output and log-sum-exp."""
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
@@ -83,6 +68,25 @@ def _partition_kernel(Q, K, V, Tables, Lens, Out, Lse,
     mask = g < G
     tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + s * stride_os + d[None, :], out, mask=mask[:, None])
     tl.store(Lse + b * stride_lb + heads * stride_lh + s, lse, mask=mask)
+
+
+@triton.jit
+def _partition_kernel(Q, K, V, Tables, Lens, Out, Lse,
+                      stride_qb, stride_qh, stride_kslot, stride_kh, stride_tb,
+                      stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                      scale_log2e,
+                      BS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                      PART: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+    b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ctx = tl.load(Lens + b)
+    start = s * PART
+    end = tl.minimum(start + PART, ctx)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    heads = h * G + g
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g[:, None] < G, other=0.0)
+    _attend(q, K, V, Tables, Out, Lse, b, h, s, start, end, heads, g, d, stride_kslot, stride_kh, stride_tb,
+            stride_ob, stride_oh, stride_os, stride_lb, stride_lh, scale_log2e, BS, G, BN, D, GP, IEEE)
 
 
 @triton.jit
@@ -172,31 +176,8 @@ def _qkv_partition_kernel(QKV, SSQ, QW, KW, Pos, InvFreq, Slots, K, V, Tables, L
         tl.store(K + off, kr.to(K.dtype.element_ty))
         tl.store(V + off, vr.to(V.dtype.element_ty))
     tl.debug_barrier()  # the block's own write is read back by the loop below
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, D], tl.float32)
-    for n0 in range(start, end, BN):
-        tok = n0 + tl.arange(0, BN)
-        valid = tok < end
-        page = tl.load(Tables + b * stride_tb + tok // BS, mask=valid, other=0)
-        slot_n = page.to(tl.int64) * BS + tok % BS
-        kv_off = slot_n[:, None] * stride_kslot + h * stride_kh + d[None, :]
-        k = tl.load(K + kv_off, mask=valid[:, None], other=0.0)
-        sc = tl.dot(q, tl.trans(k).to(q.dtype)) * scale_log2e
-        sc = tl.where(valid[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(sc - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_off, mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-        m_i = m_new
-    has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    mask = g < G
-    tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + s * stride_os + d[None, :], out, mask=mask[:, None])
-    tl.store(Lse + b * stride_lb + heads * stride_lh + s, lse, mask=mask)
+    _attend(q, K, V, Tables, Out, Lse, b, h, s, start, end, heads, g, d, stride_kslot, stride_kh, stride_tb,
+            stride_ob, stride_oh, stride_os, stride_lb, stride_lh, scale_log2e, BS, G, BN, D, GP, False)
 
 
 def qkv_decode(qkv: torch.Tensor, ssq: torch.Tensor | None, q_norm: torch.Tensor, k_norm: torch.Tensor,
