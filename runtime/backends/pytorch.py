@@ -111,8 +111,9 @@ class TorchBackend:
                                 f"lay out (e.g. {sorted(differ)[0]}); export again")
         if use_kernels and len(self.decode_layers) != ckpt.config.num_hidden_layers:
             self.decode_layers = {}  # all layers or none: a step runs one way
-        # The q/k/v weights the decode layers concatenated may still be held by reference cycles of
-        # the loading (seen on a GPU: the allocator's count one copy over the plan until a collection).
+        # Garbage of the loading goes before the KV cache is sized. (A GPU memory test once read one
+        # q/k/v copy over the plan; in a fresh process the load holds the plan's bytes to 4 KB, so that
+        # was an earlier test's memory in the same process: the test now runs in its own.)
         gc.collect()
         self.kernels: BackendKernels = NONE
         if use_kernels:
