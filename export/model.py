@@ -30,6 +30,8 @@ from .config import ModelConfig
 from .moe_forms import BLOCK_ROWS, FORMS as MOE_FORMS
 from .sharding import Shard
 
+RANK_CHUNK = 128  # rows a scan of rank_in_group covers: short scans, P / 128 chunks
+
 
 
 
@@ -205,7 +207,7 @@ def block_dispatch(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, 
     nb = (pairs + rows - 1) // rows + E
     flat = local.reshape(-1)
     onehot = (flat[:, None] == torch.arange(E, device=x.device)).float()       # [P, E]
-    rank_in_expert = (onehot.cumsum(0) * onehot).sum(1) - 1                   # [P]
+    rank_in_expert = rank_in_group(onehot)                                     # [P]
     padded = torch.ceil(onehot.sum(0) / rows) * rows                          # [E] rows per expert
     ends = padded.cumsum(0)
     row = ((ends - padded).index_select(0, flat) + rank_in_expert).long()      # [P] its row
@@ -217,12 +219,34 @@ def block_dispatch(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, 
     last = torch.full((), E - 1, dtype=torch.float32, device=x.device)
     expert_of_block = torch.minimum((ends[None, :] <= starts[:, None]).float().sum(1), last).long()
     xb = x.index_select(0, pair_of_row // k).reshape(nb, rows, -1)           # [NB, B, H]
-    # Token-last, as in the dense form: the matmuls take the stored [out, in] weights as they are.
+    # The up projection token-last, as in the dense form (the stored [out, in] weights as they are);
+    # the down projection's output token-major ([NB, B, H] = a^T w2^T), so that its rows are gathered
+    # back without a transposed copy of [NB, H, B] (0.95 ms at 2048 tokens on an H200, as PyTorch ops).
     y = w13.index_select(0, expert_of_block) @ xb.transpose(1, 2)             # [NB, 2I, B]
     a = F.silu(y[:, :inter]) * y[:, inter:]
-    o = w2.index_select(0, expert_of_block) @ a                                # [NB, H, B]
-    o = o.transpose(1, 2).reshape(nb * rows, -1).index_select(0, row).reshape(T, k, -1)
+    o = a.transpose(1, 2) @ w2.index_select(0, expert_of_block).transpose(1, 2)  # [NB, B, H]
+    o = o.reshape(nb * rows, -1).index_select(0, row).reshape(T, k, -1)
     return (o.float() * weights[..., None]).sum(1)
+
+
+def rank_in_group(onehot: torch.Tensor, chunk: int = RANK_CHUNK) -> torch.Tensor:
+    """onehot [P, E] (float, one 1 a row) -> [P]: how many earlier rows have the same column.
+
+    A CumSum down all P rows scans one long axis per column (E lanes of P steps: 3 ms of a 6 ms block
+    form at 2048 tokens on an H200, as PyTorch ops); here the rows are cut into chunks of `chunk`: a
+    scan within each chunk, then one over the chunks' totals, each short and P*E/chunk lanes wide.
+    Exact: the counts stay integers below 2**24 in float32."""
+    P, E = onehot.shape
+    c = min(chunk, P)
+    n = -(-P // c)
+    if n * c > P:  # a Concat with zero rows, not Pad (outside TensorRT's ONNX support list)
+        onehot = torch.cat([onehot, onehot.new_zeros(n * c - P, E)])
+    padded = onehot.reshape(n, c, E)                                            # [N, C, E]
+    within = padded.cumsum(1)                                                   # [N, C, E]
+    totals = within[:, -1, :]                                                   # [N, E]
+    before = totals.cumsum(0) - totals                                          # earlier chunks' counts
+    ranks = ((within + before[:, None, :]) * padded).sum(2) - 1                 # [N, C]
+    return ranks.reshape(-1)[:P]
 
 
 class Head(nn.Module):

@@ -57,7 +57,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         tables, starts, q_lens, ctx = meta.on_device(q.device)
         if max(meta.q_lens) == 1:  # decode steps run eagerly (contexts past the CUDA graphs' limit)
             return kernels.paged_decode(q, k_cache, v_cache, tables, ctx, scale)
-        return kernels.paged_prefill(q, k_cache, v_cache, tables, starts, q_lens, ctx, max(meta.q_lens), scale)
+        return kernels.paged_prefill(q, k_cache, v_cache, tables, starts, q_lens, ctx, max(meta.q_lens), scale,
+                                     max_ctx=max(meta.context_lens))
     return sdpa_prefill(q, k_cache, v_cache, meta, scale)
 
 

@@ -39,6 +39,20 @@ def check_interpreted() -> None:
     experts = torch.tensor([[2, 0], [2, 1], [2, 0]])
     pairs, owner = align_by_expert(experts, 4, 4)
     assert pairs.tolist()[:12] == [1, 5, 6, 6, 3, 6, 6, 6, 0, 2, 4, 6] and owner.tolist()[:4] == [0, 1, 2, -1]
+    # several chunks of pairs, experts not a power of two: against a stable sort by expert
+    g = torch.Generator().manual_seed(1)
+    experts = torch.randint(0, 12, (300, 4), generator=g)
+    experts[:40] = 5  # one expert's group over several blocks
+    pairs, owner = align_by_expert(experts, 12, 8)
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    got = [p for p in pairs.tolist() if p < flat.numel()]
+    assert got == order.tolist()
+    counts = torch.bincount(flat, minlength=12)
+    want_owner = [e for e in range(12) for _ in range(-(-int(counts[e]) // 8))]
+    assert owner.tolist()[:len(want_owner)] == want_owner and set(owner.tolist()[len(want_owner):]) <= {-1}
+    rows = torch.nonzero(pairs < flat.numel()).flatten()
+    assert all(owner[r // 8] == flat[pairs[r]] for r in rows.tolist())  # every pair in a block of its expert
     for T, k, E, H, inter, skew, block in [(5, 2, 8, 96, 40, False, 16), (37, 3, 8, 72, 48, True, 16)]:
         args = case(T, k, E, H, inter, "cpu", torch.float32, skew=skew)
         out = grouped_moe(*args, block=block)

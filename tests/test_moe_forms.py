@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from export.config import parse_hf_config
-from export.model import block_dispatch
+from export.model import block_dispatch, rank_in_group
 from export.moe_forms import (FORMS, MoeSchedule, ScheduleError, ShardShape, blocks, merge_ranges,
                               modeled_schedule, schedule_scratch)
 from export.tiny import PRESETS, hf_config
@@ -46,6 +46,15 @@ def test_block_dispatch_matches_a_pair_loop(routing, T, rows):
     # float32 matmuls against float64: relative 1e-5 of the output's scale covers summation order
     want = loop_reference(x, local, weights, w13, w2)
     torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("P,chunk", [(1, 128), (300, 128), (256, 128), (37, 8)])
+def test_rank_in_group_counts_earlier_rows_of_the_same_column(P, chunk):
+    cols = torch.randint(0, 5, (P,), generator=torch.Generator().manual_seed(P))
+    cols[: P // 2] = 3  # a long run of one column across chunks
+    onehot = F.one_hot(cols, 5).float()
+    want = [sum(1 for j in range(i) if cols[j] == cols[i]) for i in range(P)]
+    assert rank_in_group(onehot, chunk).long().tolist() == want
 
 
 def test_block_count_bounds_every_routing():
