@@ -65,12 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(parts) - set(CPU_PARTS + GPU_PARTS + NAMED_PARTS)
     if unknown:
         ap.error(f"unknown parts {sorted(unknown)}")
+    if "prefill" in parts and (bad := set(a.prefill_widths.split(",")) - set(PRESETS)):
+        ap.error(f"--prefill-widths: not presets of export/tiny.py: {sorted(bad)}")
     if not gpu and set(parts) & set(GPU_PARTS) - (TOY_ON_CPU if a.toy else set()):
         ap.error("the GPU parts need an NVIDIA GPU")
     if not a.parts and not gpu and not a.cpu:
         print("no GPU here: running the CPU parts only (make bench on a GPU machine runs all four)", file=sys.stderr)
-    if "prefill" in parts and (bad := set(a.prefill_widths.split(",")) - set(PRESETS)):
-        ap.error(f"--prefill-widths: not presets of export/tiny.py: {sorted(bad)}")
     res = Results(out)
     summary = {}
     if "export" in parts:

@@ -127,16 +127,20 @@ def run(res: Results, layers: int = 4, prompts=(2048, 8192, 32768, 131072), chun
     profile_prompts: the prompt lengths whose prefill is profiled (default the shortest and longest)."""
     peak = matmul_flops()
     bw = gpu_bandwidth()
-    res.add("prefill", what="bf16_matmul", tflops=round(peak / 1e12, 1), copy_gb_per_s=round(bw / 1e9))
+    res.add("prefill", what="bf16_matmul", widths=",".join(widths), tflops=round(peak / 1e12, 1),
+            copy_gb_per_s=round(bw / 1e9))
     profiled = set(profile_prompts) if profile_prompts is not None else {min(prompts), max(prompts)}
     for w in widths:
         run_widths(res, w, layers, prompts, chunk, peak, bw, profiled)
+        torch.cuda.empty_cache()  # this width's weights went with run_widths' frame
 
 
 def run_widths(res: Results, widths: str, layers: int, prompts, chunk: int, peak: float, bw: float,
                profiled: set[int]) -> None:
     """Every measurement of the part at one preset's widths."""
     cfg = parse_hf_config(hf_config(replace(PRESETS[widths], num_hidden_layers=layers)))
+    # the timed, warm-up and profiled prompts draw from three disjoint id ranges: no prefix-cache hits
+    ids = min(6000, cfg.vocab_size) // 3
     moe_alone(res, cfg, peak, chunk, widths)
     for context in (chunk, 8 * chunk, 64 * chunk):
         attention_alone(res, cfg, peak, chunk, context, widths)
@@ -160,10 +164,10 @@ def run_widths(res: Results, widths: str, layers: int, prompts, chunk: int, peak
                                                   kv_cache_gb=kv_gb, max_num_seqs=1, cuda_graphs=False,
                                                   max_num_batched_tokens=chunk, max_model_len=n + 64),
                                    backend=backend)
-                prompt = torch.randint(0, 2000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+                prompt = torch.randint(0, ids, (n,), generator=torch.Generator().manual_seed(n)).tolist()
                 params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-                if n == prompts[0]:  # warm-up (another prompt: no prefix-cache hits): kernels compiled
-                    warm = torch.randint(2000, 4000, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+                if n == prompts[0]:  # warm-up (another prompt): kernels compiled
+                    warm = torch.randint(ids, 2 * ids, (n,), generator=torch.Generator().manual_seed(0)).tolist()
                     engine.generate([warm], params)
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -185,8 +189,9 @@ def run_widths(res: Results, widths: str, layers: int, prompts, chunk: int, peak
                         peak_gpu_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2))
                 if form == "grouped":
                     decode_after(res, engine, prompt, cfg, layers, bw, widths=widths)
-                    if n in profiled:  # a third prompt of this length: none of its blocks cached
-                        fresh = torch.randint(4000, 6000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+                    if n in profiled:  # another prompt of this length: none of its blocks cached
+                        g = torch.Generator().manual_seed(n)
+                        fresh = torch.randint(2 * ids, 3 * ids, (n,), generator=g).tolist()
                         res.add("prefill", what="parts", widths=widths, form=form, layers=layers, prompt=n,
                                 chunk=chunk, **shares_row(prefill_parts(engine, fresh), ttft))
                 engine.close()

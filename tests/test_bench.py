@@ -31,6 +31,11 @@ def test_gpu_parts_refused_cleanly_without_a_gpu():
     assert r.returncode == 2 and "need an NVIDIA GPU" in r.stderr
 
 
+def test_prefill_widths_must_be_presets():
+    r = run_module("bench", "--parts", "prefill", "--prefill-widths", "rank8,rank9")
+    assert r.returncode == 2 and "not presets of export/tiny.py: ['rank9']" in r.stderr
+
+
 @pytest.mark.slow
 def test_constrained_part_runs_on_the_toy(tmp_path):
     """The GPU part `constrained` in its --toy form (CPU): its rows are written, a free step sends no
