@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from export.tiny import PRESETS
+
 from . import real_scale
 from .common import OUT, Results
 
@@ -45,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="the two layer counts of the decode-rank part, whose slope gives a layer's time (default 4,16)")
     ap.add_argument("--prefill-prompts", default="2048,8192,32768,131072",
                     help="prompt lengths of the prefill part (default 2048,8192,32768,131072)")
+    ap.add_argument("--prefill-widths", default="real,rank8",
+                    help="export/tiny.py presets whose widths the prefill part measures, each as a TP=1 model "
+                    "(default real,rank8: TP=1's, one TP=8 rank's)")
+    ap.add_argument("--prefill-profile", help="prompt lengths whose whole prefill the prefill part profiles, "
+                    "for each part's share of the kernel time (default: the shortest and the longest)")
     ap.add_argument("--export-layers", type=int, default=1, help="layers of the real-width model the export part exports")
     ap.add_argument("--export-jobs", help="comma-separated job counts for the export part (default: 1 and the default)")
     real_scale.add_args(ap.add_argument_group("real-scale"), prefix="real-")
@@ -58,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(parts) - set(CPU_PARTS + GPU_PARTS + NAMED_PARTS)
     if unknown:
         ap.error(f"unknown parts {sorted(unknown)}")
+    if "prefill" in parts and (bad := set(a.prefill_widths.split(",")) - set(PRESETS)):
+        ap.error(f"--prefill-widths: not presets of export/tiny.py: {sorted(bad)}")
     if not gpu and set(parts) & set(GPU_PARTS) - (TOY_ON_CPU if a.toy else set()):
         ap.error("the GPU parts need an NVIDIA GPU")
     if not a.parts and not gpu and not a.cpu:
@@ -100,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         decode_rank.run(res, depths=tuple(int(n) for n in a.rank_depths.split(",")))
     if "prefill" in parts:
         from . import prefill
-        prefill.run(res, layers=a.layers, prompts=tuple(int(n) for n in a.prefill_prompts.split(",")))
+        prefill.run(res, layers=a.layers, prompts=tuple(int(n) for n in a.prefill_prompts.split(",")),
+                    widths=tuple(a.prefill_widths.split(",")),
+                    profile_prompts=[int(n) for n in a.prefill_profile.split(",")] if a.prefill_profile else None)
     if "constrained" in parts:
         from . import constrained
         if a.toy:

@@ -1,11 +1,16 @@
-"""Part: time to first token of one long prompt on the GPU, MiniMax-M2.5's true width with a few
-layers (random bf16 weights made on the GPU, as the step part), torch backend, chunked prefill in
-steps of `chunk` tokens. The MoE of each chunk runs as the grouped-GEMM kernel (top-k work only) or,
-for comparison, as the ONNX graphs' block and dense forms in PyTorch ops (block-padded dispatch;
-every expert on every token; prompts up to 8192). Against the FLOP floor of the useful
-work: per token and layer the attention projections, the attention itself over the tokens before it
-(causal), the top-k experts' three matmuls, the router; the LM head once; at the bf16 matmul rate
-measured in the same run (8192^3). Peak GPU memory is reported per run.
+"""Part: time to first token of one long prompt on the GPU, with random bf16 weights made on the GPU
+(as the step part), torch backend, chunked prefill in steps of `chunk` tokens, a few layers at each
+of two widths (`widths`, export/tiny.py's presets, each as a TP=1 model): MiniMax-M2.5's true width
+(`real`) and one TP=8 rank's (`rank8`: 6 query / 1 KV heads, experts of 192, the vocabulary's slice;
+no all-reduces: one GPU). Every row names its widths. The MoE of each chunk runs as the grouped-GEMM
+kernel (top-k work only) or, for comparison, as the ONNX graphs' block and dense forms in PyTorch ops
+(block-padded dispatch; every expert on every token; prompts up to 8192). Against the FLOP floor of
+the useful work of the model measured: per token and layer the attention projections, the attention
+itself over the tokens before it (causal), the top-k experts' three matmuls, the router; the LM head
+once (one sampled row, of the width's vocabulary); at the bf16 matmul rate measured in the same run
+(8192^3). Peak GPU memory is reported per run. At the shortest and the longest prompt (or those
+asked for) a CUDA profile of a whole prefill gives each part's share of the kernel time, and that
+time against the wall time to first token (bench/prefill_parts.py).
 """
 from __future__ import annotations
 
@@ -25,7 +30,10 @@ from runtime.llm_engine import LLMEngine
 from runtime.sampling import SamplingParams
 
 from .common import Results, cuda_seconds, gpu_bandwidth
+from .prefill_parts import prefill_parts, shares_row
 from .step import RandomWeights, write_export
+
+WIDTHS = ("real", "rank8")  # export/tiny.py presets: TP=1's widths, one TP=8 rank's
 
 
 def matmul_flops() -> float:
@@ -44,7 +52,7 @@ def useful_flops(cfg, layers: int, tokens: int) -> float:
     return layers * (proj + attn + experts + router) + 2 * H * cfg.vocab_size
 
 
-def moe_alone(res: Results, cfg, peak: float, tokens: int) -> None:
+def moe_alone(res: Results, cfg, peak: float, tokens: int, widths: str) -> None:
     """One MoE at `tokens` tokens: the grouped kernel and the dense PyTorch form against the FLOP
     floor of the top-k work (where the time of a chunk goes)."""
     from runtime.kernels.grouped_moe import grouped_moe
@@ -65,13 +73,13 @@ def moe_alone(res: Results, cfg, peak: float, tokens: int) -> None:
 
     for form, fn in (("grouped", lambda: grouped_moe(x, experts, weights, w13, w2)), ("dense", dense)):
         t = cuda_seconds(fn, reps=5)
-        res.add("prefill", what="moe_alone", form=form, tokens=tokens, ms=round(t * 1e3, 3),
+        res.add("prefill", what="moe_alone", widths=widths, form=form, tokens=tokens, ms=round(t * 1e3, 3),
                 floor_ms=round(floor * 1e3, 3), vs_floor=round(t / floor, 2))
     del w13, w2
     torch.cuda.empty_cache()
 
 
-def attention_alone(res: Results, cfg, peak: float, chunk: int, context: int) -> None:
+def attention_alone(res: Results, cfg, peak: float, chunk: int, context: int, widths: str) -> None:
     """One layer's paged attention of a `chunk`-token chunk at the end of a `context`-token prompt: the
     runtime's Triton kernel (keys read in place) and the portable op (the sequence's blocks copied
     out, SDPA with a causal mask)."""
@@ -88,14 +96,16 @@ def attention_alone(res: Results, cfg, peak: float, chunk: int, context: int) ->
     for how, fn in (("kernel", lambda: paged_attention(q, k, k, kc, vc, meta, hd ** -0.5)),
                     ("sdpa", lambda: sdpa_prefill(q, kc, vc, meta, hd ** -0.5))):
         t = cuda_seconds(fn, reps=5)
-        res.add("prefill", what="attention_alone", how=how, chunk=chunk, context=context, ms=round(t * 1e3, 3),
+        res.add("prefill", what="attention_alone", widths=widths, how=how, chunk=chunk, context=context,
+                ms=round(t * 1e3, 3),
                 floor_ms=round(flops / peak * 1e3, 3), vs_floor=round(t * peak / flops, 2))
 
 
 def decode_after(res: Results, engine: LLMEngine, prompt: list[int], cfg, layers: int, bw: float,
-                 steps: int = 16, part: str = "prefill") -> None:
+                 steps: int = 16, part: str = "prefill", **tags) -> None:
     """Decode at this prompt's context (past the CUDA graphs' context limit, 8192 by default, the
-    runtime runs decode steps eagerly): time per token against the bytes floor of the step part."""
+    runtime runs decode steps eagerly): time per token against the bytes floor of the step part.
+    `tags`: more fields of the row (the widths)."""
     from .step import floor_bytes, timed_steps
     engine.generate([prompt], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))  # cached prompt
     seq = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True))
@@ -105,21 +115,35 @@ def decode_after(res: Results, engine: LLMEngine, prompt: list[int], cfg, layers
     floor = floor_bytes(cfg, layers, 1, len(seq)) / bw
     dg = engine.executor.decode_graphs
     graphs = bool(dg and dg.use_graphs and -(-len(seq) // engine.blocks.block_size) <= dg.max_blocks)
-    res.add(part, what="decode_after", layers=layers, context=len(seq), cuda_graphs=graphs,
+    res.add(part, what="decode_after", **tags, layers=layers, context=len(seq), cuda_graphs=graphs,
             step_ms=round(per * 1e3, 3), floor_ms=round(floor * 1e3, 3), vs_floor=round(per / floor, 2))
     while engine.has_unfinished():
         engine.step()
 
 
-def run(res: Results, layers: int = 4, prompts=(2048, 8192, 32768, 131072), chunk: int = 2048) -> None:
-    spec = replace(PRESETS["real"], num_hidden_layers=layers)
-    cfg = parse_hf_config(hf_config(spec))
+def run(res: Results, layers: int = 4, prompts=(2048, 8192, 32768, 131072), chunk: int = 2048,
+        widths=WIDTHS, profile_prompts=None) -> None:
+    """widths: export/tiny.py presets, each measured as a TP=1 model of `layers` layers;
+    profile_prompts: the prompt lengths whose prefill is profiled (default the shortest and longest)."""
     peak = matmul_flops()
     bw = gpu_bandwidth()
-    res.add("prefill", what="bf16_matmul", tflops=round(peak / 1e12, 1), copy_gb_per_s=round(bw / 1e9))
-    moe_alone(res, cfg, peak, chunk)
+    res.add("prefill", what="bf16_matmul", widths=",".join(widths), tflops=round(peak / 1e12, 1),
+            copy_gb_per_s=round(bw / 1e9))
+    profiled = set(profile_prompts) if profile_prompts is not None else {min(prompts), max(prompts)}
+    for w in widths:
+        run_widths(res, w, layers, prompts, chunk, peak, bw, profiled)
+        torch.cuda.empty_cache()  # this width's weights went with run_widths' frame
+
+
+def run_widths(res: Results, widths: str, layers: int, prompts, chunk: int, peak: float, bw: float,
+               profiled: set[int]) -> None:
+    """Every measurement of the part at one preset's widths."""
+    cfg = parse_hf_config(hf_config(replace(PRESETS[widths], num_hidden_layers=layers)))
+    # the timed, warm-up and profiled prompts draw from three disjoint id ranges: no prefix-cache hits
+    ids = min(6000, cfg.vocab_size) // 3
+    moe_alone(res, cfg, peak, chunk, widths)
     for context in (chunk, 8 * chunk, 64 * chunk):
-        attention_alone(res, cfg, peak, chunk, context)
+        attention_alone(res, cfg, peak, chunk, context, widths)
     with tempfile.TemporaryDirectory() as tmp:
         manifest = write_export(cfg, Path(tmp), max_tokens=chunk)
         backend = TorchBackend(manifest, 0, "cuda", torch.bfloat16, checkpoint=RandomWeights(cfg))
@@ -134,15 +158,16 @@ def run(res: Results, layers: int = 4, prompts=(2048, 8192, 32768, 131072), chun
             for n in prompts:
                 if form != "grouped" and n > 8192:
                     continue  # minutes per prompt: the comparison is made at the shorter ones
+                # room for two prompts (the timed one's blocks stay cached beside the next one's)
                 kv_gb = layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2 * (2 * n + 128) / 2**30 + 0.5
                 engine = LLMEngine(tmp, EngineConfig(backend="torch", device="cuda", dtype="bfloat16",
                                                   kv_cache_gb=kv_gb, max_num_seqs=1, cuda_graphs=False,
                                                   max_num_batched_tokens=chunk, max_model_len=n + 64),
                                    backend=backend)
-                prompt = torch.randint(0, 2000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+                prompt = torch.randint(0, ids, (n,), generator=torch.Generator().manual_seed(n)).tolist()
                 params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-                if n == prompts[0]:  # warm-up (another prompt: no prefix-cache hits): kernels compiled
-                    warm = torch.randint(2000, 4000, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+                if n == prompts[0]:  # warm-up (another prompt): kernels compiled
+                    warm = torch.randint(ids, 2 * ids, (n,), generator=torch.Generator().manual_seed(0)).tolist()
                     engine.generate([warm], params)
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -151,16 +176,23 @@ def run(res: Results, layers: int = 4, prompts=(2048, 8192, 32768, 131072), chun
                     seq = engine.generate([prompt], params)[0]
                     torch.cuda.synchronize()
                 except torch.OutOfMemoryError as e:
-                    res.add("prefill", form=form, layers=layers, prompt=n, chunk=chunk, error=f"out of memory: {e}"[:200])
+                    res.add("prefill", widths=widths, form=form, layers=layers, prompt=n, chunk=chunk,
+                            error=f"out of memory: {e}"[:200])
                     engine.close()
                     continue
                 ttft = time.perf_counter() - t0
                 floor = useful_flops(cfg, layers, n) / peak
                 assert len(seq.output) == 1
-                res.add("prefill", form=form, layers=layers, prompt=n, chunk=chunk, ttft_s=round(ttft, 3),
-                        tokens_per_s=round(n / ttft), floor_s=round(floor, 3), ttft_vs_floor=round(ttft / floor, 2),
+                res.add("prefill", widths=widths, form=form, layers=layers, prompt=n, chunk=chunk,
+                        ttft_s=round(ttft, 3), tokens_per_s=round(n / ttft), floor_s=round(floor, 3),
+                        ttft_vs_floor=round(ttft / floor, 2),
                         peak_gpu_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2))
                 if form == "grouped":
-                    decode_after(res, engine, prompt, cfg, layers, bw)
+                    decode_after(res, engine, prompt, cfg, layers, bw, widths=widths)
+                    if n in profiled:  # another prompt of this length: none of its blocks cached
+                        g = torch.Generator().manual_seed(n)
+                        fresh = torch.randint(2 * ids, 3 * ids, (n,), generator=g).tolist()
+                        res.add("prefill", what="parts", widths=widths, form=form, layers=layers, prompt=n,
+                                chunk=chunk, **shares_row(prefill_parts(engine, fresh), ttft))
                 engine.close()
                 torch.cuda.empty_cache()

@@ -8,6 +8,7 @@ import torch
 
 from export.manifest import AllReduceStep, AttentionStep, BroadcastStep, Manifest, SubgraphStep
 
+from . import profile_ranges
 from .attention import AttentionMetadata, paged_attention, paged_decode_attention
 from .block_tables import DeviceTables, TableDelta
 from .dispatch import NONE, Dispatch, StepPlan, step_layers
@@ -164,10 +165,12 @@ class StepExecutor:
                     env[t] = self.comm.broadcast(env.get(t), step.src, like)
             elif isinstance(step, AttentionStep):
                 n, q, k, v = step.layer, env[step.q], env[step.k], env[step.v]
-                if decode is not None:
-                    env[step.out] = paged_decode_attention(q, k, v, self.kv.k[n], self.kv.v[n], *decode, step.scale)
-                else:
-                    env[step.out] = paged_attention(q, k, v, self.kv.k[n], self.kv.v[n], meta, step.scale)
+                with profile_ranges.span(profile_ranges.ATTENTION):
+                    if decode is not None:
+                        env[step.out] = paged_decode_attention(q, k, v, self.kv.k[n], self.kv.v[n], *decode,
+                                                               step.scale)
+                    else:
+                        env[step.out] = paged_attention(q, k, v, self.kv.k[n], self.kv.v[n], meta, step.scale)
             else:
                 raise ValueError(f"unknown step {step!r} in the manifest")
         return env["logits"]  # this rank's vocabulary slice

@@ -9,6 +9,7 @@ import torch
 
 from export.model import Moe, rms_norm
 
+from . import profile_ranges
 from .dispatch import BackendKernels
 from .kernels import fused_moe, grouped_moe, moe_route
 
@@ -24,12 +25,15 @@ def offered(decode_tokens: int) -> BackendKernels:
 def moe(m: Moe, h: torch.Tensor, attn_out: torch.Tensor, kernel: str):
     """Moe.forward with the experts through `kernel` ("gather" or "grouped")."""
     if h.shape[0] <= moe_route.MAX_TOKENS:
-        h, x, idx, weights = moe_route.route_top_k(h, attn_out, m.norm, m.eps, m.gate, m.bias, m.top_k)
+        with profile_ranges.span(profile_ranges.ROUTER):
+            h, x, idx, weights = moe_route.route_top_k(h, attn_out, m.norm, m.eps, m.gate, m.bias, m.top_k)
     else:  # the gate's cuBLAS GEMM reads it once for all tokens
         h = h + attn_out
         x = rms_norm(h, m.norm, m.eps)
-        idx, weights = m.route(x)
-    local, weights = m.local_experts(idx, weights)
-    if kernel == "gather":
-        return h, fused_moe.gather_moe(x, local, weights, m.w13, m.w2, out_dtype=h.dtype)
-    return h, grouped_moe.grouped_moe(x, local, weights, m.w13, m.w2).to(h.dtype)
+        with profile_ranges.span(profile_ranges.ROUTER):
+            idx, weights = m.route(x)
+    with profile_ranges.span(profile_ranges.EXPERTS):
+        local, weights = m.local_experts(idx, weights)
+        if kernel == "gather":
+            return h, fused_moe.gather_moe(x, local, weights, m.w13, m.w2, out_dtype=h.dtype)
+        return h, grouped_moe.grouped_moe(x, local, weights, m.w13, m.w2).to(h.dtype)

@@ -31,6 +31,11 @@ def test_gpu_parts_refused_cleanly_without_a_gpu():
     assert r.returncode == 2 and "need an NVIDIA GPU" in r.stderr
 
 
+def test_prefill_widths_must_be_presets():
+    r = run_module("bench", "--parts", "prefill", "--prefill-widths", "rank8,rank9")
+    assert r.returncode == 2 and "not presets of export/tiny.py: ['rank9']" in r.stderr
+
+
 @pytest.mark.slow
 def test_constrained_part_runs_on_the_toy(tmp_path):
     """The GPU part `constrained` in its --toy form (CPU): its rows are written, a free step sends no
@@ -42,3 +47,54 @@ def test_constrained_part_runs_on_the_toy(tmp_path):
     assert {(row["batch"], row["constrained"]) for row in decode} == {(1, False), (1, True), (2, False), (2, True)}
     assert all((row["extras_steps"] > 0) == row["constrained"] for row in decode)
     assert any(row["what"] == "compile" for row in rows)
+
+
+def test_prefill_shares_on_a_cpu_model(tmp_path):
+    """The prefill part's profile (bench/prefill_parts.py) on the toy model (CPU, torch backend, the
+    MoE's module form): every op of the whole prefill is given to a part of the model, each part the
+    toy computes gets time, and the parts sum to the profile's own total of op time."""
+    import torch
+    from dataclasses import replace
+    from torch.autograd import DeviceType
+
+    from bench import prefill_parts
+    from bench.step import RandomWeights, write_export
+    from export.config import parse_hf_config
+    from export.tiny import PRESETS, hf_config
+    from runtime.backends.pytorch import TorchBackend
+    from runtime.config import EngineConfig
+    from runtime.llm_engine import LLMEngine
+
+    spec = replace(PRESETS["tiny"], num_hidden_layers=2)
+    cfg = parse_hf_config(hf_config(spec))
+    chunk = 64
+    manifest = write_export(cfg, tmp_path, max_tokens=chunk, text_spec=spec)
+    backend = TorchBackend(manifest, 0, "cpu", torch.bfloat16, checkpoint=RandomWeights(cfg, device="cpu"))
+    engine = LLMEngine(str(tmp_path), EngineConfig(backend="torch", device="cpu", dtype="bfloat16", kv_cache_gb=0.02,
+                                                   max_num_seqs=1, cuda_graphs=False, max_num_batched_tokens=chunk),
+                       backend=backend)
+    prompt = torch.randint(0, spec.n_regular_tokens, (3 * chunk,), generator=torch.Generator().manual_seed(0)).tolist()
+    try:
+        events, wall = prefill_parts.profiled_prefill(engine, prompt)
+    finally:
+        engine.close()
+    parts, info = prefill_parts.part_seconds(events, "cpu")
+    p = dict(parts=parts, total=sum(parts.values()), wall=wall, **info)
+    assert set(p["parts"]) == set(prefill_parts.PARTS)
+    # independent total: every aten op's own time, straight from the profiler's events
+    total = sum(fe.self_cpu_time_total for fe in events if fe.device_type == DeviceType.CPU
+                and fe.activity_type == "cpu_op") / 1e6
+    assert abs(p["total"] - total) <= 1e-9 * max(total, 1)  # float sums of the same numbers, in another order
+    row = prefill_parts.shares_row(p, ttft=p["wall"])
+    assert abs(sum(row["share"].values()) - 1) < 1e-3  # each share rounded to 4 places: 7 * 5e-5
+    # the toy computes every part: each has time (the embedding, sampling and step inputs are "other")
+    assert all(v > 0 for v in p["parts"].values()), p["parts"]
+    assert 0 < row["kernel_vs_ttft"] <= 1
+
+
+def test_enclosing_ranges_of_a_launch():
+    """The host ranges open at each launch time (bench/prefill_parts.py: kernels with no linked op),
+    on hand-made nested intervals: the innermost first, none after the last has closed."""
+    from bench.prefill_parts import enclosing
+    intervals = [(0, 10, "a"), (1, 4, "b"), (2, 3, "c"), (5, 9, "d"), (12, 13, "e")]
+    assert enclosing(intervals, [6, 2.5, 4.5, 11, 0, 12.5]) == [["d", "a"], ["c", "b", "a"], ["a"], [], ["a"], ["e"]]

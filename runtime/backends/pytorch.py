@@ -20,6 +20,7 @@ from export.layout import make_layout
 from export.manifest import Manifest, ManifestError
 from export.pieces import build_modules
 
+from .. import profile_ranges
 from ..dispatch import NONE, BackendKernels, StepPlan
 
 
@@ -143,12 +144,13 @@ class TorchBackend:
         """plan: the step's (runtime/dispatch.py); its MoE kernel, if any, computes the MoE pieces."""
         m, args = self.modules[name], [inputs[k] for k in self.inputs[name]]
         piece = self.pieces[name]
-        if plan is not None and plan.moe_kernel and piece in ("moe", "post"):
-            from .. import piece_kernels
+        with profile_ranges.span(profile_ranges.PIECE + piece):
+            if plan is not None and plan.moe_kernel and piece in ("moe", "post"):
+                from .. import piece_kernels
 
-            if piece == "post":
-                m, args = m.moe, [args[0], m.o_proj(args[1])]
-            out = piece_kernels.moe(m, *args, plan.moe_kernel)
-        else:
-            out = m(*args)
+                if piece == "post":
+                    m, args = m.moe, [args[0], m.o_proj(args[1])]
+                out = piece_kernels.moe(m, *args, plan.moe_kernel)
+            else:
+                out = m(*args)
         return dict(zip(self.outputs[name], out if isinstance(out, tuple) else (out,)))
