@@ -192,7 +192,11 @@ def run_widths(res: Results, widths: str, layers: int, prompts, chunk: int, peak
                     if n in profiled:  # another prompt of this length: none of its blocks cached
                         g = torch.Generator().manual_seed(n)
                         fresh = torch.randint(2 * ids, 3 * ids, (n,), generator=g).tolist()
+                        try:
+                            shares = shares_row(prefill_parts(engine, fresh), ttft)
+                        except Exception as e:  # a profiler that differs: the timed rows stand without it
+                            shares = dict(error=f"{type(e).__name__}: {e}"[:300])
                         res.add("prefill", what="parts", widths=widths, form=form, layers=layers, prompt=n,
-                                chunk=chunk, **shares_row(prefill_parts(engine, fresh), ttft))
+                                chunk=chunk, **shares)
                 engine.close()
                 torch.cuda.empty_cache()

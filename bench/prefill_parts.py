@@ -37,9 +37,11 @@ WHOLE = {"embed": "other", "head": "lm_head"}
 MIXED = {"attn", "attn_in", "qk_rope", "o_proj", "post", "moe"}
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
            "aten::_scaled_mm"}
-DEVICE_ACTIVITIES = {"kernel", "gpu_memcpy", "gpu_memset"}  # kineto's names; not gpu_user_annotation
-LAUNCHES = {"cuda_runtime", "cuda_driver"}  # the API calls (cudaLaunchKernel, cuLaunchKernel[Ex], ...)
-HOST = {"cpu_op", "user_annotation"}  # aten ops and record_function ranges
+# the runtime's Triton kernels by name, for a profile that recorded no launch for them (driver-API
+# launches are not traced by every PyTorch build): the last resort, counted apart (`by_name`)
+TRITON = {"_prefill_kernel": "attention", "_merge_kernel": "attention", "_up_kernel": "moe_experts",
+          "_down_kernel": "moe_experts", "_count_kernel": "moe_experts", "_offsets_kernel": "moe_experts",
+          "_place_kernel": "moe_experts", "_norm_gate_top_k_kernel": "router"}
 
 
 def classify(chain: list[str]) -> str:
@@ -87,52 +89,55 @@ def enclosing(intervals: list[tuple[float, float, str]], times: list[float]) -> 
     return out
 
 
-def part_seconds(events, device: str) -> tuple[dict[str, float], dict]:
-    """Seconds per part of a profile's events (`prof.events()`), and how they were attributed.
+def part_seconds(prof, device: str) -> tuple[dict[str, float], dict]:
+    """Seconds per part of a finished profile `prof`, and how they were attributed.
 
-    On "cuda", each device activity (kernel, memcpy, memset) by its launch site: the op the profiler
-    linked it to (the aten ops' kernels), else the ops and ranges open on the host when its launch API
-    call ran (kernels launched from Python outside any aten op, as Triton's are: the profiler links
-    kernels to the innermost aten op only, not to a record_function range); with neither it goes to
-    "other" and is reported (`unlinked_ms`, the largest by name). On "cpu", each aten op's own time."""
+    On "cuda", each device activity (kernel, memcpy, memset) by its launch: the API call that the
+    profiler links it to (its correlation id), then the ops and ranges open on that call's thread when
+    it ran, innermost first (classify). Read from the raw profiler events by name, start, end,
+    thread and correlation alone, which every PyTorch 2 release has; a device event with no launch
+    found goes to "other" and is reported (`unlinked_ms`, the largest by name). On "cpu", each aten
+    op's own time."""
     out = dict.fromkeys(PARTS, 0.0)
     how: Counter = Counter()
     unlinked: Counter = Counter()
     if device == "cuda":
-        host = [fe for fe in events if fe.device_type == DeviceType.CPU and not fe.is_async]
-        ops = {fe.id: fe for fe in host if fe.activity_type in HOST and fe.linked_correlation_id == 0}
-        launches = {fe.id: fe for fe in host if fe.activity_type in LAUNCHES}
-        ranges = [fe for fe in ops.values() if fe.name.startswith(pr.PIECE)]
-        thread = ranges[0].thread if ranges else None  # the engine's thread: where the ranges nest
-        intervals = [(fe.time_range.start, fe.time_range.end, fe.name) for fe in ops.values()
-                     if thread is None or fe.thread == thread]
-        device_events = [fe for fe in events
-                         if fe.device_type == DeviceType.CUDA and fe.activity_type in DEVICE_ACTIVITIES]
-        if not device_events and any(fe.device_type == DeviceType.CUDA for fe in events):
-            seen = sorted({str(fe.activity_type) for fe in events if fe.device_type == DeviceType.CUDA})
-            raise RuntimeError(f"no device activity of the kinds {sorted(DEVICE_ACTIVITIES)} (seen: {seen})")
-        by_time = []
-        for fe in device_events:
-            s = fe.time_range.elapsed_us() / 1e6
-            op = ops.get(fe.linked_correlation_id) if fe.linked_correlation_id else None
-            launch = launches.get(fe.id)
-            if op is not None:
-                out[classify(parent_chain(op))] += s
-                how["linked_op"] += 1
-            elif launch is not None:
-                by_time.append((s, (launch.time_range.start + launch.time_range.end) / 2))
-            else:
-                unlinked[fe.name[:60]] += s
-                out["other"] += s
+        events = prof.profiler.kineto_results.events()
+        host = [e for e in events if e.device_type() == DeviceType.CPU]
+        launches = {e.correlation_id(): e for e in host if e.name().startswith("cu")}  # cuda*/cu* API calls
+        spans: dict = {}  # thread -> (start, end, name) of its ops and ranges
+        for e in host:
+            if not e.name().startswith("cu"):
+                spans.setdefault(e.start_thread_id(), []).append((e.start_ns(), e.end_ns(), e.name()))
+        host_names = {iv[2] for ivs in spans.values() for iv in ivs}
+        # the device copies of the ranges (gpu_user_annotation) carry their names: not activities
+        device_events = [e for e in events if e.device_type() == DeviceType.CUDA and e.name() not in host_names]
+        if not device_events:
+            raise RuntimeError("the profile has no device activity")
+        pending: dict = {}  # thread -> [(seconds, launch time)]
+        for e in device_events:
+            sec = e.duration_ns() / 1e9
+            launch = launches.get(e.correlation_id()) or launches.get(e.linked_correlation_id())
+            if launch is None and e.name() in TRITON:
+                out[TRITON[e.name()]] += sec
+                how["by_name"] += 1
+                continue
+            if launch is None:
+                unlinked[e.name()[:60]] += sec
+                out["other"] += sec
                 how["unlinked"] += 1
-        for (s, _), chain in zip(by_time, enclosing(intervals, [t for _, t in by_time])):
-            out[classify(chain)] += s
-            how["launch_time"] += 1
+                continue
+            pending.setdefault(launch.start_thread_id(), []).append((sec, (launch.start_ns() + launch.end_ns()) / 2))
+        for thread, items in pending.items():
+            for (sec, _), chain in zip(items, enclosing(spans.get(thread, []), [t for _, t in items])):
+                part = classify(chain) or "other"
+                out[part] += sec
+                how["launch"] += 1
     else:
-        for fe in events:
+        for fe in prof.events():
             if fe.device_type != DeviceType.CPU or fe.is_async or fe.activity_type != "cpu_op":
                 continue
-            out[classify(parent_chain(fe))] += fe.self_cpu_time_total / 1e6
+            out[classify(parent_chain(fe)) or "other"] += fe.self_cpu_time_total / 1e6
             how["cpu_op"] += 1
     info = dict(attributed=dict(how), unlinked_ms=round(sum(unlinked.values()) * 1e3, 3),
                 unlinked_top={k: round(v * 1e3, 3) for k, v in unlinked.most_common(3)})
@@ -173,7 +178,7 @@ def marked_moe_modules(modules):
 
 def profiled_prefill(engine, prompt: list[int]):
     """Prefill `prompt` (max_tokens 1: the whole time to first token) under the profiler, the ranges
-    on: the profile's events and the profiled run's wall seconds. The prompt must not be in the
+    on: the finished profile and the profiled run's wall seconds. The prompt must not be in the
     prefix cache (its chunks would not run)."""
     dev = engine.backend.device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -191,13 +196,13 @@ def profiled_prefill(engine, prompt: list[int]):
         wall = time.perf_counter() - t0
     if seq.num_cached_prompt:
         raise RuntimeError(f"{seq.num_cached_prompt} of the profiled prompt's tokens came from the prefix cache")
-    return prof.events(), wall
+    return prof, wall
 
 
 def prefill_parts(engine, prompt: list[int]) -> dict:
     """profiled_prefill's seconds per part, their sum, its wall seconds, and how they were attributed."""
-    events, wall = profiled_prefill(engine, prompt)
-    parts, info = part_seconds(events, engine.backend.device.type)
+    prof, wall = profiled_prefill(engine, prompt)
+    parts, info = part_seconds(prof, engine.backend.device.type)
     return dict(parts=parts, total=sum(parts.values()), wall=wall, **info)
 
 

@@ -75,10 +75,11 @@ def test_prefill_shares_on_a_cpu_model(tmp_path):
                        backend=backend)
     prompt = torch.randint(0, spec.n_regular_tokens, (3 * chunk,), generator=torch.Generator().manual_seed(0)).tolist()
     try:
-        events, wall = prefill_parts.profiled_prefill(engine, prompt)
+        prof, wall = prefill_parts.profiled_prefill(engine, prompt)
     finally:
         engine.close()
-    parts, info = prefill_parts.part_seconds(events, "cpu")
+    events = prof.events()
+    parts, info = prefill_parts.part_seconds(prof, "cpu")
     p = dict(parts=parts, total=sum(parts.values()), wall=wall, **info)
     assert set(p["parts"]) == set(prefill_parts.PARTS)
     # independent total: every aten op's own time, straight from the profiler's events

@@ -125,13 +125,14 @@ MIN_SPLIT_KEYS = 2048  # keys per program at least, when the keys are split over
 
 
 def choose_split(programs: int, max_ctx: int, device) -> int:
-    """Key splits for a grid of `programs` tiles: enough programs for about four waves of the GPU's
-    SMs, where contexts are long enough to share (a few programs over long keys would leave most SMs
-    idle); 1 otherwise."""
+    """Key splits for a grid of `programs` tiles: up to about twelve waves of the GPU's SMs, where
+    contexts are long enough to share. A few programs over long keys leave most SMs idle, and causal
+    tiles differ in length, so many short programs balance best (the sweep: one TP=8 rank's single KV
+    head, 2048 queries at 128K context, 5.7 ms unsplit, 2.8 ms in 6 splits, 2.2 ms in 16)."""
     if device.type != "cuda":
         return 1
-    target = 4 * sm_count(device)
-    return max(1, min(-(-target // programs), max_ctx // MIN_SPLIT_KEYS))
+    target = 12 * sm_count(device)
+    return max(1, min(target // programs, max_ctx // MIN_SPLIT_KEYS))
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
