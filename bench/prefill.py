@@ -166,9 +166,10 @@ def run_widths(res: Results, widths: str, layers: int, prompts, chunk: int, peak
                                    backend=backend)
                 prompt = torch.randint(0, ids, (n,), generator=torch.Generator().manual_seed(n)).tolist()
                 params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-                if n == prompts[0]:  # warm-up (another prompt): kernels compiled
-                    warm = torch.randint(ids, 2 * ids, (n,), generator=torch.Generator().manual_seed(0)).tolist()
-                    engine.generate([warm], params)
+                # warm-up at every length (another prompt): each kernel variant a context length
+                # selects (the attention's split of the keys) compiled before the timed run
+                warm = torch.randint(ids, 2 * ids, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+                engine.generate([warm], params)
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()

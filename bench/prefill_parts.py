@@ -101,6 +101,7 @@ def part_seconds(prof, device: str) -> tuple[dict[str, float], dict]:
     out = dict.fromkeys(PARTS, 0.0)
     how: Counter = Counter()
     unlinked: Counter = Counter()
+    host_ms: Counter = Counter()
     if device == "cuda":
         events = prof.profiler.kineto_results.events()
         host = [e for e in events if e.device_type() == DeviceType.CPU]
@@ -110,6 +111,11 @@ def part_seconds(prof, device: str) -> tuple[dict[str, float], dict]:
             if not e.name().startswith("cu"):
                 spans.setdefault(e.start_thread_id(), []).append((e.start_ns(), e.end_ns(), e.name()))
         host_names = {iv[2] for ivs in spans.values() for iv in ivs}
+        # the host's own time in each range (launch work, Python, waits): where a host-bound step goes
+        for e in host:
+            name = e.name()
+            if name.startswith(pr.PIECE) or name in INNER:
+                host_ms[name] += e.duration_ns() / 1e6
         # the device copies of the ranges (gpu_user_annotation) carry their names: not activities
         device_events = [e for e in events if e.device_type() == DeviceType.CUDA and e.name() not in host_names]
         if not device_events:
@@ -139,7 +145,8 @@ def part_seconds(prof, device: str) -> tuple[dict[str, float], dict]:
                 continue
             out[classify(parent_chain(fe)) or "other"] += fe.self_cpu_time_total / 1e6
             how["cpu_op"] += 1
-    info = dict(attributed=dict(how), unlinked_ms=round(sum(unlinked.values()) * 1e3, 3),
+    info = dict(attributed=dict(how), host_ms={k: round(v, 3) for k, v in host_ms.most_common()},
+                unlinked_ms=round(sum(unlinked.values()) * 1e3, 3),
                 unlinked_top={k: round(v * 1e3, 3) for k, v in unlinked.most_common(3)})
     return out, info
 
@@ -215,4 +222,5 @@ def shares_row(p: dict, ttft: float) -> dict:
                 host_gap_share=round(max(0.0, 1 - total / ttft), 3),
                 part_ms={k: round(v * 1e3, 3) for k, v in p["parts"].items()},
                 share={k: round(v / total, 4) for k, v in p["parts"].items()},
-                attributed=p["attributed"], unlinked_ms=p["unlinked_ms"], unlinked_top=p["unlinked_top"])
+                attributed=p["attributed"], host_range_ms=p["host_ms"], unlinked_ms=p["unlinked_ms"],
+                unlinked_top=p["unlinked_top"])

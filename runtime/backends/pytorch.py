@@ -117,6 +117,8 @@ class TorchBackend:
         # was an earlier test's memory in the same process: the test now runs in its own.)
         gc.collect()
         self.kernels: BackendKernels = NONE
+        # the QK norm + RoPE kernel of prefill steps: the decode layers' head-size rules
+        self.rope_kernel = use_kernels and why_not is None
         if use_kernels:
             from .. import decode_layer, piece_kernels
 
@@ -145,7 +147,11 @@ class TorchBackend:
         m, args = self.modules[name], [inputs[k] for k in self.inputs[name]]
         piece = self.pieces[name]
         with profile_ranges.span(profile_ranges.PIECE + piece):
-            if plan is not None and plan.moe_kernel and piece in ("moe", "post"):
+            if plan is not None and self.rope_kernel and piece in ("attn", "qk_rope"):
+                from .. import piece_kernels
+
+                out = piece_kernels.attention_in(m, piece, *args)
+            elif plan is not None and plan.moe_kernel and piece in ("moe", "post"):
                 from .. import piece_kernels
 
                 if piece == "post":
