@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from export.model import Moe, rms_norm
+from export.model import Moe
 
 from . import profile_ranges
 from .dispatch import BackendKernels
@@ -32,10 +32,8 @@ def moe(m: Moe, h: torch.Tensor, attn_out: torch.Tensor, kernel: str):
         with profile_ranges.span(profile_ranges.ROUTER):
             h, x, idx, weights = moe_route.route_top_k(h, attn_out, m.norm, m.eps, m.gate, m.bias, m.top_k)
     else:  # the gate's cuBLAS GEMM reads it once for all tokens
-        h = h + attn_out
-        x = rms_norm(h, m.norm, m.eps)
         with profile_ranges.span(profile_ranges.ROUTER):
-            idx, weights = m.route(x)
+            h, x, idx, weights = moe_route.route_many(h, attn_out, m.norm, m.eps, m.gate, m.bias, m.top_k)
     with profile_ranges.span(profile_ranges.EXPERTS):
         local, weights = m.local_experts(idx, weights)
         if kernel == "gather":

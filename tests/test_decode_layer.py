@@ -78,12 +78,13 @@ def attention_case(B, heads, kv_heads, hd, rd, bs, device, dtype, seed=0):
         slots.to(device)
 
 
-def check_attention(B, heads, kv_heads, hd, rd, device, dtype, tol, with_ssq=False):
+def check_attention(B, heads, kv_heads, hd, rd, device, dtype, tol, with_ssq=False, pos_offset=0):
     from export.model import QkRope
     from runtime.kernels import paged_decode
 
     bs = 16
     cfg, qkv, qn, kn, kc, vc, tables, lens, pos, slots = attention_case(B, heads, kv_heads, hd, rd, bs, device, dtype)
+    pos = pos + pos_offset  # RoPE's angles of a long context (the cache stays short: only RoPE reads it)
     nq, nk = heads * hd, kv_heads * hd
     q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
     # the model's QK norm + RoPE (export/model.py), on this rank's heads as the full width (QkRope
@@ -127,8 +128,10 @@ def check_route(T, H, E, k, device, dtype):
     norm = (1 + 0.1 * torch.randn(H, generator=g)).to(device, dtype)
     gate = (torch.randn(E, H, generator=g) * H ** -0.5).to(device)
     bias = (0.1 * torch.randn(E, generator=g)).to(device)
+    # up to MAX_TOKENS the one-launch kernel; beyond, the prefill form (norm, GEMM, top-k kernel)
+    route = moe_route.route_top_k if T <= moe_route.MAX_TOKENS else moe_route.route_many
     for _ in range(2):  # twice: the block counter must be back at zero after a launch
-        h, x, ids, wts = moe_route.route_top_k(a, b, norm, 1e-6, gate, bias, k)
+        h, x, ids, wts = route(a, b, norm, 1e-6, gate, bias, k)
         # reference on the kernel's own x (x's rounding is checked in test_moe_route)
         scores = torch.sigmoid(F.linear(x.float(), gate))
         biased = scores + bias
@@ -163,6 +166,7 @@ def check_interpreted() -> None:
         check_attention(B, heads, kv, hd, rd, "cpu", torch.float32, 1e-5, with_ssq=True)
         print(f"attention {heads}/{kv}: ok")
     check_route(3, 64, 16, 4, "cpu", torch.float32)
+    check_route(70, 64, 16, 4, "cpu", torch.float32)
     print("route: ok")
     check_ssq(3, "cpu", torch.float32)
     print("ssq: ok")
@@ -190,11 +194,12 @@ def test_compiled_linear_on_gpu(T, N, K):
 def test_compiled_attention_on_gpu(B, heads, kv):
     check_attention(B, heads, kv, 128, 64, "cuda", torch.bfloat16, 2e-2)
     check_attention(B, heads, kv, 128, 64, "cuda", torch.bfloat16, 2e-2, with_ssq=True)
+    check_attention(B, heads, kv, 128, 64, "cuda", torch.bfloat16, 2e-2, pos_offset=150_000)
 
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("T", [1, 8, 64])
+@pytest.mark.parametrize("T", [1, 8, 64, 2048])
 def test_compiled_route_on_gpu(T):
     check_route(T, 3072, 256, 8, "cuda", torch.bfloat16)
     check_ssq(T, "cuda", torch.bfloat16)
