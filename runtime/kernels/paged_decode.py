@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from . import sm_count
 
@@ -105,14 +104,10 @@ def _merge_kernel(Part, Lse, Out, n_parts, stride_pb, stride_ph, stride_ps, stri
 
 
 @triton.jit
-def _roped(QKV, Wn, pos_f, InvFreq, base, heads, d, inv, m, D: tl.constexpr, RD: tl.constexpr,
-           LIBDEVICE: tl.constexpr):
+def _roped(QKV, Wn, pos_f, InvFreq, base, heads, d, inv, m, D: tl.constexpr, RD: tl.constexpr):
     """Rows `heads` of a q or k block at `base` (offsets within the token's row): the QK norm's
     x * inv rounded, times its weight (rounded), then neox RoPE on the first RD dims, each product and
-    the sum rounded as PyTorch rounds them (export/model.py QkRope, apply_rope). cos and sin from
-    libdevice on a GPU, as PyTorch's: tl.cos/tl.sin lose all accuracy at the angles of long contexts
-    (position * inv_freq up to ~2e5 radians), which flipped 11% of a 200K-position chunk's bf16 values;
-    the CPU interpreter (LIBDEVICE False) has no libdevice."""
+    the sum rounded as PyTorch rounds them (export/model.py QkRope, apply_rope)."""
     half = RD // 2
     rot = d < RD
     partner = tl.where(d < half, d + half, d - half)
@@ -126,12 +121,8 @@ def _roped(QKV, Wn, pos_f, InvFreq, base, heads, d, inv, m, D: tl.constexpr, RD:
     o = (tl.load(Wn + heads[:, None] * D + partner[None, :], mask=pm, other=0.0).to(tl.float32) * o).to(dt).to(tl.float32)
     rotated = tl.where((d < half)[None, :], -o, o)
     angle = pos_f * tl.load(InvFreq + (d % half), mask=rot, other=0.0)
-    if LIBDEVICE:
-        cos = libdevice.cos(angle).to(dt).to(tl.float32)
-        sin = libdevice.sin(angle).to(dt).to(tl.float32)
-    else:
-        cos = tl.cos(angle).to(dt).to(tl.float32)
-        sin = tl.sin(angle).to(dt).to(tl.float32)
+    cos = tl.cos(angle).to(dt).to(tl.float32)
+    sin = tl.sin(angle).to(dt).to(tl.float32)
     roped = ((xn * cos[None, :]).to(dt).to(tl.float32) + (rotated * sin[None, :]).to(dt).to(tl.float32)).to(dt)
     return tl.where(rot[None, :], roped, xn.to(dt))
 
@@ -152,7 +143,7 @@ def _qkv_partition_kernel(QKV, SSQ, QW, KW, Pos, InvFreq, Slots, K, V, Tables, L
                           scale_log2e, q_width, k_width, eps,
                           NH: tl.constexpr, NKV: tl.constexpr, HAS_SSQ: tl.constexpr, RD: tl.constexpr,
                           BS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                          PART: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, LIBDEVICE: tl.constexpr):
+                          PART: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
     """The decode partition kernel on the raw q/k/v row of each token ([B, (NH + 2 NKV) * D], the
     projection's output): the QK norm (sums of squares over this rank's row, or the all-reduced
     ones in SSQ [B, 2] with TP), RoPE, the new token's k and v written into the cache by the program
@@ -174,11 +165,11 @@ def _qkv_partition_kernel(QKV, SSQ, QW, KW, Pos, InvFreq, Slots, K, V, Tables, L
     d = tl.arange(0, D)
     heads = h * G + g
     gm = (g < G)[:, None] & (d < D)[None, :]
-    q = _roped(QKV, QW, pos_f, InvFreq, row, heads, d, 1.0 / tl.sqrt(qs / q_width + eps), gm, D, RD, LIBDEVICE)
+    q = _roped(QKV, QW, pos_f, InvFreq, row, heads, d, 1.0 / tl.sqrt(qs / q_width + eps), gm, D, RD)
     if (ctx - 1 >= start) & (ctx - 1 < start + PART):  # this partition holds the new token: write it
         one = tl.arange(0, 1)
         km = (one < 1)[:, None] & (d < D)[None, :]
-        kr = _roped(QKV, KW, pos_f, InvFreq, row + NH * D, h + one, d, 1.0 / tl.sqrt(ks / k_width + eps), km, D, RD, LIBDEVICE)
+        kr = _roped(QKV, KW, pos_f, InvFreq, row + NH * D, h + one, d, 1.0 / tl.sqrt(ks / k_width + eps), km, D, RD)
         vr = tl.load(QKV + row + (NH + NKV) * D + (h + one)[:, None] * D + d[None, :])
         slot = tl.load(Slots + b)
         off = slot * stride_kslot + h * stride_kh + d[None, :] + one[:, None] * 0
@@ -212,7 +203,7 @@ def qkv_decode(qkv: torch.Tensor, ssq: torch.Tensor | None, q_norm: torch.Tensor
         k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         scale * 1.4426950408889634, float(q_width), float(k_width), float(eps),
-        NH=num_heads, NKV=Hkv, HAS_SSQ=ssq is not None, RD=rotary_dim, BS=bs, G=G, LIBDEVICE=qkv.is_cuda,
+        NH=num_heads, NKV=Hkv, HAS_SSQ=ssq is not None, RD=rotary_dim, BS=bs, G=G,
         GP=max(16, triton.next_power_of_2(G)), D=D, PART=partition, BN=min(BLOCK_N, partition), BW=1024,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     out = torch.empty(B, num_heads, D, dtype=qkv.dtype, device=qkv.device)

@@ -39,7 +39,7 @@ def qkv_sum_squares(qkv: torch.Tensor, q_width: int, k_width: int) -> torch.Tens
 @triton.jit
 def _norm_rope_kernel(Q, K, SSQ, QW, KW, Pos, InvFreq, QOut, KOut, stride_q, stride_k, q_width, k_width, eps,
                       NH: tl.constexpr, NKV: tl.constexpr, HAS_SSQ: tl.constexpr, RD: tl.constexpr,
-                      D: tl.constexpr, HB: tl.constexpr, BW: tl.constexpr, LIBDEVICE: tl.constexpr):
+                      D: tl.constexpr, HB: tl.constexpr, BW: tl.constexpr):
     """One token: the QK norm (sums of squares of its own q and k rows, or the all-reduced ones in
     SSQ [T, 2]), then RoPE, HB heads at a time, as paged_decode's _roped rounds them."""
     t = tl.program_id(0).to(tl.int64)
@@ -57,12 +57,12 @@ def _norm_rope_kernel(Q, K, SSQ, QW, KW, Pos, InvFreq, QOut, KOut, stride_q, str
     for h0 in range(0, NH, HB):
         heads = h0 + hb
         m = (heads < NH)[:, None] & (d < D)[None, :]
-        r = _roped(Q, QW, pos_f, InvFreq, t * stride_q, heads, d, q_inv, m, D, RD, LIBDEVICE)
+        r = _roped(Q, QW, pos_f, InvFreq, t * stride_q, heads, d, q_inv, m, D, RD)
         tl.store(QOut + t * (NH * D) + heads[:, None] * D + d[None, :], r, mask=m)
     for h0 in range(0, NKV, HB):
         heads = h0 + hb
         m = (heads < NKV)[:, None] & (d < D)[None, :]
-        r = _roped(K, KW, pos_f, InvFreq, t * stride_k, heads, d, k_inv, m, D, RD, LIBDEVICE)
+        r = _roped(K, KW, pos_f, InvFreq, t * stride_k, heads, d, k_inv, m, D, RD)
         tl.store(KOut + t * (NKV * D) + heads[:, None] * D + d[None, :], r, mask=m)
 
 
@@ -80,6 +80,5 @@ def norm_rope(q: torch.Tensor, k: torch.Tensor, ssq: torch.Tensor | None, q_norm
     _norm_rope_kernel[(T,)](q, k, q if ssq is None else ssq.contiguous(), q_norm, k_norm, positions, inv_freq,
                             q_out, k_out, q.stride(0), k.stride(0), float(q_width), float(k_width), float(eps),
                             NH=nh, NKV=nkv, HAS_SSQ=ssq is not None, RD=rotary_dim, D=head_dim, HB=8, BW=1024,
-                            LIBDEVICE=q.is_cuda,
                             num_warps=4)
     return q_out, k_out
