@@ -91,11 +91,12 @@ def test_gpu_bfloat16_agrees_with_cpu_float32_within_bf16_tolerance(exported):
 
 @needs_gpu
 def test_long_prompt_prefill_kernels_agree_with_cpu_float32(exported):
-    """A 5,000-token prompt in 2,048-token chunks on the GPU in bf16: the prefill kernels (attention-in
-    with the QK norm + RoPE kernel, the paged prefill attention with its keys split over programs
-    past 4K of context, the router's top-k kernel, the grouped-GEMM experts and their ordering
-    kernels), then decode, against the float32 model on the CPU fed the same tokens. The bar of the
-    bf16 test above: median relative logit error <= 2%, tokens equal float32's argmax at >= 90%."""
+    """A 4,000-token prompt (the toy's context is 4,096) in 2,048-token chunks on the GPU in bf16: the
+    prefill kernels (attention-in with the QK norm + RoPE kernel, the paged prefill attention over the
+    cached chunk, the router's top-k kernel, the grouped-GEMM experts and their ordering kernels),
+    then decode, against the float32 model on the CPU fed the same tokens. The bar of the bf16 test
+    above: median relative logit error <= 2%, tokens equal float32's argmax at >= 90%. (The split of
+    long contexts' keys is checked at the kernel, tests/test_paged_prefill.py.)"""
     from export.checkpoint import Checkpoint
     from export.model import Model
     from runtime.config import EngineConfig
@@ -113,18 +114,18 @@ def test_long_prompt_prefill_kernels_agree_with_cpu_float32(exported):
         return sample(logits, seq_ids, params)
 
     engine.sampler.sample = recording
-    prompt = torch.randint(0, 800, (5000,), generator=torch.Generator().manual_seed(5)).tolist()
+    prompt = torch.randint(0, 800, (4000,), generator=torch.Generator().manual_seed(5)).tolist()
     seq = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0]
     forms = dict(engine.stats.forms)
     engine.close()
-    assert forms.get("grouped-kernel", 0) >= 3, forms  # the three chunks ran the grouped kernels
+    assert forms.get("grouped-kernel", 0) >= 2, forms  # both chunks ran the grouped kernels
     ref = Model(Checkpoint(man.checkpoint_dir()), torch.float32).logits(torch.tensor(prompt + seq.output[:-1]))
     ref = ref[len(prompt) - 1:]
     gpu = torch.stack(recorded)
     assert gpu.shape == ref.shape and gpu.argmax(-1).tolist() == seq.output
     errors = sorted(((gpu - ref).norm(dim=-1) / ref.norm(dim=-1)).tolist())
     equal = sum(int(a == b) for a, b in zip(ref.argmax(-1).tolist(), seq.output))
-    print(f"5000-token prompt, bf16 GPU vs float32 CPU: median relative logit error {errors[len(errors) // 2]:.4f}, "
+    print(f"4000-token prompt, bf16 GPU vs float32 CPU: median relative logit error {errors[len(errors) // 2]:.4f}, "
           f"tokens equal at {equal} of {len(errors)}; forms {forms}")
     assert errors[len(errors) // 2] <= 0.02
     assert equal >= 0.9 * len(errors)
