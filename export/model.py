@@ -237,11 +237,12 @@ def rank_in_group(onehot: torch.Tensor, chunk: int = RANK_CHUNK) -> torch.Tensor
     scan within each chunk, then one over the chunks' totals, each short and P*E/chunk lanes wide.
     Exact: the counts stay integers below 2**24 in float32."""
     P, E = onehot.shape
-    c = min(chunk, P)
-    n = -(-P // c)
-    if n * c > P:  # a Concat with zero rows, not Pad (outside TensorRT's ONNX support list)
-        onehot = torch.cat([onehot, onehot.new_zeros(n * c - P, E)])
-    padded = onehot.reshape(n, c, E)                                            # [N, C, E]
+    # No branch on P: the ONNX graph serves a range of token counts (its shapes are symbolic), so
+    # the rows are always padded (a Concat with 0..chunk-1 zero rows; Pad is outside TensorRT's ONNX
+    # support list) and chunk is fixed.
+    c = chunk
+    n = (P + c - 1) // c
+    padded = torch.cat([onehot, onehot.new_zeros(n * c - P, E)]).reshape(n, c, E)  # [N, C, E]
     within = padded.cumsum(1)                                                   # [N, C, E]
     totals = within[:, -1, :]                                                   # [N, E]
     before = totals.cumsum(0) - totals                                          # earlier chunks' counts
