@@ -167,7 +167,7 @@ class Tiles:
 
 
 def default_tiles(inter: int, dtype: torch.dtype) -> Tiles:
-    """bf16 tiles from the sweep (bench part `prefill`, moe_alone) on an H200 at one TP=8 rank's experts
+    """bf16 tiles from a sweep on an H200 (docs/BENCHMARKS.md, prefill) at one TP=8 rank's experts
     (I=192) and at TP=1 (I=1536), 2048 and 8192 tokens: blocks of 128 pairs (about one block per
     expert at 2048 tokens: each expert's weights read once), wide column tiles for wide experts.
     float32 (the interpreter's exact runs) keeps small tiles."""

@@ -14,7 +14,8 @@ Where the tiles are too few to fill the GPU (short chunks, or one TP=8 rank's si
 the context is long, each tile's keys are split over several programs, whose normalized partial
 outputs and log-sum-exps are merged by the decode attention's merge kernel (split-KV).
 
-Tiles: chosen by a sweep on the GPU (bench part `prefill`, `attention_alone`), per head size.
+Tiles: chosen by a sweep on an H200 (12 tile shapes, both model widths, five chunk/context shapes;
+docs/BENCHMARKS.md, prefill); `tiles=` and `split=` override them.
 """
 from __future__ import annotations
 
@@ -118,8 +119,8 @@ def _prefill_kernel(Q, K, V, Out, Part, Lse, Tables, QStart, QLen, Ctx, qk_scale
             tl.store(Out + q_off, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=rmask[:, None])
 
 
-# (BM, BN, warps, stages) for bf16 on tensor cores, from the sweep (bench part `prefill`,
-# attention_alone, on an H200); float32 (the CPU interpreter's exact runs) takes small tiles.
+# (BM, BN, warps, stages) for bf16 on tensor cores, from the sweep (docs/BENCHMARKS.md, prefill);
+# float32 (the CPU interpreter's exact runs) takes small tiles.
 TILES = {"bf16": (128, 64, 4, 3), "fp32": (64, 64, 4, 1)}
 MIN_SPLIT_KEYS = 2048  # keys per program at least, when the keys are split over programs
 
