@@ -278,7 +278,7 @@ def test_forced_tool_use_and_structured_output(served):
         jsonschema.validate(uses[0].input, schema)
 
 
-@pytest.mark.slow
+@pytest.mark.long  # the OpenAI routes' TP=2 cases stay in make test
 def test_tensor_parallel_2_stream_and_answer(served, exported):
     """The reference is chat.py at TP=1 (the first test's run): TP=2 gives TP=1's greedy tokens
     (test_tensor_parallel.py), so no second chat.py with its own worker rank is started for it."""

@@ -30,7 +30,7 @@ def rtx():
         pytest.fail(f"TensorRT-RTX is part of the test environment: {e}")
 
 
-@pytest.mark.parametrize("name,tp", [("tiny", 1), ("tiny", 2), ("kv8", 8)])
+@pytest.mark.parametrize("name,tp", [("tiny", 1), ("tiny", 2), pytest.param("kv8", 8, marks=pytest.mark.long)])
 def test_every_subgraph_builds_for_sm80(rtx, exported, tmp_path, name, tp):
     man = exported(name, tp)
     settings = BuildSettings(compute_capability="SM80", decode_max=64)

@@ -56,7 +56,8 @@ def to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
     return t.numpy()
 
 
-@pytest.mark.parametrize("name,tp", EXPORTS)
+# alt at TP=2 (28 s) in make test-slow: tiny at TP=2 stays in make test
+@pytest.mark.parametrize("name,tp", EXPORTS[:3] + [pytest.param("alt", 2, marks=pytest.mark.long)])
 def test_fp32_twins_match_pytorch_pieces(name, tp, exported, checkpoints):
     man = exported(name, tp)
     ckpt = Checkpoint(checkpoints[name])

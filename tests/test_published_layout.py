@@ -164,7 +164,7 @@ def test_generate_cli_stops_at_generation_config_eos(eos_checkpoint):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.long)])  # TP=2: in make test-slow
 def test_chat_cli_stops_at_generation_config_eos(eos_checkpoint, tmp_path_factory, tp):
     from export.to_onnx import export
 

@@ -30,7 +30,8 @@ def workers_of(manifest_root) -> list[psutil.Process]:
             and any(str(manifest_root) in c for c in p.info["cmdline"])]
 
 
-@pytest.mark.parametrize("name,backend", [("tiny", "ort"), ("alt", "ort"), ("tiny", "torch")])
+@pytest.mark.parametrize("name,backend", [("tiny", "ort"), pytest.param("alt", "ort", marks=pytest.mark.long),
+                                          ("tiny", "torch")])
 def test_tp2_equals_tp1_and_transformers(name, backend, exported, hf_model):
     """ort runs the FP32 twins, which hold the export's BF16-rounded weights; the torch backend in
     float32 holds the checkpoint's exact weights: each is compared with transformers holding the same."""
