@@ -59,6 +59,26 @@ def _add_norm_kernel(A, B, Wn, Hout, Xout, eps, H: tl.constexpr, BH: tl.constexp
 
 
 @triton.jit
+def _store_top_k(s, Bias, Ids, Wt, t, E: tl.constexpr, K: tl.constexpr, BEA: tl.constexpr, BK: tl.constexpr):
+    """Token t's k largest of s + bias (s: its E sigmoid scores in a [BEA] block; equal values: the
+    lower expert id first) into Ids [T, K], and their unbiased scores renormalised to sum 1 into Wt."""
+    ea = tl.arange(0, BEA)
+    eam = ea < E
+    biased = tl.where(eam, s + tl.load(Bias + ea, mask=eam, other=0.0), float("-inf"))
+    ks = tl.arange(0, BK)
+    ids = tl.zeros([BK], tl.int32)
+    picked = tl.zeros([BK], tl.float32)
+    for j in tl.static_range(K):
+        best = tl.max(biased, 0)
+        pick = tl.min(tl.where(biased == best, ea, BEA), 0)  # the lowest id among equal values
+        ids = tl.where(ks == j, pick, ids)
+        picked = tl.where(ks == j, tl.sum(tl.where(ea == pick, s, 0.0), 0), picked)
+        biased = tl.where(ea == pick, float("-inf"), biased)
+    tl.store(Ids + t * K + ks, ids.to(tl.int64), mask=ks < K)
+    tl.store(Wt + t * K + ks, picked / tl.sum(picked, 0), mask=ks < K)
+
+
+@triton.jit
 def _norm_gate_top_k_kernel(A, B, Wn, G, Bias, Hout, Xout, S, Ids, Wt, Count, eps, H: tl.constexpr, E: tl.constexpr,
                             K: tl.constexpr, BH: tl.constexpr, BE: tl.constexpr, BEA: tl.constexpr, BK: tl.constexpr,
                             NB: tl.constexpr):
@@ -84,18 +104,7 @@ def _norm_gate_top_k_kernel(A, B, Wn, G, Bias, Hout, Xout, S, Ids, Wt, Count, ep
         ea = tl.arange(0, BEA)
         eam = ea < E
         s = tl.load(S + t * E + ea, mask=eam, other=0.0, cache_modifier=".cg")  # other blocks' scores: from L2
-        biased = tl.where(eam, s + tl.load(Bias + ea, mask=eam, other=0.0), float("-inf"))
-        ks = tl.arange(0, BK)
-        ids = tl.zeros([BK], tl.int32)
-        picked = tl.zeros([BK], tl.float32)
-        for j in tl.static_range(K):
-            best = tl.max(biased, 0)
-            pick = tl.min(tl.where(biased == best, ea, BEA), 0)  # the lowest id among equal values
-            ids = tl.where(ks == j, pick, ids)
-            picked = tl.where(ks == j, tl.sum(tl.where(ea == pick, s, 0.0), 0), picked)
-            biased = tl.where(ea == pick, float("-inf"), biased)
-        tl.store(Ids + t * K + ks, ids.to(tl.int64), mask=ks < K)
-        tl.store(Wt + t * K + ks, picked / tl.sum(picked, 0), mask=ks < K)
+        _store_top_k(s, Bias, Ids, Wt, t, E, K, BEA, BK)
         tl.store(Count + t, 0)
 
 
@@ -116,18 +125,7 @@ def _top_k_kernel(Logits, Bias, Ids, Wt, E: tl.constexpr, K: tl.constexpr, BEA: 
     ea = tl.arange(0, BEA)
     eam = ea < E
     s = tl.sigmoid(tl.load(Logits + t * E + ea, mask=eam, other=0.0))
-    biased = tl.where(eam, s + tl.load(Bias + ea, mask=eam, other=0.0), float("-inf"))
-    ks = tl.arange(0, BK)
-    ids = tl.zeros([BK], tl.int32)
-    picked = tl.zeros([BK], tl.float32)
-    for j in tl.static_range(K):
-        best = tl.max(biased, 0)
-        pick = tl.min(tl.where(biased == best, ea, BEA), 0)
-        ids = tl.where(ks == j, pick, ids)
-        picked = tl.where(ks == j, tl.sum(tl.where(ea == pick, s, 0.0), 0), picked)
-        biased = tl.where(ea == pick, float("-inf"), biased)
-    tl.store(Ids + t * K + ks, ids.to(tl.int64), mask=ks < K)
-    tl.store(Wt + t * K + ks, picked / tl.sum(picked, 0), mask=ks < K)
+    _store_top_k(s, Bias, Ids, Wt, t, E, K, BEA, BK)
 
 
 def route_many(a: torch.Tensor, b: torch.Tensor, norm: torch.Tensor, eps: float, gate: torch.Tensor,
