@@ -16,7 +16,7 @@ from runtime.serving.anthropic_api import Blocks
 from runtime.serving.tool_calls import ToolCallParser
 from runtime.text import TextCodec
 from tests.cli import chat_outputs
-from tests.test_openai_server import Served
+from tests.test_openai_server import Served, stop_all
 
 KEY = "sekret"
 GREEDY = {"temperature": 0}  # the current client leaves the sampling fields to extra_body
@@ -37,8 +37,8 @@ def served(exported):
         return started[tp]
 
     yield get
-    for s in started.values():
-        assert "stopped (engine and its ranks closed)" in s.stop()
+    for out in stop_all(started.values()):
+        assert "stopped (engine and its ranks closed)" in out
 
 
 def _post(s: Served, path: str, body, headers: dict | None = None) -> tuple[int, dict]:
