@@ -2,8 +2,8 @@
 (prefill chunks, mixed steps):
 - attention in: the residual add + input norm in one launch, cuBLAS q/k/v, then the QK norm + RoPE
   in one launch (kernels/qk_rope.py norm_rope), rounded as the pieces' PyTorch ops round;
-- MoE: the residual add, post norm and router (its fused kernel up to its token limit, PyTorch's ops
-  beyond), then the experts through the kernel the step's plan names (runtime/dispatch.py): the fused
+- MoE: the residual add, post norm and router (kernels/moe_route.py route: its one-launch kernel up
+  to its token limit, the norm kernel, cuBLAS gate GEMM and a top-k kernel beyond), then the experts through the kernel the step's plan names (runtime/dispatch.py): the fused
   gather GEMVs (kernels/fused_moe.py) or the grouped GEMMs (kernels/grouped_moe.py). Every MoE form
   computes the same function, so the pieces' form only names the subgraph."""
 from __future__ import annotations
@@ -28,12 +28,8 @@ def offered(decode_tokens: int) -> BackendKernels:
 
 def moe(m: Moe, h: torch.Tensor, attn_out: torch.Tensor, kernel: str):
     """Moe.forward with the experts through `kernel` ("gather" or "grouped")."""
-    if h.shape[0] <= moe_route.MAX_TOKENS:
-        with profile_ranges.span(profile_ranges.ROUTER):
-            h, x, idx, weights = moe_route.route_top_k(h, attn_out, m.norm, m.eps, m.gate, m.bias, m.top_k)
-    else:  # the gate's cuBLAS GEMM reads it once for all tokens
-        with profile_ranges.span(profile_ranges.ROUTER):
-            h, x, idx, weights = moe_route.route_many(h, attn_out, m.norm, m.eps, m.gate, m.bias, m.top_k)
+    with profile_ranges.span(profile_ranges.ROUTER):
+        h, x, idx, weights = moe_route.route(h, attn_out, m.norm, m.eps, m.gate, m.bias, m.top_k)
     with profile_ranges.span(profile_ranges.EXPERTS):
         local, weights = m.local_experts(idx, weights)
         if kernel == "gather":

@@ -34,7 +34,7 @@ def case(T, k, E, H, inter, device, dtype, seed=0, skew=False):
 
 
 def check_interpreted() -> None:
-    from runtime.kernels.grouped_moe import align_by_expert, grouped_moe
+    from runtime.kernels.grouped_moe import Tiles, align_by_expert, grouped_moe
 
     experts = torch.tensor([[2, 0], [2, 1], [2, 0]])
     pairs, owner = align_by_expert(experts, 4, 4)
@@ -55,7 +55,7 @@ def check_interpreted() -> None:
     assert all(owner[r // 8] == flat[pairs[r]] for r in rows.tolist())  # every pair in a block of its expert
     for T, k, E, H, inter, skew, block in [(5, 2, 8, 96, 40, False, 16), (37, 3, 8, 72, 48, True, 16)]:
         args = case(T, k, E, H, inter, "cpu", torch.float32, skew=skew)
-        out = grouped_moe(*args, block=block)
+        out = grouped_moe(*args, tiles=Tiles(block=block))
         ref = reference(*args)
         torch.testing.assert_close(out.double(), ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
         print(f"T={T} k={k} E={E} H={H} I={inter}: ok")

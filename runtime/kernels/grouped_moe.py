@@ -179,15 +179,15 @@ def default_tiles(inter: int, dtype: torch.dtype) -> Tiles:
 
 
 def grouped_moe(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-                w2: torch.Tensor, block: int | None = None, tiles: Tiles | None = None) -> torch.Tensor:
+                w2: torch.Tensor, tiles: Tiles | None = None) -> torch.Tensor:
     """x [T, H]; experts [T, k] local expert ids; weights [T, k] float32 (zero for experts not on
     this rank); w13 [E, 2I, H], w2 [E, H, I] -> [T, H] float32, the weighted sum of the experts.
-    tiles: default_tiles(I, dtype); block overrides its rows per block."""
+    tiles: default_tiles(I, dtype) unless given."""
     T, H = x.shape
     k = experts.shape[1]
     E, inter = w13.shape[0], w2.shape[2]
     tiles = tiles or default_tiles(inter, x.dtype)
-    block = block or tiles.block
+    block = tiles.block
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     pairs, block_expert = align_by_expert(experts, E, block)
     ieee = x.dtype == torch.float32  # float32 runs (tests) stay exact; bf16 takes the tensor cores

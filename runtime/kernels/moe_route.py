@@ -143,6 +143,14 @@ def route_many(a: torch.Tensor, b: torch.Tensor, norm: torch.Tensor, eps: float,
     return h, x, ids, weights
 
 
+def route(a: torch.Tensor, b: torch.Tensor, norm: torch.Tensor, eps: float, gate: torch.Tensor,
+          bias: torch.Tensor, top_k: int):
+    """(h, x, ids, weights) for any number of tokens: route_top_k up to MAX_TOKENS, route_many beyond
+    (where the gate's cuBLAS GEMM reads it once for all tokens)."""
+    fn = route_top_k if a.shape[0] <= MAX_TOKENS else route_many
+    return fn(a, b, norm, eps, gate, bias, top_k)
+
+
 _counters: dict[torch.device, torch.Tensor] = {}
 
 
