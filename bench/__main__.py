@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             constrained.run(res, layers=a.layers)
     if "real-scale" in parts:
-        real_scale.run(res, a.checkpoint, a.real_preset, long=a.long_prompt, chunk=a.chunk, utilization=a.utilization)
+        real_scale.run(res, a.checkpoint, a.real_preset, long=a.long_prompt, chunk=a.chunk, utilization=a.utilization,
+                       prefill_graphs=a.prefill_graphs)
     table(res.rows)
     if a.cpu:
         print(json.dumps(summary))

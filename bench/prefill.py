@@ -111,12 +111,19 @@ def decode_after(res: Results, engine: LLMEngine, prompt: list[int], cfg, layers
     seq = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True))
     while len(seq.output) < 4:
         engine.step()
+    cuda = engine.backend.device.type == "cuda"
+    before = torch.cuda.memory_stats() if cuda else {}
     per = timed_steps(engine, steps)
+    # the caching allocator giving memory back and asking again (cudaFree / cudaMalloc): a sign that
+    # the eager steps' scratch does not fit beside the KV cache and the CUDA graphs' pool
+    after = torch.cuda.memory_stats() if cuda else {}
+    churn = {k: after.get(k, 0) - before.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc")}
     floor = floor_bytes(cfg, layers, 1, len(seq)) / bw
     dg = engine.executor.decode_graphs
     graphs = bool(dg and dg.use_graphs and -(-len(seq) // engine.blocks.block_size) <= dg.max_blocks)
     res.add(part, what="decode_after", **tags, layers=layers, context=len(seq), cuda_graphs=graphs,
-            step_ms=round(per * 1e3, 3), floor_ms=round(floor * 1e3, 3), vs_floor=round(per / floor, 2))
+            step_ms=round(per * 1e3, 3), floor_ms=round(floor * 1e3, 3), vs_floor=round(per / floor, 2),
+            alloc_retries=churn["num_alloc_retries"], device_mallocs=churn["num_device_alloc"])
     while engine.has_unfinished():
         engine.step()
 
@@ -149,19 +156,22 @@ def run_widths(res: Results, widths: str, layers: int, prompts, chunk: int, peak
         backend = TorchBackend(manifest, 0, "cuda", torch.bfloat16, checkpoint=RandomWeights(cfg))
         moes = [sub for mod in backend.modules.values() for sub in mod.modules() if isinstance(sub, Moe)]
         kernels = backend.kernels
-        for form in ("grouped", "block", "dense"):  # the kernel, then the ONNX forms as PyTorch ops
+        # the kernels with one sequence's chunks replayed from CUDA graphs (the default), the same
+        # eagerly (the profiled one: a replay has no ranges), then the ONNX forms as PyTorch ops, eagerly
+        for form in ("grouped", "grouped-eager", "block", "dense"):
             # the grouped kernel through the backend's dispatch; the forms as the modules' own ops
-            backend.kernels = kernels if form == "grouped" else replace(kernels, moe_kernels=False)
+            kernel = form.startswith("grouped")
+            backend.kernels = kernels if kernel else replace(kernels, moe_kernels=False)
             for m in moes:
-                if form != "grouped":
+                if not kernel:
                     m.form = form
             for n in prompts:
-                if form != "grouped" and n > 8192:
+                if not kernel and n > 8192:
                     continue  # minutes per prompt: the comparison is made at the shorter ones
                 # room for two prompts (the timed one's blocks stay cached beside the next one's)
                 kv_gb = layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2 * (2 * n + 128) / 2**30 + 0.5
                 engine = LLMEngine(tmp, EngineConfig(backend="torch", device="cuda", dtype="bfloat16",
-                                                  kv_cache_gb=kv_gb, max_num_seqs=1, cuda_graphs=False,
+                                                  kv_cache_gb=kv_gb, max_num_seqs=1, cuda_graphs=form == "grouped",
                                                   max_num_batched_tokens=chunk, max_model_len=n + 64),
                                    backend=backend)
                 prompt = torch.randint(0, ids, (n,), generator=torch.Generator().manual_seed(n)).tolist()
@@ -169,8 +179,10 @@ def run_widths(res: Results, widths: str, layers: int, prompts, chunk: int, peak
                 # warm-up at every length (another prompt): each kernel variant a context length
                 # selects (the attention's split of the keys) compiled before the timed run
                 warm = torch.randint(ids, 2 * ids, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+                t0 = time.perf_counter()
                 engine.generate([warm], params)
                 torch.cuda.synchronize()
+                warm_s = time.perf_counter() - t0  # with the JIT compiles and graph captures it needed
                 torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
                 try:
@@ -186,18 +198,20 @@ def run_widths(res: Results, widths: str, layers: int, prompts, chunk: int, peak
                 assert len(seq.output) == 1
                 res.add("prefill", widths=widths, form=form, layers=layers, prompt=n, chunk=chunk,
                         ttft_s=round(ttft, 3), tokens_per_s=round(n / ttft), floor_s=round(floor, 3),
-                        ttft_vs_floor=round(ttft / floor, 2),
+                        ttft_vs_floor=round(ttft / floor, 2), warm_up_s=round(warm_s, 3),
+                        prefill_graphs=len(engine.executor.prefill_graphs.graphs)
+                        if engine.executor.prefill_graphs else 0,
                         peak_gpu_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2))
                 if form == "grouped":
                     decode_after(res, engine, prompt, cfg, layers, bw, widths=widths)
-                    if n in profiled:  # another prompt of this length: none of its blocks cached
-                        g = torch.Generator().manual_seed(n)
-                        fresh = torch.randint(2 * ids, 3 * ids, (n,), generator=g).tolist()
-                        try:
-                            shares = shares_row(prefill_parts(engine, fresh), ttft)
-                        except Exception as e:  # a profiler that differs: the timed rows stand without it
-                            shares = dict(error=f"{type(e).__name__}: {e}"[:300])
-                        res.add("prefill", what="parts", widths=widths, form=form, layers=layers, prompt=n,
-                                chunk=chunk, **shares)
+                if form == "grouped-eager" and n in profiled:  # another prompt: none of its blocks cached
+                    g = torch.Generator().manual_seed(n)
+                    fresh = torch.randint(2 * ids, 3 * ids, (n,), generator=g).tolist()
+                    try:
+                        shares = shares_row(prefill_parts(engine, fresh), ttft)
+                    except Exception as e:  # a profiler that differs: the timed rows stand without it
+                        shares = dict(error=f"{type(e).__name__}: {e}"[:300])
+                    res.add("prefill", what="parts", widths=widths, form=form, layers=layers, prompt=n,
+                            chunk=chunk, **shares)
                 engine.close()
                 torch.cuda.empty_cache()

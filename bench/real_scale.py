@@ -126,7 +126,8 @@ def floors(device: str) -> tuple[float, float]:
     return cpu_bandwidth(1 << 26), 2 * 512 ** 3 / cpu_seconds(lambda: a @ a)
 
 
-def engine_config(device: str, dtype: str, batch: int, chunk: int, utilization: float, kv_tokens: int, cfg):
+def engine_config(device: str, dtype: str, batch: int, chunk: int, utilization: float, kv_tokens: int, cfg,
+                  prefill_graphs: bool = True):
     from runtime.config import EngineConfig
 
     kv = {}
@@ -136,7 +137,7 @@ def engine_config(device: str, dtype: str, batch: int, chunk: int, utilization: 
         per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
         kv = dict(kv_cache_gb=kv_tokens * per_token / 2**30)
     return EngineConfig(backend="torch", device=device, dtype=dtype, max_num_seqs=batch, max_num_batched_tokens=chunk,
-                        cuda_graphs=device == "cuda", **kv)
+                        cuda_graphs=device == "cuda", prefill_graphs=prefill_graphs, **kv)
 
 
 def memory_row(res: Results, engine, base: int, utilization: float, batch: int) -> None:
@@ -173,17 +174,28 @@ def long_prompt(res: Results, engine, cfg, n: int, peak: float, bw: float, after
     from .step import sync
 
     n = min(n, engine.max_model_len - after_steps - 8)
-    prompt = torch.randint(0, min(2000, cfg.vocab_size), (n,), generator=torch.Generator().manual_seed(n)).tolist()
-    if engine.backend.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    vocab = min(2000, cfg.vocab_size)
+    # the first long prompt of the process, then another one (no prefix-cache hits): the first pays
+    # the kernel compiles and CUDA-graph captures its chunk shapes and contexts need
+    first = torch.randint(vocab // 2, vocab, (n,), generator=torch.Generator().manual_seed(n + 1)).tolist()
+    prompt = torch.randint(0, vocab // 2, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     sync(engine)
     t0 = time.perf_counter()
-    seq = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))[0]
+    engine.generate([first], params)
+    sync(engine)
+    first_s = time.perf_counter() - t0
+    if engine.backend.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    seq = engine.generate([prompt], params)[0]
     sync(engine)
     ttft = time.perf_counter() - t0
     floor = useful_flops(cfg, cfg.num_hidden_layers, n) / peak
+    pg = engine.executor.prefill_graphs
     row = dict(what="long_prompt", prompt=n, chunk=engine.max_num_batched_tokens, ttft_s=round(ttft, 3),
                tokens_per_s=round(n / ttft), floor_s=round(floor, 3), ttft_vs_floor=round(ttft / floor, 2),
+               first_prompt_ttft_s=round(first_s, 3), prefill_graphs=len(pg.graphs) if pg else 0,
                output_tokens=len(seq.output))
     if engine.backend.device.type == "cuda":
         row["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
@@ -206,7 +218,7 @@ def commands(res: Results, root: Path, utilization: float, chunk: int) -> None:
 def run(res: Results, checkpoint: str | Path | None = None, preset: str = DEFAULT_PRESET, layers: int | None = None,
         device: str = "cuda", dtype: str = "bfloat16", batches=(1, 8, 32), steps: int = 30, prompt: int = 512,
         long: int = 131072, chunk: int = 2048, after_steps: int = 16, utilization: float = 0.9,
-        work: Path = OUT / PART) -> None:
+        work: Path = OUT / PART, prefill_graphs: bool = True) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         res.add(PART, skipped="no GPU here (--device cpu runs it on the CPU)")
         return
@@ -229,7 +241,8 @@ def run(res: Results, checkpoint: str | Path | None = None, preset: str = DEFAUL
     kv_tokens = int(1.2 * max(long + 2 * chunk, max(batches) * (prompt + steps + 64)))
     reset_peak_rss()
     t0 = time.perf_counter()
-    engine = LLMEngine(man.root, engine_config(device, dtype, max(batches), chunk, utilization, kv_tokens, cfg))
+    engine = LLMEngine(man.root, engine_config(device, dtype, max(batches), chunk, utilization, kv_tokens, cfg,
+                                               prefill_graphs))
     res.add(PART, what="load", seconds=round(time.perf_counter() - t0, 1), layers=cfg.num_hidden_layers,
             peak_host_rss_gb=peak_rss_gb(),
             kv_blocks=engine.kv.num_blocks, max_model_len=engine.max_model_len)
@@ -255,6 +268,8 @@ def add_args(ap: argparse.ArgumentParser, prefix: str = "") -> None:
     ap.add_argument("--chunk", type=int, default=2048, help="tokens per step: the prefill chunk (default 2048)")
     ap.add_argument("--utilization", type=float, default=0.9,
                     help="GPU memory fraction the plan sizes the KV cache from (default 0.9)")
+    ap.add_argument(f"--{prefix}no-prefill-graphs", dest="prefill_graphs", action="store_false",
+                    help="prefill chunks eagerly (default: replayed from CUDA graphs, as the engine's default)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=OUT, help=f"folder of results.jsonl (default {OUT})")
     a = ap.parse_args(argv)
     run(Results(a.results), a.checkpoint, a.real_preset, a.layers, a.device, batches=tuple(int(b) for b in a.batches.split(",")),
-        steps=a.steps, prompt=a.prompt, long=a.long_prompt, chunk=a.chunk, utilization=a.utilization, work=a.work)
+        steps=a.steps, prompt=a.prompt, long=a.long_prompt, chunk=a.chunk, utilization=a.utilization, work=a.work,
+        prefill_graphs=a.prefill_graphs)
     return 0
 
 

@@ -23,6 +23,9 @@ class AttentionMetadata:
     # as rank 0 sends a step, the rows of the ranks' device tables (runtime/block_tables.py TableDelta)
     block_tables: torch.Tensor | list[list[int]] | object
     _on_device: tuple | None = None
+    # the GPU prefill kernel's split of the keys, fixed (a CUDA-graph chunk, runtime/prefill_graphs.py);
+    # None: chosen from the longest context
+    key_split: int | None = None
 
     def on_device(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(block tables padded [S, M], first query row, query count, context length per sequence) as
@@ -61,7 +64,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         if max(meta.q_lens) == 1:  # decode steps run eagerly (contexts past the CUDA graphs' limit)
             return kernels.paged_decode(q, k_cache, v_cache, tables, ctx, scale)
         return kernels.paged_prefill(q, k_cache, v_cache, tables, starts, q_lens, ctx, max(meta.q_lens), scale,
-                                     max_ctx=max(meta.context_lens))
+                                     max_ctx=max(meta.context_lens), split=meta.key_split)
     return sdpa_prefill(q, k_cache, v_cache, meta, scale)
 
 

@@ -33,6 +33,9 @@ class EngineConfig:
         "help": "longest sequence (default: the model's context, capped by the KV cache)"})
     cuda_graphs: bool = field(default=True, metadata={
         "help": "GPU: replay decode steps from CUDA graphs (--no-cuda-graphs: the same steps, eagerly)"})
+    prefill_graphs: bool = field(default=True, metadata={
+        "help": "GPU, with CUDA graphs: also replay one sequence's prefill chunks from CUDA graphs, padded to "
+                "power-of-two sizes (--no-prefill-graphs: those chunks eagerly, unpadded)"})
     graph_max_context: int = field(default=8192, metadata={
         "help": "GPU: decode steps of sequences longer than this run eagerly"})
     decode_buckets: bool | None = field(default=None, metadata={

@@ -29,7 +29,6 @@ class DecodeGraphs:
         self.static: dict[int, dict[str, torch.Tensor]] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor | None] = {}
-        self.pool = None
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
@@ -81,14 +80,20 @@ class DecodeGraphs:
             self._warm_up_and_capture(b, s)
 
     def _warm_up_and_capture(self, b: int, s) -> None:
-        side = torch.cuda.Stream(device=self.ex.backend.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up: lazy initialisations must not happen during capture
-            self._forward(s)
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(g, pool=self.pool):
-            self.outputs[b] = self._forward(s)
-        self.graphs[b] = g
+        self.graphs[b], self.outputs[b] = capture(lambda: self._forward(s), self.ex.backend.device,
+                                                  self.ex.graph_pool())
+
+
+def capture(forward, device: torch.device, pool) -> tuple[torch.cuda.CUDAGraph, object]:
+    """`forward()` warmed up once on a side stream (lazy initialisations and JIT compiles must not
+    happen during capture), then captured into a graph on the memory pool `pool`, which every graph
+    of the executor shares (they never run at once): the graph and its output."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        out = forward()
+    return g, out

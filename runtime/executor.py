@@ -45,9 +45,19 @@ class DecodeSettings:
     use_graphs: bool
 
 
+@dataclass(frozen=True)
+class PrefillSettings:
+    """One sequence's prefill chunks padded to bucket sizes up to max_tokens (runtime/prefill_graphs.py),
+    for sequences up to max_blocks blocks, padding rows writing into the decode steps' padding_block."""
+    max_tokens: int
+    max_blocks: int
+    padding_block: int
+    use_graphs: bool
+
+
 class StepExecutor:
     def __init__(self, manifest: Manifest, backend, kv: KVCache, rank: int = 0, comm=None,
-                 decode: DecodeSettings | None = None):
+                 decode: DecodeSettings | None = None, prefill: PrefillSettings | None = None):
         self.manifest, self.backend, self.kv, self.rank = manifest, backend, kv, rank
         self.comm = comm or SingleRank()
         self.kernels = getattr(backend, "kernels", NONE)
@@ -66,6 +76,19 @@ class StepExecutor:
 
             self.decode_graphs = DecodeGraphs(self, decode.max_num_seqs, decode.max_blocks, decode.padding_block,
                                               decode.use_graphs)
+        self.prefill_graphs = None
+        if prefill is not None:
+            from .prefill_graphs import PrefillGraphs
+
+            self.prefill_graphs = PrefillGraphs(self, prefill.max_tokens, prefill.max_blocks, prefill.padding_block,
+                                                prefill.use_graphs)
+        self._pool = None
+
+    def graph_pool(self):
+        """The memory pool every captured graph of this rank shares (they never run at once)."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
             logits_rows: torch.Tensor, candidates: int = 0, extras: StepExtras | None = None) -> torch.Tensor | None:
@@ -89,8 +112,10 @@ class StepExecutor:
         if self.decode_graphs is not None:
             self.decode_graphs.graphs.clear()
             self.decode_graphs.outputs.clear()
-            if self.backend.device.type == "cuda":
-                torch.cuda.synchronize(self.backend.device)
+        if self.prefill_graphs is not None:
+            self.prefill_graphs.clear()
+        if self.backend.device.type == "cuda":
+            torch.cuda.synchronize(self.backend.device)
 
     def _run(self, ids, positions, meta, logits_rows, candidates=0, extras=None):
         dev = self.backend.device
@@ -104,6 +129,9 @@ class StepExecutor:
         if self.decode_graphs is not None and self.decode_graphs.can_run(meta.q_lens, tables.shape[1]):
             self.last_ran = self.dispatch.plan(self.decode_graphs.bucket(len(meta.q_lens)), True).ran
             local = self.decode_graphs.run(ids, positions, meta.slot_mapping, meta.q_lens, meta.context_lens, tables)
+        elif self.prefill_graphs is not None and self.prefill_graphs.can_run(meta.q_lens, tables.shape[1]):
+            self.last_ran = self.dispatch.plan(self.prefill_graphs.bucket(meta.q_lens[0]), False).ran
+            local = self.prefill_graphs.run(ids, positions, meta.slot_mapping, meta.context_lens[0], tables)
         else:
             meta = AttentionMetadata(meta.slot_mapping.to(dev), meta.q_lens, meta.context_lens, tables)
             decode = None

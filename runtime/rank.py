@@ -9,7 +9,7 @@ from export.manifest import Manifest
 from .backends import make_backend
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .executor import DecodeSettings, StepExecutor
+from .executor import DecodeSettings, PrefillSettings, StepExecutor
 from .kv_cache import KVCache, bytes_per_block
 
 
@@ -53,9 +53,14 @@ def build_rank(manifest: Manifest, c: EngineConfig, rank: int, comm=None, backen
     num_blocks = c.num_blocks or max(1, int(kv_cache_bytes(manifest, c, device)) // per_block)
     kv = KVCache(cfg.num_hidden_layers, num_blocks, c.block_size, kv_heads, cfg.head_dim, backend.dtype,
                  backend.device)
-    decode = None
+    decode = prefill = None
     if uses_decode_buckets(c, backend.device.type):
         context = min(c.graph_max_context, c.max_model_len or cfg.max_position_embeddings)
-        decode = DecodeSettings(c.max_num_seqs, -(-context // c.block_size), BlockManager.padding_block_of(num_blocks),
-                                c.cuda_graphs and backend.device.type == "cuda")
-    return StepExecutor(manifest, backend, kv, rank, comm, decode)
+        pad = BlockManager.padding_block_of(num_blocks)
+        graphs = c.cuda_graphs and backend.device.type == "cuda"
+        decode = DecodeSettings(c.max_num_seqs, -(-context // c.block_size), pad, graphs)
+        if graphs and c.prefill_graphs and getattr(backend, "captures_prefill", False):
+            longest = c.max_model_len or cfg.max_position_embeddings
+            prefill = PrefillSettings(c.max_num_batched_tokens or manifest.max_tokens, -(-longest // c.block_size),
+                                      pad, True)
+    return StepExecutor(manifest, backend, kv, rank, comm, decode, prefill)

@@ -106,7 +106,10 @@ def bf16_weight_reference(model):
 
 def greedy(model, ids: list[int], n: int) -> list[int]:
     """transformers' greedy generate of exactly n tokens (no early stop; no MTP speculation)."""
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+    # An explicit mask: without one, generate masks every prompt token equal to pad_token_id (here 0),
+    # which made the reference wrong for prompts holding token 0.
+    x = torch.tensor([ids])
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                          eos_token_id=None, pad_token_id=0, use_mtp=False)
     return out[0, len(ids):].tolist()
 

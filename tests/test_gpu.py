@@ -94,7 +94,8 @@ def test_long_prompt_prefill_kernels_agree_with_cpu_float32(exported):
     """A 4,000-token prompt (the toy's context is 4,096) in 2,048-token chunks on the GPU in bf16: the
     prefill kernels (attention-in with the QK norm + RoPE kernel, the paged prefill attention over the
     cached chunk, the router's top-k kernel, the grouped-GEMM experts and their ordering kernels),
-    then decode, against the float32 model on the CPU fed the same tokens. The bar of the bf16 test
+    both chunks replayed from CUDA graphs (the second padded), then decode, against the float32 model on
+    the CPU fed the same tokens. The bar of the bf16 test
     above: median relative logit error <= 2%, tokens equal float32's argmax at >= 90%. (The split of
     long contexts' keys is checked at the kernel, tests/test_paged_prefill.py.)"""
     from export.checkpoint import Checkpoint
@@ -117,8 +118,10 @@ def test_long_prompt_prefill_kernels_agree_with_cpu_float32(exported):
     prompt = torch.randint(0, 800, (4000,), generator=torch.Generator().manual_seed(5)).tolist()
     seq = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0]
     forms = dict(engine.stats.forms)
+    replayed = engine.executor.prefill_graphs.steps
     engine.close()
     assert forms.get("grouped-kernel", 0) >= 2, forms  # both chunks ran the grouped kernels
+    assert replayed == 2  # from CUDA graphs: 2048 tokens, then 1952 padded to 2048
     ref = Model(Checkpoint(man.checkpoint_dir()), torch.float32).logits(torch.tensor(prompt + seq.output[:-1]))
     ref = ref[len(prompt) - 1:]
     gpu = torch.stack(recorded)
@@ -129,3 +132,55 @@ def test_long_prompt_prefill_kernels_agree_with_cpu_float32(exported):
           f"tokens equal at {equal} of {len(errors)}; forms {forms}")
     assert errors[len(errors) // 2] <= 0.02
     assert equal >= 0.9 * len(errors)
+
+
+def _recorded_run(root, prompt, n_new, dtype, prefill: str):
+    """Greedy tokens and every sampled row's logits, one prompt alone in steps of 256 tokens;
+    prefill: "graphs" (replayed), "padded" (the same padded chunks, eagerly), "plain" (eager, unpadded)."""
+    from runtime.config import EngineConfig
+    from runtime.llm_engine import LLMEngine
+    from runtime.sampling import SamplingParams
+
+    engine = LLMEngine(root, EngineConfig(backend="torch", device="cuda", dtype=dtype, max_num_batched_tokens=256,
+                                          prefill_graphs=prefill != "plain"))
+    pg = engine.executor.prefill_graphs
+    assert (pg is None) == (prefill == "plain")
+    if prefill == "padded":
+        pg.use_graphs = False
+    recorded = []
+    sample = engine.sampler.sample
+
+    def recording(logits, seq_ids, params):
+        recorded.extend(logits.float().cpu())
+        return sample(logits, seq_ids, params)
+
+    engine.sampler.sample = recording
+    seq = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True))[0]
+    steps, graphs = (pg.steps, len(pg.graphs)) if pg else (0, 0)
+    engine.close()
+    return seq.output, torch.stack(recorded), steps, graphs
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prefill_graphs_replay_equals_padded_eager(dtype, exported):
+    """One sequence's prefill chunks replayed from CUDA graphs (runtime/prefill_graphs.py) against the
+    same padded chunks run eagerly: equal logits, bit for bit (the same kernels on the same shapes).
+    Against unpadded eager chunks: the same function on other shapes, so float32 gives the same
+    tokens and logits within 1e-4 relative (cuBLAS may pick other kernels for other row counts);
+    bf16 the bf16 bar of the tests above (median relative logit error <= 2%). 1000 tokens in steps
+    of 256: three full chunks and 232 padded to 256."""
+    root = exported("tiny", 1).root
+    prompt = torch.randint(0, 800, (1000,), generator=torch.Generator().manual_seed(3)).tolist()
+    tokens, logits, steps, graphs = _recorded_run(root, prompt, 8, dtype, "graphs")
+    assert steps == 4 and graphs >= 1
+    padded = _recorded_run(root, prompt, 8, dtype, "padded")
+    assert padded[0] == tokens and torch.equal(padded[1], logits)
+    plain = _recorded_run(root, prompt, 8, dtype, "plain")
+    errors = ((plain[1] - logits).norm(dim=-1) / plain[1].norm(dim=-1)).sort().values
+    print(f"prefill graphs vs plain eager ({dtype}): relative logit error median {errors[len(errors) // 2]:.2e}, "
+          f"max {errors[-1]:.2e}")
+    if dtype == "float32":
+        assert plain[0] == tokens and errors[-1] <= 1e-4
+    else:
+        assert errors[len(errors) // 2] <= 0.02

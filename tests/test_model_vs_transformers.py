@@ -15,6 +15,7 @@ import torch
 from export.checkpoint import Checkpoint
 from export.model import Model
 from tests.conftest import CONFIGS
+from tests.reference import greedy
 
 F32_ATOL = 1e-4
 
@@ -31,9 +32,7 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:
 
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         eos_token_id=None, pad_token_id=0, use_mtp=False)
-    return out[0, len(ids):].tolist()
+    return greedy(model, ids, n)
 
 
 @pytest.fixture(scope="module")

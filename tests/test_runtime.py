@@ -389,3 +389,24 @@ def test_bucketed_decode_path(backend, exported, reference):
         assert [s.output for s in seqs] == [engine(man, block_size=4, backend="torch").generate([p], GREEDY)[0].output
                                             for p in ps]
     e.blocks.check([])
+
+
+def test_padded_prefill_chunks_give_transformers_tokens(exported, reference):
+    """The GPU's path for one sequence's prefill chunks (runtime/prefill_graphs.py: each chunk padded
+    to its bucket, the padding rows writing into the padding block and attending past the sequence,
+    attention and head on the fixed buffers a CUDA graph captures), run eagerly on the CPU: the
+    tokens equal transformers' exactly (float32 twins). 37 tokens in steps of 24 are a full chunk and
+    13 padded to 16; 50 are two full chunks and 2 padded to 16."""
+    from runtime.prefill_graphs import PrefillGraphs
+
+    man = exported("tiny", 1)
+    e = engine(man, block_size=4, decode_buckets=True, max_num_batched_tokens=24)
+    ex = e.executor
+    ex.prefill_graphs = PrefillGraphs(ex, 24, 64, BlockManager.padding_block_of(e.kv.num_blocks), use_graphs=False)
+    assert ex.prefill_graphs.buckets == [16, 24]
+    g = torch.Generator().manual_seed(9)
+    ps = [torch.randint(0, man.config.vocab_size, (n,), generator=g).tolist() for n in (37, 50)]
+    outs = [e.generate([p], GREEDY)[0].output for p in ps]  # one at a time: single-sequence chunks
+    assert ex.prefill_graphs.steps == 5
+    assert outs == [reference("tiny", tuple(p)) for p in ps]
+    e.blocks.check([])

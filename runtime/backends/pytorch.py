@@ -62,6 +62,7 @@ def place_once(modules: list[torch.nn.Module], device: torch.device) -> None:
 
 class TorchBackend:
     name = "torch"
+    captures_prefill = True  # its prefill steps can be captured in CUDA graphs (runtime/prefill_graphs.py)
 
     def __init__(self, manifest: Manifest, rank: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  checkpoint=None):

@@ -129,11 +129,28 @@ def choose_split(programs: int, max_ctx: int, device) -> int:
     """Key splits for a grid of `programs` tiles: up to about twelve waves of the GPU's SMs, where
     contexts are long enough to share. A few programs over long keys leave most SMs idle, and causal
     tiles differ in length, so many short programs balance best (the sweep: one TP=8 rank's single KV
-    head, 2048 queries at 128K context, 5.7 ms unsplit, 2.8 ms in 6 splits, 2.2 ms in 16)."""
+    head, 2048 queries at 128K context, 5.7 ms unsplit, 2.8 ms in 6 splits, 2.2 ms in 16). A power of
+    two: few kernel variants, and few CUDA graphs of prefill chunks (each split is one graph)."""
     if device.type != "cuda":
         return 1
     target = 12 * sm_count(device)
-    return max(1, min(target // programs, max_ctx // MIN_SPLIT_KEYS))
+    split = max(1, min(target // programs, max_ctx // MIN_SPLIT_KEYS))
+    return 1 << (split.bit_length() - 1)
+
+
+def _grid(q_heads: int, kv_heads: int, max_q_len: int, bm: int) -> tuple[int, int]:
+    """(KV heads, query tiles): a tile holds BM // group queries times the group's heads."""
+    group = q_heads // kv_heads
+    return kv_heads, triton.cdiv(max_q_len, max(bm, triton.next_power_of_2(group)) // group)
+
+
+def key_split(q_heads: int, kv_heads: int, max_q_len: int, seqs: int, max_ctx: int, dtype: torch.dtype,
+              device: torch.device) -> int:
+    """The split of the keys paged_prefill chooses by default (its TILES) for a step of this shape: a
+    CUDA graph fixes it at capture (runtime/prefill_graphs.py) and reads the context from the device."""
+    bm = TILES["fp32" if dtype == torch.float32 else "bf16"][0]
+    h, t = _grid(q_heads, kv_heads, max_q_len, bm)
+    return choose_split(h * t * seqs, max_ctx, device)
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -153,7 +170,7 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     group = HQ // HKV
     BM = max(BM, triton.next_power_of_2(group))                # at least one query a tile
     S = q_lens.numel()
-    grid = (HKV, triton.cdiv(max_q_len, BM // group))
+    grid = _grid(HQ, HKV, max_q_len, BM)
     if split is None:
         split = choose_split(grid[0] * grid[1] * S, max_ctx, q.device) if max_ctx else 1
     out = torch.empty(T, HQ, D, dtype=q.dtype, device=q.device)
