@@ -84,16 +84,29 @@ class DecodeGraphs:
                                                   self.ex.graph_pool())
 
 
+class CaptureError(RuntimeError):
+    """A step's capture failed (its warm-up ran): the step can still run eagerly. The process's
+    captures cannot go on (the caching allocator stays recording into the failed graph's pool), so
+    the executor turns its graphs off (StepExecutor._without_graphs)."""
+
+
 def capture(forward, device: torch.device, pool) -> tuple[torch.cuda.CUDAGraph, object]:
     """`forward()` warmed up once on a side stream (lazy initialisations and JIT compiles must not
     happen during capture), then captured into a graph on the memory pool `pool`, which every graph
-    of the executor shares (they never run at once): the graph and its output."""
+    of the executor shares (they never run at once): the graph and its output. Only this thread's
+    CUDA calls are checked during capture (other threads of a server may use CUDA meanwhile); a
+    failure of the capture itself raises CaptureError."""
     side = torch.cuda.Stream(device=device)
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         forward()
     torch.cuda.current_stream().wait_stream(side)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, pool=pool):
-        out = forward()
+    current = torch.cuda.current_stream(device)
+    try:
+        with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+            out = forward()
+    except (RuntimeError, torch.OutOfMemoryError) as e:
+        torch.cuda.set_stream(current)  # a capture that fails to end leaves its own stream current
+        raise CaptureError(str(e)) from e
     return g, out

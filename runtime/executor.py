@@ -2,6 +2,7 @@
 attention) in between, on one table of named tensors."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,8 @@ from .block_tables import DeviceTables, TableDelta
 from .dispatch import NONE, Dispatch, StepPlan, step_layers
 from .kv_cache import KVCache
 from .vocab_parallel import StepExtras, VocabGather
+
+log = logging.getLogger(__name__)
 
 
 class SingleRank:
@@ -128,10 +131,12 @@ class StepExecutor:
         decoding = max(meta.q_lens) == 1
         if self.decode_graphs is not None and self.decode_graphs.can_run(meta.q_lens, tables.shape[1]):
             self.last_ran = self.dispatch.plan(self.decode_graphs.bucket(len(meta.q_lens)), True).ran
-            local = self.decode_graphs.run(ids, positions, meta.slot_mapping, meta.q_lens, meta.context_lens, tables)
+            local = self._without_graphs(self.decode_graphs.run, ids, positions, meta.slot_mapping, meta.q_lens,
+                                         meta.context_lens, tables)
         elif self.prefill_graphs is not None and self.prefill_graphs.can_run(meta.q_lens, tables.shape[1]):
             self.last_ran = self.dispatch.plan(self.prefill_graphs.bucket(meta.q_lens[0]), False).ran
-            local = self.prefill_graphs.run(ids, positions, meta.slot_mapping, meta.context_lens[0], tables)
+            local = self._without_graphs(self.prefill_graphs.run, ids, positions, meta.slot_mapping,
+                                         meta.context_lens[0], tables)
         else:
             meta = AttentionMetadata(meta.slot_mapping.to(dev), meta.q_lens, meta.context_lens, tables)
             decode = None
@@ -149,6 +154,23 @@ class StepExecutor:
             if extras.mask_rows:
                 local = self.vocab.apply_mask(local, extras.mask_rows, extras.mask)
         return self.vocab.finish(local, candidates)
+
+    def _without_graphs(self, run, *args):
+        """run(*args) (a graphs object's run); if its capture fails, every graph of this rank is
+        turned off and the step runs again as the same padded steps eagerly (a capture executes
+        nothing, so the step's effects happen once). Captures happen on first use of a shape, so
+        this can be in the middle of serving: the requests go on, slower, rather than fail."""
+        from .cuda_graphs import CaptureError
+
+        try:
+            return run(*args)
+        except CaptureError as e:
+            log.error("CUDA graph capture failed; this rank runs every step eagerly from now on "
+                      "(--no-cuda-graphs does so from the start): %s", e)
+            for graphs in (self.decode_graphs, self.prefill_graphs):
+                if graphs is not None:
+                    graphs.use_graphs = False
+            return run(*args)
 
     def forward(self, ids, positions, logits_rows, meta: AttentionMetadata | None = None, decode=None,
                 plan: StepPlan | None = None):

@@ -77,7 +77,7 @@ class PrefillGraphs:
         key = self.key(q, context)
         b = key[0]
         pad = b - q
-        z = torch.zeros(pad, dtype=torch.int64)
+        z = torch.zeros(pad, dtype=torch.int64, device=ids.device)
         self.ids[:b].copy_(torch.cat([ids.to(torch.int64), z]), non_blocking=True)
         self.positions[:b].copy_(torch.cat([positions.to(torch.int64), z]), non_blocking=True)
         self.slots[:b].copy_(torch.cat([slots.to(torch.int64), z + self.pad_slot]), non_blocking=True)

@@ -184,3 +184,44 @@ def test_prefill_graphs_replay_equals_padded_eager(dtype, exported):
         assert plain[0] == tokens and errors[-1] <= 1e-4
     else:
         assert errors[len(errors) // 2] <= 0.02
+
+
+@needs_gpu
+def test_failed_capture_turns_graphs_off_and_the_request_goes_on(exported):
+    """A prefill chunk whose CUDA-graph capture fails (here a host sync inside the capture, which CUDA
+    refuses): the step runs again eagerly, padded as its graph would have been, and every later step
+    too (the allocator cannot capture again in this process). The tokens equal the same padded steps
+    run eagerly from the start, and the logits within 1e-3 relative: the same kernels on the same
+    shapes (that run's decode steps replayed, these eager), so only float noise is allowed."""
+    from runtime.config import EngineConfig
+    from runtime.llm_engine import LLMEngine
+    from runtime.sampling import SamplingParams
+
+    root = exported("tiny", 1).root
+    prompt = torch.randint(0, 800, (1000,), generator=torch.Generator().manual_seed(3)).tolist()
+    engine = LLMEngine(root, EngineConfig(backend="torch", device="cuda", dtype="bfloat16", max_num_batched_tokens=256))
+    ex, pg = engine.executor, engine.executor.prefill_graphs
+    forward = ex.forward
+
+    def syncing(*args, **kw):
+        out = forward(*args, **kw)
+        if torch.cuda.is_current_stream_capturing() and kw.get("meta") is not None:
+            out.sum().item()  # a host sync: not allowed while a stream is capturing
+        return out
+
+    ex.forward = syncing
+    recorded = []
+    sample = engine.sampler.sample
+
+    def recording(logits, seq_ids, params):
+        recorded.extend(logits.float().cpu())
+        return sample(logits, seq_ids, params)
+
+    engine.sampler.sample = recording
+    seq = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    state = (pg.use_graphs, ex.decode_graphs.use_graphs, len(pg.graphs), len(ex.decode_graphs.graphs), pg.steps)
+    engine.close()
+    assert state == (False, False, 0, 0, 5), state  # four chunks, the first run twice (capture, then eager)
+    tokens, logits, _, _ = _recorded_run(root, prompt, 8, "bfloat16", "padded")
+    errors = ((torch.stack(recorded) - logits).norm(dim=-1) / logits.norm(dim=-1))
+    assert seq.output == tokens and errors.max() <= 1e-3, errors.max()

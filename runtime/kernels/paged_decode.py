@@ -1,11 +1,12 @@
 """Paged decode attention as a Triton kernel (the GPU language, not the inference server): one new
 query token per sequence against its K/V read straight from the paged cache through its block table.
 
-Split-K ("flash-decoding"): the context is cut into partitions (256 to 1024 tokens); one program per
-(sequence, KV head, partition) computes all the query heads that share that KV head (GQA: K/V read
-once per group) with an online softmax, and a second kernel merges the partitions by their
+Split-K ("flash-decoding"): the grid has a partition per 256 to 1024 tokens of the block table's
+width; one program per (sequence, KV head, partition) computes all the query heads that share that
+KV head (GQA: K/V read once per group) with an online softmax over its share of the context (the
+context spread evenly over the partitions), and a second kernel merges the partitions by their
 log-sum-exp. The grid depends only on the batch size and the block-table width, never on the
-context lengths, so a CUDA graph can capture it; partitions past a sequence's end do no reads.
+context lengths, so a CUDA graph can capture it; partitions with no share do no reads.
 Plain tl.dot/tl.load on bf16 or float32: runs on SM80 (A100) and newer.
 """
 from __future__ import annotations
@@ -71,16 +72,26 @@ def _attend(q, K, V, Tables, Out, Lse, b, h, s, start, end, heads, g, d, stride_
 
 
 @triton.jit
+def _share(ctx, s, BN: tl.constexpr):
+    """Partition s's tokens [start, end): the context spread evenly over the grid's partitions in
+    whole BN-token iterations, not a partition's worth from the front (the grid is sized for the graph's
+    longest context, so at short contexts a few programs did several iterations and most none).
+    At most the partition size, as the grid has partitions for the table's width."""
+    span = tl.cdiv(tl.cdiv(ctx, tl.num_programs(2)), BN) * BN
+    start = s * span
+    return start, tl.minimum(start + span, ctx)
+
+
+@triton.jit
 def _partition_kernel(Q, K, V, Tables, Lens, Out, Lse,
                       stride_qb, stride_qh, stride_kslot, stride_kh, stride_tb,
                       stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                       scale_log2e,
                       BS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                      PART: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+                      BN: tl.constexpr, IEEE: tl.constexpr):
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(Lens + b)
-    start = s * PART
-    end = tl.minimum(start + PART, ctx)
+    start, end = _share(ctx, s, BN)
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     heads = h * G + g
@@ -143,7 +154,7 @@ def _qkv_partition_kernel(QKV, SSQ, QW, KW, Pos, InvFreq, Slots, K, V, Tables, L
                           scale_log2e, q_width, k_width, eps,
                           NH: tl.constexpr, NKV: tl.constexpr, HAS_SSQ: tl.constexpr, RD: tl.constexpr,
                           BS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                          PART: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
+                          BN: tl.constexpr, BW: tl.constexpr):
     """The decode partition kernel on the raw q/k/v row of each token ([B, (NH + 2 NKV) * D], the
     projection's output): the QK norm (sums of squares over this rank's row, or the all-reduced
     ones in SSQ [B, 2] with TP), RoPE, the new token's k and v written into the cache by the program
@@ -159,14 +170,13 @@ def _qkv_partition_kernel(QKV, SSQ, QW, KW, Pos, InvFreq, Slots, K, V, Tables, L
         ks = _row_ssq(QKV, row + NH * D, NKV * D, BW)
     pos_f = tl.load(Pos + b).to(tl.float32)
     ctx = tl.load(Lens + b)
-    start = s * PART
-    end = tl.minimum(start + PART, ctx)
+    start, end = _share(ctx, s, BN)
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     heads = h * G + g
     gm = (g < G)[:, None] & (d < D)[None, :]
     q = _roped(QKV, QW, pos_f, InvFreq, row, heads, d, 1.0 / tl.sqrt(qs / q_width + eps), gm, D, RD)
-    if (ctx - 1 >= start) & (ctx - 1 < start + PART):  # this partition holds the new token: write it
+    if (ctx - 1 >= start) & (ctx - 1 < end):  # this partition holds the new token: write it
         one = tl.arange(0, 1)
         km = (one < 1)[:, None] & (d < D)[None, :]
         kr = _roped(QKV, KW, pos_f, InvFreq, row + NH * D, h + one, d, 1.0 / tl.sqrt(ks / k_width + eps), km, D, RD)
@@ -204,7 +214,7 @@ def qkv_decode(qkv: torch.Tensor, ssq: torch.Tensor | None, q_norm: torch.Tensor
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         scale * 1.4426950408889634, float(q_width), float(k_width), float(eps),
         NH=num_heads, NKV=Hkv, HAS_SSQ=ssq is not None, RD=rotary_dim, BS=bs, G=G,
-        GP=max(16, triton.next_power_of_2(G)), D=D, PART=partition, BN=min(BLOCK_N, partition), BW=1024,
+        GP=max(16, triton.next_power_of_2(G)), D=D, BN=min(BLOCK_N, partition), BW=1024,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     out = torch.empty(B, num_heads, D, dtype=qkv.dtype, device=qkv.device)
     _merge_kernel[(B, num_heads)](part, lse, out, n_parts, part.stride(0), part.stride(1), part.stride(2),
@@ -231,7 +241,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         scale * 1.4426950408889634,
-        BS=bs, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, PART=partition, BN=min(block_n, partition),
+        BS=bs, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BN=min(block_n, partition),
         IEEE=q.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages)
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
