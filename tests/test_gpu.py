@@ -23,6 +23,19 @@ def chat(model, *args):
     return json.loads(r.stdout.strip().splitlines()[-1])["outputs"]
 
 
+def recorded_logits(engine) -> list[torch.Tensor]:
+    """The list every sampled row's float32 logits go to, as the engine samples (its sampler wrapped)."""
+    recorded = []
+    sample = engine.sampler.sample
+
+    def recording(logits, seq_ids, params):
+        recorded.extend(logits.float().cpu())
+        return sample(logits, seq_ids, params)
+
+    engine.sampler.sample = recording
+    return recorded
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_graphs_replay_equals_eager(dtype, exported):
@@ -107,14 +120,7 @@ def test_long_prompt_prefill_kernels_agree_with_cpu_float32(exported):
     man = exported("tiny", 1)
     engine = LLMEngine(man.root, EngineConfig(backend="torch", device="cuda", dtype="bfloat16", kv_cache_gb=1,
                                               max_num_batched_tokens=2048))
-    recorded = []
-    sample = engine.sampler.sample
-
-    def recording(logits, seq_ids, params):
-        recorded.extend(logits.float().cpu())
-        return sample(logits, seq_ids, params)
-
-    engine.sampler.sample = recording
+    recorded = recorded_logits(engine)
     prompt = torch.randint(0, 800, (4000,), generator=torch.Generator().manual_seed(5)).tolist()
     seq = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0]
     forms = dict(engine.stats.forms)
@@ -147,14 +153,7 @@ def _recorded_run(root, prompt, n_new, dtype, prefill: str):
     assert (pg is None) == (prefill == "plain")
     if prefill == "padded":
         pg.use_graphs = False
-    recorded = []
-    sample = engine.sampler.sample
-
-    def recording(logits, seq_ids, params):
-        recorded.extend(logits.float().cpu())
-        return sample(logits, seq_ids, params)
-
-    engine.sampler.sample = recording
+    recorded = recorded_logits(engine)
     seq = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True))[0]
     steps, graphs = (pg.steps, len(pg.graphs)) if pg else (0, 0)
     engine.close()
@@ -210,14 +209,7 @@ def test_failed_capture_turns_graphs_off_and_the_request_goes_on(exported):
         return out
 
     ex.forward = syncing
-    recorded = []
-    sample = engine.sampler.sample
-
-    def recording(logits, seq_ids, params):
-        recorded.extend(logits.float().cpu())
-        return sample(logits, seq_ids, params)
-
-    engine.sampler.sample = recording
+    recorded = recorded_logits(engine)
     seq = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
     state = (pg.use_graphs, ex.decode_graphs.use_graphs, len(pg.graphs), len(ex.decode_graphs.graphs), pg.steps)
     engine.close()
