@@ -85,9 +85,12 @@ class DecodeGraphs:
 
 
 class CaptureError(RuntimeError):
-    """A step's capture failed (its warm-up ran): the step can still run eagerly. The process's
-    captures cannot go on (the caching allocator stays recording into the failed graph's pool), so
-    the executor turns its graphs off (StepExecutor._without_graphs)."""
+    """A step's capture failed (its warm-up ran): the step can still run eagerly. PyTorch ends a
+    capture's hold on its memory pool only when the capture succeeds, so the caching allocator keeps
+    the pool listed as capturing: the next capture into it fails ("already recording to mempool",
+    seen on an H200), and while it is listed the allocator skips recycling blocks freed with uses on
+    other streams. The executor turns its graphs off (StepExecutor._without_graphs) and the log asks
+    for a restart."""
 
 
 def capture(forward, device: torch.device, pool) -> tuple[torch.cuda.CUDAGraph, object]:
@@ -108,5 +111,7 @@ def capture(forward, device: torch.device, pool) -> tuple[torch.cuda.CUDAGraph, 
             out = forward()
     except (RuntimeError, torch.OutOfMemoryError) as e:
         torch.cuda.set_stream(current)  # a capture that fails to end leaves its own stream current
-        raise CaptureError(str(e)) from e
+        # the end of an invalidated capture reports only that; the op that invalidated it came before
+        first = e.__context__
+        raise CaptureError(f"{e}" + (f" (first: {type(first).__name__}: {first})" if first else "")) from e
     return g, out

@@ -157,16 +157,17 @@ class StepExecutor:
 
     def _without_graphs(self, run, *args):
         """run(*args) (a graphs object's run); if its capture fails, every graph of this rank is
-        turned off and the step runs again as the same padded steps eagerly (a capture executes
-        nothing, so the step's effects happen once). Captures happen on first use of a shape, so
-        this can be in the middle of serving: the requests go on, slower, rather than fail."""
+        turned off and the step runs again as the same padded steps eagerly (the capture executed
+        nothing; the warm-up before it ran the step once, and the rerun writes the same K/V again).
+        Captures happen on first use of a shape, so this can be in the middle of serving: the
+        requests go on, slower, rather than fail; the process should be restarted (CaptureError)."""
         from .cuda_graphs import CaptureError
 
         try:
             return run(*args)
         except CaptureError as e:
-            log.error("CUDA graph capture failed; this rank runs every step eagerly from now on "
-                      "(--no-cuda-graphs does so from the start): %s", e)
+            log.error("CUDA graph capture failed; this rank runs every step eagerly from now on. Restart the "
+                      "server (--no-prefill-graphs keeps prefill eager, --no-cuda-graphs everything): %s", e)
             for graphs in (self.decode_graphs, self.prefill_graphs):
                 if graphs is not None:
                     graphs.use_graphs = False

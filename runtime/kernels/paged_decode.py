@@ -76,7 +76,7 @@ def _share(ctx, s, BN: tl.constexpr):
     """Partition s's tokens [start, end): the context spread evenly over the grid's partitions in
     whole BN-token iterations, not a partition's worth from the front (the grid is sized for the graph's
     longest context, so at short contexts a few programs did several iterations and most none).
-    At most the partition size, as the grid has partitions for the table's width."""
+    At most the partition size (a multiple of BN), as the grid has partitions for the table's width."""
     span = tl.cdiv(tl.cdiv(ctx, tl.num_programs(2)), BN) * BN
     start = s * span
     return start, tl.minimum(start + span, ctx)
