@@ -21,7 +21,8 @@ def _written(man, rank: int, prefix: str) -> int:
                and not rel.endswith(".fp32.onnx"))
 
 
-@pytest.mark.parametrize("name,tp", [("tiny", 1), ("tiny", 2), ("kv8", 8)])
+# kv8 at TP=8 (its export, ~30 s of the suite): in make test-slow
+@pytest.mark.parametrize("name,tp", [("tiny", 1), ("tiny", 2), pytest.param("kv8", 8, marks=pytest.mark.long)])
 def test_weight_bytes_match_what_the_export_writes(exported, name, tp):
     man = exported(name, tp)
     per_layer = memory_plan.layer_rank_bytes(man.config, tp)

@@ -107,7 +107,7 @@ def servers(exported):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.long)])  # TP=2: in make test-slow
 def test_completions_with_token_ids_give_chat_cli_tokens(servers, exported, tp):
     s = servers(tp)
     want = chat_outputs(exported("tiny", tp).root, ID_PROMPTS, n=N_NEW)

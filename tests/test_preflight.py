@@ -24,7 +24,8 @@ def _written_by_rank(man) -> tuple[dict[int, int], dict[int, int]]:
     return bf16, twins
 
 
-@pytest.mark.parametrize("name,tp", [("tiny", 1), ("tiny", 2), ("kv8", 8)])
+# kv8 at TP=8 (its export, ~30 s of the suite): in make test-slow
+@pytest.mark.parametrize("name,tp", [("tiny", 1), ("tiny", 2), pytest.param("kv8", 8, marks=pytest.mark.long)])
 def test_estimate_matches_what_the_export_writes(exported, name, tp):
     man = exported(name, tp)
     est = preflight.estimate(make_layout(man.config, tp))
