@@ -79,6 +79,10 @@ class DecodeGraphs:
         with scope(b) if scope is not None else contextlib.nullcontext():
             self._warm_up_and_capture(b, s)
 
+    def clear(self) -> None:
+        self.graphs.clear()
+        self.outputs.clear()
+
     def _warm_up_and_capture(self, b: int, s) -> None:
         self.graphs[b], self.outputs[b] = capture(lambda: self._forward(s), self.ex.backend.device,
                                                   self.ex.graph_pool())

@@ -51,11 +51,11 @@ class DecodeSettings:
 @dataclass(frozen=True)
 class PrefillSettings:
     """One sequence's prefill chunks padded to bucket sizes up to max_tokens (runtime/prefill_graphs.py),
-    for sequences up to max_blocks blocks, padding rows writing into the decode steps' padding_block."""
+    for sequences up to max_blocks blocks, padding rows writing into the decode steps' padding_block;
+    made only where CUDA graphs are on."""
     max_tokens: int
     max_blocks: int
     padding_block: int
-    use_graphs: bool
 
 
 class StepExecutor:
@@ -83,8 +83,7 @@ class StepExecutor:
         if prefill is not None:
             from .prefill_graphs import PrefillGraphs
 
-            self.prefill_graphs = PrefillGraphs(self, prefill.max_tokens, prefill.max_blocks, prefill.padding_block,
-                                                prefill.use_graphs)
+            self.prefill_graphs = PrefillGraphs(self, prefill.max_tokens, prefill.max_blocks, prefill.padding_block)
         self._pool = None
 
     def graph_pool(self):
@@ -112,11 +111,9 @@ class StepExecutor:
 
     def close(self) -> None:
         """Release captured CUDA graphs: they hold NCCL work, and must go before the process group."""
-        if self.decode_graphs is not None:
-            self.decode_graphs.graphs.clear()
-            self.decode_graphs.outputs.clear()
-        if self.prefill_graphs is not None:
-            self.prefill_graphs.clear()
+        for graphs in (self.decode_graphs, self.prefill_graphs):
+            if graphs is not None:
+                graphs.clear()
         if self.backend.device.type == "cuda":
             torch.cuda.synchronize(self.backend.device)
 

@@ -62,5 +62,5 @@ def build_rank(manifest: Manifest, c: EngineConfig, rank: int, comm=None, backen
         if graphs and c.prefill_graphs and getattr(backend, "captures_prefill", False):
             longest = c.max_model_len or cfg.max_position_embeddings
             prefill = PrefillSettings(c.max_num_batched_tokens or manifest.max_tokens, -(-longest // c.block_size),
-                                      pad, True)
+                                      pad)
     return StepExecutor(manifest, backend, kv, rank, comm, decode, prefill)
