@@ -92,14 +92,21 @@ def _die(msg: str, code: int = 3) -> None:
 class Group:
     """Rank 0's view of a started group: the communicator and the processes it spawned."""
 
-    def __init__(self, comm: TorchComm, procs: list[subprocess.Popen]):
-        self.comm, self.procs, self._stopping = comm, procs, False
+    def __init__(self, procs: list[subprocess.Popen]):
+        self.comm, self.procs, self._stopping = None, procs, False
         # Called (from the watcher thread) when a rank dies; a server sets it to fail its requests and exit
         # in its own way. Unset: this process exits at once with code 3.
         self.on_lost = None
-        comm.describe_failure = self._describe
+        # Watch from the start: a rank that dies before the rendezvous would leave rank 0 waiting in
+        # init_process_group for the whole collective timeout.
         if procs:
             threading.Thread(target=self._watch, daemon=True).start()
+
+    def joined(self, comm: TorchComm) -> "Group":
+        """The rendezvous is done: the group's communicator."""
+        self.comm = comm
+        comm.describe_failure = self._describe
+        return self
 
     def _exited(self) -> str | None:
         for rank, p in enumerate(self.procs, start=1):
@@ -157,7 +164,7 @@ class Group:
     def stop(self, before_destroy=None) -> None:
         self._stopping = True
         try:
-            if not self.comm.broken:
+            if self.comm is not None and not self.comm.broken:
                 self.comm.share_step(None)
             else:  # ranks still blocked in a collective will not hear a stop
                 for p in self.procs:
@@ -171,7 +178,8 @@ class Group:
                     p.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     p.kill()
-            dist.destroy_process_group()
+            if self.comm is not None:
+                dist.destroy_process_group()
 
 
 def _init(backend: str, rank: int, world: int, init_method: str, timeout_s: float) -> None:
@@ -196,7 +204,7 @@ def start_group(manifest_path: Path, config: EngineConfig, tp: int, timeout_s: f
             build_rank(Manifest.load(manifest_path), config, rank, TorchComm()).serve()
             dist.destroy_process_group()
             sys.exit(0)
-        return Group(TorchComm(), [])
+        return Group([]).joined(TorchComm())
     port = free_port()
     cfg_json = json.dumps(asdict(config))
     procs = [subprocess.Popen([sys.executable, "-m", "runtime.distributed", "--worker", str(manifest_path),
@@ -204,13 +212,13 @@ def start_group(manifest_path: Path, config: EngineConfig, tp: int, timeout_s: f
                                "--parent", str(os.getpid()), "--timeout", str(timeout_s)],
                               cwd=Path(__file__).resolve().parents[1])
              for r in range(1, tp)]
+    group = Group(procs)
     try:
         _init(backend, 0, tp, f"tcp://127.0.0.1:{port}", timeout_s)
     except Exception:
-        for p in procs:
-            p.kill()
+        group.kill()
         raise
-    return Group(TorchComm(), procs)
+    return group.joined(TorchComm())
 
 
 def _watch_parent(pid: int) -> None:

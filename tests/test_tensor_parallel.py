@@ -88,23 +88,25 @@ def test_tp_export_needs_its_ranks(exported):
         LLMEngine(exported("tiny", 2).root, EngineConfig())
 
 
-def _start_long_run(man):
+def _start_long_run(man, settle_s=3.0):
     proc = subprocess.Popen(chat_cmd("--model", man.root, "--prompt-ids", "1,5,9", "--max-tokens", 3000,
                                      "--temperature", 0, "--ignore-eos", "--json"), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and not workers_of(man.root):
-        time.sleep(0.2)
+        time.sleep(0.05)
     workers = workers_of(man.root)
     assert workers, "the worker rank did not start"
-    time.sleep(3)  # let generation get going
+    time.sleep(settle_s)  # 3 s: let generation get going; 0: kill it before the rendezvous
     assert proc.poll() is None
     return proc, workers
 
 
-def test_killed_worker_ends_the_run(exported):
+@pytest.mark.parametrize("settle_s", [3.0, 0.0], ids=["mid-run", "before-rendezvous"])
+def test_killed_worker_ends_the_run(exported, settle_s):
+    """A rank lost before the group's rendezvous once left rank 0 waiting out the collective timeout."""
     man = exported("tiny", 2)
-    proc, workers = _start_long_run(man)
+    proc, workers = _start_long_run(man, settle_s)
     t0 = time.time()
     workers[0].send_signal(signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
