@@ -160,6 +160,16 @@ class Group:
         for p in self.procs:
             if p.poll() is None:
                 p.kill()
+        for p in self.procs:
+            p.wait()  # reaped: none is left behind as a zombie of a long-lived rank 0
+
+    def abort(self) -> None:
+        """Rank 0 failed while starting: end the other ranks and leave no process group behind (a later
+        start in this process makes its own)."""
+        self.kill()
+        if self.comm is not None:
+            dist.destroy_process_group()
+            self.comm = None
 
     def stop(self, before_destroy=None) -> None:
         self._stopping = True

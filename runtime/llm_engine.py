@@ -87,7 +87,11 @@ class LLMEngine:
 
         config = config or EngineConfig()
         group = start_group(find_manifest(model), config, manifest.tp)
-        engine = cls(model, config, group.comm)
+        try:
+            engine = cls(model, config, group.comm)
+        except BaseException:
+            group.abort()  # the other ranks may be loading or blocked in a collective: none outlives this
+            raise
         engine._group = group
         return engine
 

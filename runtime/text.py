@@ -23,7 +23,10 @@ class TextCodec:
         folder = Path(folder)
         if not (folder / TOKENIZER).is_file():
             raise FileNotFoundError(f"{folder / TOKENIZER}: not found (the export copies it from the checkpoint)")
-        self.tok = Tokenizer.from_file(str(folder / TOKENIZER))
+        try:
+            self.tok = Tokenizer.from_file(str(folder / TOKENIZER))
+        except Exception as e:  # tokenizers raises a bare Exception with serde's message
+            raise ValueError(f"{folder / TOKENIZER}: not a tokenizer the `tokenizers` library can read ({e})") from e
         tc = read_json(folder / TOKENIZER_CONFIG) or {}
         eos = tc.get("eos_token")
         self.eos_text = eos.get("content") if isinstance(eos, dict) else eos
@@ -50,7 +53,10 @@ class TextCodec:
         env.globals["raise_exception"] = raise_exception
         env.filters["tojson"] = tojson
         source = chat_template(folder)
-        self.template = env.from_string(source) if source else None
+        try:
+            self.template = env.from_string(source) if source else None
+        except jinja2.exceptions.TemplateSyntaxError as e:
+            raise ValueError(f"the chat template in {folder} does not parse: {e.message} (line {e.lineno})") from e
 
     @classmethod
     def load(cls, folder: str | Path) -> "TextCodec | None":

@@ -88,6 +88,28 @@ def test_tp_export_needs_its_ranks(exported):
         LLMEngine(exported("tiny", 2).root, EngineConfig())
 
 
+def test_rank0_failing_at_start_leaves_no_rank_and_no_group(exported, tmp_path):
+    """Rank 0 raises while the other rank loads (an unreadable tokenizer.json, read by rank 0 only):
+    the error names the file, no worker outlives it, and the same process can start an engine again."""
+    import shutil
+
+    src = exported("tiny", 2).root
+    broken = tmp_path / "tp2"
+    shutil.copytree(src, broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer.json: not a tokenizer"):
+        LLMEngine.start(broken, EngineConfig(backend="ort"))
+    assert not workers_of(broken)
+    e = LLMEngine.start(src, EngineConfig(backend="ort"))
+    try:
+        from runtime.sampling import SamplingParams
+        out = e.generate([[1, 5, 9]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        assert len(out[0].output) == 3
+    finally:
+        e.close()
+    assert not workers_of(src)
+
+
 def _start_long_run(man, settle_s=3.0):
     proc = subprocess.Popen(chat_cmd("--model", man.root, "--prompt-ids", "1,5,9", "--max-tokens", 3000,
                                      "--temperature", 0, "--ignore-eos", "--json"), cwd=ROOT,
