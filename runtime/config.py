@@ -13,7 +13,8 @@ class EngineConfig:
     backend: str = field(default="ort", metadata={
         "help": "ort: ONNX Runtime on the FP32 twins (CPU); torch: the PyTorch pieces (CPU or GPU); trt: TensorRT "
                 "engines (GPU; `make engines`)", "choices": BACKENDS})
-    device: str = field(default="cpu", metadata={"help": "torch backend device, e.g. cuda"})
+    device: str = field(default="cpu", metadata={"help": "torch/trt backend device: cpu, cuda (at TP>1 rank r on cuda:r), or cuda:N "
+                "(TP=1 only; CUDA_VISIBLE_DEVICES picks a TP group's GPUs)"})
     dtype: str | None = field(default=None, metadata={
         "help": "torch backend dtype (default: bfloat16 on a GPU, float32 on the CPU)", "choices": ("float32", "bfloat16")})
     engines: str | None = field(default=None, metadata={

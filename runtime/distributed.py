@@ -202,6 +202,10 @@ def _init(backend: str, rank: int, world: int, init_method: str, timeout_s: floa
 def start_group(manifest_path: Path, config: EngineConfig, tp: int, timeout_s: float = TIMEOUT_S) -> Group:
     """Start (or, under torchrun, join) the group; returns on rank 0 only."""
     backend = _backend_for(config.device)
+    if ":" in config.device:
+        raise ValueError(f"--device {config.device} names one GPU, and this export runs {tp} ranks, one a GPU: pass "
+                         "--device cuda (rank r on cuda:r; under torchrun, cuda:LOCAL_RANK) and choose the GPUs "
+                         "with CUDA_VISIBLE_DEVICES")
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:  # launched by torchrun
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if world != tp:

@@ -47,6 +47,11 @@ def build_rank(manifest: Manifest, c: EngineConfig, rank: int, comm=None, backen
     device = c.device
     if device.startswith("cuda") and ":" not in device and manifest.tp > 1:
         device = f"cuda:{rank}"
+    if device.startswith("cuda:"):
+        import torch
+        # The current device, not only the tensors' one: CUDA graphs capture on the current stream and
+        # Triton launches on the current device, so `--device cuda:1` must make cuda:1 current.
+        torch.cuda.set_device(torch.device(device))
     backend = backend or make_backend(c.backend, manifest, rank, device, c.dtype, c.engines)
     kv_heads = cfg.num_key_value_heads // manifest.tp
     per_block = bytes_per_block(cfg.num_hidden_layers, c.block_size, kv_heads, cfg.head_dim, backend.dtype)

@@ -88,6 +88,14 @@ def test_tp_export_needs_its_ranks(exported):
         LLMEngine(exported("tiny", 2).root, EngineConfig())
 
 
+def test_one_named_gpu_for_a_tp_group_is_refused_before_any_rank_starts(exported):
+    """--device cuda:1 at TP=2 would put both ranks on one GPU; refused up front (no CUDA needed)."""
+    man = exported("tiny", 2)
+    with pytest.raises(ValueError, match="names one GPU.*CUDA_VISIBLE_DEVICES"):
+        LLMEngine.start(man.root, EngineConfig(backend="torch", device="cuda:1"))
+    assert not workers_of(man.root)
+
+
 def test_rank0_failing_at_start_leaves_no_rank_and_no_group(exported, tmp_path):
     """Rank 0 raises while the other rank loads (an unreadable tokenizer.json, read by rank 0 only):
     the error names the file, no worker outlives it, and the same process can start an engine again."""
