@@ -125,11 +125,11 @@ bench-cpu: setup
 	$(BIN)/python -m bench --cpu
 
 test: setup triton-server
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # The tests marked long (pyproject.toml): minutes each on two cores; CI runs them after `make test`.
 test-slow: setup
-	$(BIN)/python -m pytest -q -m long
+	$(BIN)/python -m pytest -q -m long --durations=10
 
 test-gpu: setup
 	$(BIN)/python -m pytest -q -m gpu
