@@ -197,35 +197,58 @@ def block_dispatch(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, 
                    w2: torch.Tensor, rows: int = BLOCK_ROWS) -> torch.Tensor:
     """The block form: x [T, H], local expert ids [T, k], float32 weights [T, k] -> [T, H] float32.
 
-    Pair p = (token, choice) goes to row start[e] + (its rank among e's pairs), where each expert's
-    rows are padded to a multiple of `rows`; ceil(T*k / rows) + E blocks hold any routing, so every
-    shape is a function of T. Each block gathers its expert's weights once. Padding rows compute on
-    token 0 and are never read back. Positions come from a float CumSum (exact below 2**24 pairs)."""
+    Pair p = (token, choice), of rank r among its expert e's pairs, runs in one of two passes:
+    - r < rows: slot (e, r) of a [E, rows] grid, one batched matmul over the stored expert weights
+      as they are (no copy);
+    - r >= rows (an expert with more than `rows` pairs): row r - rows of its overflow, padded to
+      blocks of `rows`, each block gathering its expert's weights once. The overflow blocks number at
+      most floor((P - 1) / rows) + 1 for P = T*k pairs: n >= 1 overflowing experts take
+      sum ceil(o_e / rows) <= (P - n*rows + n*(rows - 1)) / rows <= (P - 1) / rows blocks (one spare
+      keeps the pass non-empty). So every shape is a function of T, and the weights gathered are
+      those of about P / rows blocks: the earlier single-pass form padded every expert to whole
+      blocks, ceil(P / rows) + E of them, each gathered (a copy of every expert and more, per chunk).
+    FLOPs are those of (E + P / rows) * rows rows, as before. Unused slots and padding rows compute on
+    token 0 and are never read back. Counts and positions are float (exact below 2**24 pairs), so
+    every op stays in TensorRT's float support."""
     T, k = local.shape
     E, inter = w13.shape[0], w2.shape[2]
     pairs = T * k
-    nb = (pairs + rows - 1) // rows + E
+    nb = (pairs - 1) // rows + 1                                               # overflow blocks
     flat = local.reshape(-1)
     onehot = (flat[:, None] == torch.arange(E, device=x.device)).float()       # [P, E]
-    rank_in_expert = rank_in_group(onehot)                                     # [P]
-    padded = torch.ceil(onehot.sum(0) / rows) * rows                          # [E] rows per expert
+    rank = rank_in_group(onehot)                                               # [P] among e's pairs
+    first = rank < rows                                                        # [P] in pass 1
+    pair_ids = torch.arange(pairs, device=x.device)
+    # Pass 1: slot e*rows + r; pairs of pass 2 write to one spare slot past the grid.
+    slot = torch.where(first, flat * rows + rank.long(), torch.full_like(flat, E * rows))
+    pair_of_slot = torch.zeros(E * rows + 1, dtype=torch.long, device=x.device).scatter(0, slot, pair_ids)
+    xs = x.index_select(0, pair_of_slot[:E * rows] // k).reshape(E, rows, -1)  # [E, B, H]
+    # The up projection token-last (the stored [out, in] weights as they are); the down projection's
+    # output token-major ([., B, H] = a^T w2^T), so its rows are gathered back without a transposed
+    # copy of [., H, B] (0.95 ms at 2048 tokens on an H200, as PyTorch ops).
+    y = w13 @ xs.transpose(1, 2)                                               # [E, 2I, B]
+    a = F.silu(y[:, :inter]) * y[:, inter:]
+    o1 = a.transpose(1, 2) @ w2.transpose(1, 2)                                # [E, B, H]
+    # Pass 2: each expert's overflow o_e = count - rows (if positive), padded to whole blocks.
+    over = torch.relu(onehot.sum(0) - rows)                                    # [E]
+    padded = torch.ceil(over / rows) * rows
     ends = padded.cumsum(0)
-    row = ((ends - padded).index_select(0, flat) + rank_in_expert).long()      # [P] its row
-    pair_of_row = torch.zeros(nb * rows, dtype=torch.long, device=x.device).scatter(
-        0, row, torch.arange(pairs, device=x.device))
+    row = torch.where(first, torch.zeros_like(rank),
+                      (ends - padded).index_select(0, flat) + rank - rows).long()  # [P]
+    # Pass 1's pairs write to one spare row past the blocks.
+    pair_of_row = torch.zeros(nb * rows + 1, dtype=torch.long, device=x.device).scatter(
+        0, torch.where(first, torch.full_like(row, nb * rows), row), pair_ids)
     starts = torch.arange(nb, device=x.device).float() * rows
-    # [NB]; blocks past the last used one -> E-1 (their rows are never read). Min, not Clip: float
-    # counts keep every op in TensorRT's float support.
+    # Blocks past the last used one -> E-1 (their rows are never read). Min, not Clip.
     last = torch.full((), E - 1, dtype=torch.float32, device=x.device)
     expert_of_block = torch.minimum((ends[None, :] <= starts[:, None]).float().sum(1), last).long()
-    xb = x.index_select(0, pair_of_row // k).reshape(nb, rows, -1)           # [NB, B, H]
-    # The up projection token-last, as in the dense form (the stored [out, in] weights as they are);
-    # the down projection's output token-major ([NB, B, H] = a^T w2^T), so that its rows are gathered
-    # back without a transposed copy of [NB, H, B] (0.95 ms at 2048 tokens on an H200, as PyTorch ops).
+    xb = x.index_select(0, pair_of_row[:nb * rows] // k).reshape(nb, rows, -1)  # [NB, B, H]
     y = w13.index_select(0, expert_of_block) @ xb.transpose(1, 2)             # [NB, 2I, B]
     a = F.silu(y[:, :inter]) * y[:, inter:]
-    o = a.transpose(1, 2) @ w2.index_select(0, expert_of_block).transpose(1, 2)  # [NB, B, H]
-    o = o.reshape(nb * rows, -1).index_select(0, row).reshape(T, k, -1)
+    o2 = a.transpose(1, 2) @ w2.index_select(0, expert_of_block).transpose(1, 2)  # [NB, B, H]
+    out_rows = torch.cat([o1.reshape(E * rows, -1), o2.reshape(nb * rows, -1)])
+    where = torch.where(first, slot, E * rows + row)
+    o = out_rows.index_select(0, where).reshape(T, k, -1)
     return (o.float() * weights[..., None]).sum(1)
 
 

@@ -5,10 +5,12 @@ Three forms of the same computation (export/model.py, Moe), exact to each other 
   experts, but copies them once per (token, choice): the form for few tokens (decode).
 - dense: every expert on every token, combined by a one-hot [T, E] matrix. Reads every expert once
   and does E/k times the useful FLOPs: the form for a middle range, if any.
-- block: block-padded dispatch. (token, choice) pairs are placed, by expert, into blocks of
-  BLOCK_ROWS rows (positions from a CumSum over the routing one-hot); each block gathers its
-  expert's weights once and runs one batched matmul. ceil(T*k/B) + E blocks bound every routing, so
-  the shapes stay static; FLOPs are T*k + E*B rows' worth instead of T*E: the form for many tokens.
+- block: block-padded dispatch in two passes. An expert's first BLOCK_ROWS (token, choice) pairs
+  take its row of an [E, B] grid, one batched matmul over the stored experts (no copy); the pairs
+  past that go, by expert, into blocks of B rows (positions from a CumSum over the routing one-hot),
+  each block gathering its expert's weights once. floor((T*k - 1)/B) + 1 blocks bound every routing,
+  so the shapes stay static; FLOPs are about T*k + E*B rows' worth instead of T*E: the form for
+  many tokens.
 
 A `MoeSchedule` gives each form a contiguous range of token counts; forms without a range are not
 exported. It is measured by `make bench` (bench/moe.py), given (`--moe-forms`), or modeled here
@@ -138,8 +140,9 @@ class ShardShape:
 
 
 def blocks(s: ShardShape, tokens: int, rows: int = BLOCK_ROWS) -> int:
-    """The block form's static block count: sum over experts of ceil(pairs / rows) never exceeds it."""
-    return -(-tokens * s.top_k // rows) + s.experts
+    """The block form's static count of overflow blocks (its second pass; export/model.py
+    block_dispatch): sum over experts of ceil(max(pairs - rows, 0) / rows) never exceeds it."""
+    return (tokens * s.top_k - 1) // rows + 1
 
 
 def traffic(form: str, s: ShardShape, T: int) -> tuple[float, float]:
@@ -150,9 +153,10 @@ def traffic(form: str, s: ShardShape, T: int) -> tuple[float, float]:
         return 3 * T * k * W + T * k * (3 * I * 2 + H * 4), T * k * per_row_flops
     if form == "dense":
         return E * W + 2 * T * E * (3 * I * 2 + H * 4), T * E * per_row_flops
+    # Pass 1 reads every expert in place; pass 2 copies its blocks' experts (read, write, read again).
     nb = blocks(s, T)
-    rows = nb * BLOCK_ROWS
-    return 3 * nb * W + 2 * rows * (2 * H * 2 + 3 * I * 2) + 3 * T * k * E * 4, rows * per_row_flops
+    rows = (E + nb) * BLOCK_ROWS
+    return E * W + 3 * nb * W + 2 * rows * (2 * H * 2 + 3 * I * 2) + 3 * T * k * E * 4, rows * per_row_flops
 
 
 def scratch_bytes(form: str, s: ShardShape, T: int) -> int:
@@ -164,7 +168,7 @@ def scratch_bytes(form: str, s: ShardShape, T: int) -> int:
     if form == "dense":
         return T * E * (2 * I * 2 + I * 2 + H * 4)
     nb = blocks(s, T)
-    return nb * W + nb * BLOCK_ROWS * (2 * H * 2 + 3 * I * 2) + T * k * (2 * E * 4 + H * 4)
+    return nb * W + (E + nb) * BLOCK_ROWS * (2 * H * 2 + 3 * I * 2) + T * k * (2 * E * 4 + H * 4)
 
 
 def modeled_seconds(form: str, s: ShardShape, T: int, bw: float = A100_BYTES_PER_S,

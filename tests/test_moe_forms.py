@@ -57,15 +57,33 @@ def test_rank_in_group_counts_earlier_rows_of_the_same_column(P, chunk):
     assert rank_in_group(onehot, chunk).long().tolist() == want
 
 
+def _overflow_blocks(per, rows=128):
+    return sum(-(-max(c - rows, 0) // rows) for c in per)
+
+
 def test_block_count_bounds_every_routing():
+    """The overflow pass's static block count against the routings that need the most blocks: as
+    many experts as the pairs allow just past a block boundary (rows + 1, 2*rows + 1, ...), and all
+    pairs on as few experts as possible; exhaustive over all splits for a small case."""
+    import itertools
+
     s = ShardShape(experts=256, inter=192, hidden=3072, top_k=8)
-    for T in (1, 31, 32, 2048):
-        # worst case: every expert has some pairs, each expert's count just past a block boundary
-        per = [0] * 256
-        for p in range(T * 8):
-            per[p % 256] += 1
-        assert sum(-(-c // 128) for c in per) <= blocks(s, T)
-    assert blocks(s, 2048) == 2048 * 8 // 128 + 256
+    for T in (1, 16, 17, 31, 32, 33, 129, 2048):
+        P = T * 8
+        for step in (129, 257, 385):
+            n = min(256, P // step)
+            per = [step] * n + [0] * (256 - n)
+            per[-1] += P - sum(per)
+            assert _overflow_blocks(per) <= blocks(s, T), (T, step)
+        assert _overflow_blocks([P] + [0] * 255) <= blocks(s, T)
+        per = [P // 256 + (e < P % 256) for e in range(256)]
+        assert _overflow_blocks(per) <= blocks(s, T)
+    small = ShardShape(experts=4, inter=8, hidden=16, top_k=2)
+    for T in range(1, 12):
+        worst = max(_overflow_blocks(c, rows=3) for c in itertools.product(range(2 * T + 1), repeat=4)
+                    if sum(c) == 2 * T)
+        assert worst <= blocks(small, T, rows=3), T
+    assert blocks(s, 2048) == 2048 * 8 // 128  # 128 blocks: ceil(P / 128) + 256 before the first pass
 
 
 def test_schedule_spec_pick_and_span():
