@@ -78,6 +78,32 @@ def test_fp32_twins_match_pytorch_pieces(name, tp, exported, checkpoints):
                                            err_msg=f"{sg_name} rank {rank} {spec.name}")
 
 
+def test_block_twin_with_overflowing_experts_matches_the_gather_piece(exported, checkpoints):
+    """The block form's second pass (an expert's pairs past its first 128) runs only when a step has
+    more pairs than that for some expert, which no chat-sized test reaches on the toy: 700 tokens,
+    top-4 of 16 experts, 175 pairs an expert on average. The ONNX twin against the gather form's
+    PyTorch piece (another algorithm, exact up to float32 summation order: F32_ATOL)."""
+    man = exported("tiny", 1)
+    ckpt = Checkpoint(checkpoints["tiny"])
+    T = 700
+    block = man.subgraphs["layers.0.post_block"]
+    inputs = random_inputs(block.inputs, T, ckpt.config.vocab_size, seed=7)
+    gather = torch_piece(ckpt, man.subgraphs["layers.0.post_gather"], 0, 1, torch.float32)
+    with torch.no_grad():
+        want = gather(*inputs.values())
+        moe = next(m for m in gather.modules() if type(m).__name__ == "Moe")
+        h = inputs[block.inputs[0].name] + inputs[block.inputs[1].name]
+        from export.model import rms_norm
+        idx, _ = moe.route(rms_norm(h, moe.norm, moe.eps))
+    counts = torch.bincount(idx.reshape(-1), minlength=moe.num_experts)
+    assert int(counts.max()) > 2 * 128 and int((counts > 128).sum()) >= 4, counts  # pass 2 has blocks
+    sess = ort.InferenceSession(str(man.path(block.name, 0, "fp32")), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {k: v.numpy() for k, v in inputs.items()} | man.weight_input_arrays(block.name, 0, "float32"))
+    want = want if isinstance(want, tuple) else (want,)
+    for g_, w in zip(got, want):
+        np.testing.assert_allclose(g_, w.float().numpy(), atol=F32_ATOL, rtol=1e-5)
+
+
 def attention_np(q, k, v, scale):
     """Causal GQA attention for one sequence, written for the test: q [T, Hq, d], k/v [T, Hkv, d]."""
     rep = q.shape[1] // k.shape[1]
