@@ -5,7 +5,8 @@ typed dataclasses here and nowhere else is their JSON spelled.
 manifest.json, at <export>/tp<N>/, format FORMAT_VERSION:
 - `model`: the ModelConfig (special ids included); `tp`, `expert_split`, `opset`, `fp32_twins`;
 - `moe_forms`: which MoE form runs at which step size, as [form, largest token count] ranges
-  (export/moe_forms.py), and `moe_forms_source` (measured, given or modeled); `max_tokens`, the
+  (export/moe_forms.py), `moe_forms_source` (measured, given or modeled) and `moe_block_form` (the
+  block form's version, 1 when absent: the memory plan sizes its activations by it); `max_tokens`, the
   largest step the graphs and engines take;
 - `subgraphs`: name -> SubgraphSpec (piece, layer, MoE form, typed inputs and outputs with the symbolic
   token dimension "T", the ranks that run it, its weights group) with its files per rank and kind
@@ -207,6 +208,7 @@ class Manifest:
             "expert_split": self.expert_split, "opset": self.opset, "dtype": self.dtype,
             "fp32_twins": self.fp32_twins, "text_files": self.text_files,
             "moe_forms": self.moe.to_json(), "moe_forms_source": self.moe.source,
+            "moe_block_form": self.moe.block_form,
             "max_tokens": self.max_tokens, "steps": [step_to_json(s) for s in self.steps],
             "subgraphs": {n: s.to_json() for n, s in self.subgraphs.items()},
             "files": {k: asdict(v) for k, v in sorted(self.files.items())}, "exported": self.exported,
@@ -233,7 +235,9 @@ class Manifest:
             return cls(
                 config=ModelConfig.from_dict(d["model"]), tp=d["tp"], expert_split=d["expert_split"],
                 opset=d["opset"], fp32_twins=d["fp32_twins"],
-                moe=MoeSchedule.from_json(d["moe_forms"], d.get("moe_forms_source", "")), max_tokens=d["max_tokens"],
+                # exports before the key hold the one-pass block form
+                moe=MoeSchedule.from_json(d["moe_forms"], d.get("moe_forms_source", ""), d.get("moe_block_form", 1)),
+                max_tokens=d["max_tokens"],
                 steps=[step_from_json(s) for s in d["steps"]],
                 subgraphs={n: SubgraphSpec.from_json(s) for n, s in d["subgraphs"].items()},
                 files={k: FileRecord(**v) for k, v in d["files"].items()}, checkpoint=d.get("checkpoint", ""),

@@ -219,9 +219,10 @@ def block_dispatch(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, 
     rank = rank_in_group(onehot)                                               # [P] among e's pairs
     first = rank < rows                                                        # [P] in pass 1
     pair_ids = torch.arange(pairs, device=x.device)
-    # Pass 1: slot e*rows + r; pairs of pass 2 write to one spare slot past the grid.
-    slot = torch.where(first, flat * rows + rank.long(), torch.full_like(flat, E * rows))
-    pair_of_slot = torch.zeros(E * rows + 1, dtype=torch.long, device=x.device).scatter(0, slot, pair_ids)
+    # Pass 1: slot e*rows + r; a pair of pass 2 writes to a spare slot of its own past the grid (no
+    # index twice: ONNX leaves duplicate ScatterElements indices undefined).
+    slot = torch.where(first, flat * rows + rank.long(), E * rows + pair_ids)
+    pair_of_slot = torch.zeros(E * rows + pairs, dtype=torch.long, device=x.device).scatter(0, slot, pair_ids)
     xs = x.index_select(0, pair_of_slot[:E * rows] // k).reshape(E, rows, -1)  # [E, B, H]
     # The up projection token-last (the stored [out, in] weights as they are); the down projection's
     # output token-major ([., B, H] = a^T w2^T), so its rows are gathered back without a transposed
@@ -235,9 +236,9 @@ def block_dispatch(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, 
     ends = padded.cumsum(0)
     row = torch.where(first, torch.zeros_like(rank),
                       (ends - padded).index_select(0, flat) + rank - rows).long()  # [P]
-    # Pass 1's pairs write to one spare row past the blocks.
-    pair_of_row = torch.zeros(nb * rows + 1, dtype=torch.long, device=x.device).scatter(
-        0, torch.where(first, torch.full_like(row, nb * rows), row), pair_ids)
+    # Pass 1's pairs write to spare rows of their own past the blocks.
+    pair_of_row = torch.zeros(nb * rows + pairs, dtype=torch.long, device=x.device).scatter(
+        0, torch.where(first, nb * rows + pair_ids, row), pair_ids)
     starts = torch.arange(nb, device=x.device).float() * rows
     # Blocks past the last used one -> E-1 (their rows are never read). Min, not Clip.
     last = torch.full((), E - 1, dtype=torch.float32, device=x.device)

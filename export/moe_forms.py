@@ -25,6 +25,10 @@ from .sharding import Shard
 
 FORMS = ("gather", "dense", "block")
 BLOCK_ROWS = 128  # rows per block of the block form: larger wastes rows, smaller gathers more weight copies
+# The block form's version, recorded in the manifest: 1, one pass (every expert padded to whole blocks,
+# each gathered; exports before 2026-12-02); 2, two passes (export/model.py block_dispatch). The memory
+# plan sizes an export's activations by the version its graphs hold.
+BLOCK_FORM = 2
 
 # The modeled default: an A100-80GB (SXM), HBM bandwidth and dense BF16 tensor-core peak.
 A100_BYTES_PER_S = 2.039e12
@@ -40,6 +44,7 @@ class MoeSchedule:
     """(form, largest token count) ranges, ascending; the last one reaches the export's max_tokens."""
     ranges: tuple[tuple[str, int], ...]
     source: str = ""
+    block_form: int = BLOCK_FORM
 
     def __post_init__(self):
         last = 0
@@ -81,7 +86,7 @@ class MoeSchedule:
             if lo <= max_tokens:
                 ranges.append((f, min(hi, max_tokens)))
             lo = hi + 1
-        return MoeSchedule(tuple(ranges), self.source)
+        return MoeSchedule(tuple(ranges), self.source, self.block_form)
 
     def spec(self) -> str:
         return ",".join(f"{f}:{hi}" for f, hi in self.ranges)
@@ -115,8 +120,8 @@ class MoeSchedule:
         return [[f, hi] for f, hi in self.ranges]
 
     @classmethod
-    def from_json(cls, ranges: list, source: str = "") -> "MoeSchedule":
-        return cls(tuple((f, int(hi)) for f, hi in ranges), source)
+    def from_json(cls, ranges: list, source: str = "", block_form: int = BLOCK_FORM) -> "MoeSchedule":
+        return cls(tuple((f, int(hi)) for f, hi in ranges), source, block_form)
 
 
 @dataclass(frozen=True)
@@ -139,13 +144,21 @@ class ShardShape:
         return 3 * self.inter * self.hidden * 2
 
 
-def blocks(s: ShardShape, tokens: int, rows: int = BLOCK_ROWS) -> int:
-    """The block form's static count of overflow blocks (its second pass; export/model.py
-    block_dispatch): sum over experts of ceil(max(pairs - rows, 0) / rows) never exceeds it."""
+def blocks(s: ShardShape, tokens: int, rows: int = BLOCK_ROWS, version: int = BLOCK_FORM) -> int:
+    """The block form's static count of gathered blocks. Version 2 (export/model.py block_dispatch):
+    its second pass's, which sum over experts of ceil(max(pairs - rows, 0) / rows) never exceeds;
+    version 1: every expert's pairs padded to whole blocks."""
+    if version == 1:
+        return -(-tokens * s.top_k // rows) + s.experts
     return (tokens * s.top_k - 1) // rows + 1
 
 
-def traffic(form: str, s: ShardShape, T: int) -> tuple[float, float]:
+def _block_rows(s: ShardShape, nb: int, version: int) -> int:
+    """Rows the block form computes: version 2 adds its first pass's [E, rows] grid."""
+    return (nb + (s.experts if version != 1 else 0)) * BLOCK_ROWS
+
+
+def traffic(form: str, s: ShardShape, T: int, block_form: int = BLOCK_FORM) -> tuple[float, float]:
     """(bytes moved, FLOPs) of one form's MoE at T tokens, counting its materialised copies."""
     E, I, H, k, W = s.experts, s.inter, s.hidden, s.top_k, s.expert_bytes
     per_row_flops = 2 * 3 * I * H
@@ -153,13 +166,17 @@ def traffic(form: str, s: ShardShape, T: int) -> tuple[float, float]:
         return 3 * T * k * W + T * k * (3 * I * 2 + H * 4), T * k * per_row_flops
     if form == "dense":
         return E * W + 2 * T * E * (3 * I * 2 + H * 4), T * E * per_row_flops
-    # Pass 1 reads every expert in place; pass 2 copies its blocks' experts (read, write, read again).
-    nb = blocks(s, T)
-    rows = (E + nb) * BLOCK_ROWS
-    return E * W + 3 * nb * W + 2 * rows * (2 * H * 2 + 3 * I * 2) + 3 * T * k * E * 4, rows * per_row_flops
+    nb = blocks(s, T, version=block_form)
+    rows = _block_rows(s, nb, block_form)
+    per_rows = 2 * rows * (2 * H * 2 + 3 * I * 2) + 3 * T * k * E * 4
+    if block_form == 1:
+        return 3 * nb * W + per_rows, rows * per_row_flops
+    # Pass 1 reads every expert in place; pass 2 copies its blocks' experts (read, write, read again);
+    # both passes' outputs are concatenated (written and read once more) before the per-pair read.
+    return E * W + 3 * nb * W + per_rows + 2 * rows * H * 2, rows * per_row_flops
 
 
-def scratch_bytes(form: str, s: ShardShape, T: int) -> int:
+def scratch_bytes(form: str, s: ShardShape, T: int, block_form: int = BLOCK_FORM) -> int:
     """Live activations of one form at T tokens (its largest intermediate tensors together): what an
     engine of that form needs for its largest profile."""
     E, I, H, k, W = s.experts, s.inter, s.hidden, s.top_k, s.expert_bytes
@@ -167,8 +184,11 @@ def scratch_bytes(form: str, s: ShardShape, T: int) -> int:
         return T * k * (W + 3 * I * 2 + H * 4)
     if form == "dense":
         return T * E * (2 * I * 2 + I * 2 + H * 4)
-    nb = blocks(s, T)
-    return nb * W + (E + nb) * BLOCK_ROWS * (2 * H * 2 + 3 * I * 2) + T * k * (2 * E * 4 + H * 4)
+    nb = blocks(s, T, version=block_form)
+    rows = _block_rows(s, nb, block_form)
+    # version 2 holds the two passes' outputs and their concatenation at once: one more [rows, H]
+    concat = rows * H * 2 if block_form != 1 else 0
+    return nb * W + rows * (2 * H * 2 + 3 * I * 2) + concat + T * k * (2 * E * 4 + H * 4)
 
 
 def modeled_seconds(form: str, s: ShardShape, T: int, bw: float = A100_BYTES_PER_S,
@@ -203,4 +223,4 @@ def modeled_schedule(cfg: ModelConfig, tp: int, expert_split: str, max_tokens: i
 
 def schedule_scratch(sched: MoeSchedule, s: ShardShape) -> int:
     """The largest live MoE activations over the schedule (each form at the top of its range)."""
-    return max(scratch_bytes(f, s, hi) for f, hi in sched.ranges)
+    return max(scratch_bytes(f, s, hi, sched.block_form) for f, hi in sched.ranges)

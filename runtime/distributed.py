@@ -161,7 +161,10 @@ class Group:
             if p.poll() is None:
                 p.kill()
         for p in self.procs:
-            p.wait()  # reaped: none is left behind as a zombie of a long-lived rank 0
+            try:  # reaped: none is left behind as a zombie of a long-lived rank 0
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # unkillable (uninterruptible I/O): never block an exit on it
+                pass
 
     def abort(self) -> None:
         """Rank 0 failed while starting: end the other ranks and leave no process group behind (a later
@@ -202,16 +205,19 @@ def _init(backend: str, rank: int, world: int, init_method: str, timeout_s: floa
 def start_group(manifest_path: Path, config: EngineConfig, tp: int, timeout_s: float = TIMEOUT_S) -> Group:
     """Start (or, under torchrun, join) the group; returns on rank 0 only."""
     backend = _backend_for(config.device)
-    if ":" in config.device:
+    torchrun = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    # Under torchrun this rank's own GPU, cuda:LOCAL_RANK, is set below (and comes back on a second start).
+    own = f"cuda:{os.environ.get('LOCAL_RANK', os.environ.get('RANK'))}"
+    if ":" in config.device and not (torchrun and config.device == own):
         raise ValueError(f"--device {config.device} names one GPU, and this export runs {tp} ranks, one a GPU: pass "
                          "--device cuda (rank r on cuda:r; under torchrun, cuda:LOCAL_RANK) and choose the GPUs "
                          "with CUDA_VISIBLE_DEVICES")
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:  # launched by torchrun
+    if torchrun:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if world != tp:
             raise RuntimeError(f"torchrun started {world} processes; this export needs {tp}")
         if config.device.startswith("cuda") and ":" not in config.device:
-            config.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+            config.device = own
         _init(backend, rank, world, "env://", timeout_s)
         if rank != 0:
             signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -604,14 +604,20 @@ def test_a_disk_that_fills_mid_export_is_a_clear_error_and_the_rerun_completes(c
     while time.time() < deadline and not list(stamps.glob("*.json")):
         time.sleep(0.01)
     filler = small_disk / "filler"
-    with open(filler, "wb") as f:  # every free byte, as another process filling the disk would
-        try:
-            while True:
-                f.write(b"\0" * (1 << 16))
-                f.flush()
-        except OSError:
-            pass
-    _, err = proc.communicate(timeout=300)
+    try:
+        # Every free byte, as another process filling the disk would. Unbuffered: a buffered file's
+        # close would flush its unwritten tail into the full disk and raise ENOSPC again.
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 16))
+            except OSError:
+                pass
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # the disk is unmounted after the test: nothing may still hold it
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 2, err
     m = re.search(r"error: the disk holding (\S+) is full \(No space left on device.*\): the export still needs "
                   r"(\d+\.\d+) ([MG]B) there, (\d+\.\d+) [MG]B is free", err)

@@ -68,3 +68,34 @@ def test_runtime_sizes_its_kv_cache_from_the_plan(exported):
     assert engine.kv.num_blocks == min(r.kv_cache for r in ranks) // per_block > 0
     with pytest.raises(ValueError, match="leaves no KV cache"):
         LLMEngine(man.root, EngineConfig(gpu_memory_utilization=0.5, gpu_memory_gb=0.5))
+
+
+def test_an_export_without_a_block_form_version_is_planned_as_the_one_pass_form(exported, tmp_path):
+    """Exports made before the two-pass block form record no version: their graphs gather every
+    expert's padded blocks, ceil(T*k/128) + E of them, and the plan must size that, not the new form."""
+    import shutil
+
+    from export.manifest import Manifest
+    from export.moe_forms import ShardShape, blocks
+
+    man = exported("tiny", 1)
+    old = tmp_path / "tp1"
+    shutil.copytree(man.root, old)
+    d = json.loads((old / "manifest.json").read_text())
+    assert d.pop("moe_block_form") == 2
+    (old / "manifest.json").write_text(json.dumps(d))
+    was = Manifest.load(old)
+    assert was.moe.block_form == 1 and man.moe.block_form == 2
+    s = ShardShape.of(man.config, 1, man.expert_split)
+    T = man.max_tokens
+    assert blocks(s, T, version=1) == -(-T * s.top_k // 128) + s.experts
+    ranks = lambda m: memory_plan.plan(m.config, 1, 80e9, 0.9, T, 8, m.moe, m.expert_split)
+    assert "block" in man.moe.forms and ranks(was)[0].scratch != ranks(man)[0].scratch
+    # At the published shape, TP=8, 2048-token steps, the one-pass form's activations were planned at
+    # 2.5 GB before the two-pass form existed (the figure the runbook gave then).
+    from export.moe_forms import MoeSchedule, modeled_schedule
+
+    cfg = parse_hf_config(PUBLISHED_CONFIG)
+    sched = modeled_schedule(cfg, 8, "intermediate", 2048)
+    one_pass = MoeSchedule(sched.ranges, sched.source, block_form=1)
+    assert round(memory_plan.plan(cfg, 8, 80e9, 0.9, 2048, 8, one_pass)[0].scratch / 1e9, 1) == 2.5
