@@ -234,8 +234,8 @@ def block_dispatch(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, 
     over = torch.relu(onehot.sum(0) - rows)                                    # [E]
     padded = torch.ceil(over / rows) * rows
     ends = padded.cumsum(0)
-    row = torch.where(first, torch.zeros_like(rank),
-                      (ends - padded).index_select(0, flat) + rank - rows).long()  # [P]
+    # [P] its row in pass 2 (meaningless for pass 1's pairs: every use below selects them out)
+    row = ((ends - padded).index_select(0, flat) + rank - rows).long()
     # Pass 1's pairs write to spare rows of their own past the blocks.
     pair_of_row = torch.zeros(nb * rows + pairs, dtype=torch.long, device=x.device).scatter(
         0, torch.where(first, nb * rows + pair_ids, row), pair_ids)

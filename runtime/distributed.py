@@ -126,9 +126,7 @@ class Group:
         while not self._stopping:
             what = self._exited()
             if what and not self._stopping:
-                for q in self.procs:
-                    if q.poll() is None:
-                        q.kill()
+                self._kill_alive()
                 if self.on_lost is None:
                     _die(f"{what}; stopping the run")
                 self._stopping = True
@@ -155,11 +153,14 @@ class Group:
         lead = (f"tensor-parallel rank {', '.join(map(str, suspects))} not answering; " if suspects else "")
         return lead + ("; ".join(parts) if parts else "no spawned ranks")
 
-    def kill(self) -> None:
-        self._stopping = True
+    def _kill_alive(self) -> None:
         for p in self.procs:
             if p.poll() is None:
                 p.kill()
+
+    def kill(self) -> None:
+        self._stopping = True
+        self._kill_alive()
         for p in self.procs:
             try:  # reaped: none is left behind as a zombie of a long-lived rank 0
                 p.wait(timeout=10)
@@ -180,9 +181,7 @@ class Group:
             if self.comm is not None and not self.comm.broken:
                 self.comm.share_step(None)
             else:  # ranks still blocked in a collective will not hear a stop
-                for p in self.procs:
-                    if p.poll() is None:
-                        p.kill()
+                self._kill_alive()
             if before_destroy:
                 before_destroy()
         finally:
