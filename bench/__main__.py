@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill-widths", default="real,rank8",
                     help="export/tiny.py presets whose widths the prefill part measures, each as a TP=1 model "
                     "(default real,rank8: TP=1's, one TP=8 rank's)")
+    ap.add_argument("--prefill-chunk", type=int, default=2048,
+                    help="tokens per prefill step of the prefill part (default 2048, the engines' step)")
+    ap.add_argument("--prefill-forms", default="grouped,grouped-eager,block,block-eager,dense",
+                    help="MoE forms the prefill part times: the grouped kernels from CUDA graphs and eagerly, the "
+                         "engines' block form (PyTorch ops) the same two ways, the dense form eagerly")
     ap.add_argument("--prefill-profile", help="prompt lengths whose whole prefill the prefill part profiles, "
                     "for each part's share of the kernel time (default: the shortest and the longest)")
     ap.add_argument("--export-layers", type=int, default=1, help="layers of the real-width model the export part exports")
@@ -67,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown parts {sorted(unknown)}")
     if "prefill" in parts and (bad := set(a.prefill_widths.split(",")) - set(PRESETS)):
         ap.error(f"--prefill-widths: not presets of export/tiny.py: {sorted(bad)}")
+    if "prefill" in parts:
+        from .prefill import FORMS
+
+        if bad := set(a.prefill_forms.split(",")) - set(FORMS):
+            ap.error(f"--prefill-forms: not among {', '.join(FORMS)}: {sorted(bad)}")
     if not gpu and set(parts) & set(GPU_PARTS) - (TOY_ON_CPU if a.toy else set()):
         ap.error("the GPU parts need an NVIDIA GPU")
     if not a.parts and not gpu and not a.cpu:
@@ -95,9 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         summary |= {"moe_gather_t1_vs_floor": t1["gather_vs_floor"], "moe_forms": spec}
     if "host" in parts:
         from . import host
-        rows = host.run(res, ((4, 64), (4, 256)), steps=32) if a.toy else host.run(res)
-        summary |= {"host_vs_shortest": max(r["vs_shortest"] for r in rows),
-                    "host_step_us_max": max(r["step_us"] for r in rows)}
+        rows = host.run(res, ((4, 64), (4, 256)), steps=32, prompts=(256,)) if a.toy else host.run(res)
+        decode = [r for r in rows if "vs_shortest" in r]
+        summary |= {"host_vs_shortest": max(r["vs_shortest"] for r in decode),
+                    "host_step_us_max": max(r["step_us"] for r in decode),
+                    "host_prefill_us_per_token": max(r["us_per_token"] for r in rows if r.get("what") == "prefill")}
     if "attention" in parts:
         from . import attention
         attention.run(res)
@@ -110,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     if "prefill" in parts:
         from . import prefill
         prefill.run(res, layers=a.layers, prompts=tuple(int(n) for n in a.prefill_prompts.split(",")),
-                    widths=tuple(a.prefill_widths.split(",")),
+                    widths=tuple(a.prefill_widths.split(",")), chunk=a.prefill_chunk,
+                    forms=tuple(a.prefill_forms.split(",")),
                     profile_prompts=[int(n) for n in a.prefill_profile.split(",")] if a.prefill_profile else None)
     if "constrained" in parts:
         from . import constrained

@@ -6,6 +6,10 @@ turns), and each size against the shortest context at the same batch, in the sam
 independent of the context: 128K within 1.2x of 1K, under 1 ms at batch 64. Not counted: the device
 side of the block tables (runtime/block_tables.py DeviceTables: set the written entries, gather the
 step's rows), which on a GPU is device work.
+
+Also the host's work for one prompt's prefill step (`what=prefill`: schedule, the step's inputs, the
+prefix-cache hashing of its blocks) at 2048 and 8192 tokens: it is serial with the device's work for
+the first token, so it adds to the time to first token.
 """
 from __future__ import annotations
 
@@ -71,9 +75,32 @@ def step_seconds(sizes, steps: int, rounds: int = 8) -> dict[tuple[int, int], fl
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def run(res: Results, sizes=SIZES, steps: int = 256) -> list[dict]:
+def prefill_seconds(tokens: int, reps: int = 20) -> float:
+    """Median seconds of the host's work for one fresh prompt of `tokens` tokens in one step."""
+    times = []
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    for r in range(reps):
+        blocks = BlockManager(-(-tokens // BLOCK_SIZE) + 2, BLOCK_SIZE)
+        scheduler = Scheduler(blocks, 1, tokens)
+        seq = Sequence([(r * 7919 + t * 31) % 150_000 for t in range(tokens)], params)  # no prefix hits
+        t0 = time.perf_counter()
+        scheduler.add(seq)
+        batch = scheduler.schedule()
+        build_step(batch, BLOCK_SIZE, TableRows())
+        record_computed(batch, blocks)
+        times.append(time.perf_counter() - t0)
+        if batch.num_new != [tokens]:
+            raise RuntimeError(f"the prompt ran as {batch.num_new} tokens, not one step of {tokens}")
+    return statistics.median(times)
+
+
+def run(res: Results, sizes=SIZES, steps: int = 256, prompts=(2048, 8192)) -> list[dict]:
     measured = step_seconds(sizes, steps)
     rows = []
+    for n in prompts:
+        t = prefill_seconds(n)
+        rows.append(res.add("host", what="prefill", prompt=n, block_size=BLOCK_SIZE, step_us=round(t * 1e6, 1),
+                            us_per_token=round(t * 1e6 / n, 3)))
     for (s, c), t in measured.items():
         shortest = min(cc for ss, cc in measured if ss == s)
         rows.append(res.add("host", seqs=s, context=c, block_size=BLOCK_SIZE, steps=steps, step_us=round(t * 1e6, 1),

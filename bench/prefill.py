@@ -128,28 +128,32 @@ def decode_after(res: Results, engine: LLMEngine, prompt: list[int], cfg, layers
         engine.step()
 
 
+FORMS = ("grouped", "grouped-eager", "block", "block-eager", "dense")
+
+
 def run(res: Results, layers: int = 4, prompts=(2048, 8192, 32768, 131072), chunk: int = 2048,
-        widths=WIDTHS, profile_prompts=None) -> None:
+        widths=WIDTHS, profile_prompts=None, forms=FORMS) -> None:
     """widths: export/tiny.py presets, each measured as a TP=1 model of `layers` layers;
-    profile_prompts: the prompt lengths whose prefill is profiled (default the shortest and longest)."""
+    profile_prompts: the prompt lengths whose prefill is profiled (default the shortest and longest);
+    forms: which of FORMS to time (the dense one only with chunks of at most 2048 tokens)."""
     peak = matmul_flops()
     bw = gpu_bandwidth()
     res.add("prefill", what="bf16_matmul", widths=",".join(widths), tflops=round(peak / 1e12, 1),
             copy_gb_per_s=round(bw / 1e9))
     profiled = set(profile_prompts) if profile_prompts is not None else {min(prompts), max(prompts)}
     for w in widths:
-        run_widths(res, w, layers, prompts, chunk, peak, bw, profiled)
+        run_widths(res, w, layers, prompts, chunk, peak, bw, profiled, forms)
         torch.cuda.empty_cache()  # this width's weights went with run_widths' frame
 
 
 def run_widths(res: Results, widths: str, layers: int, prompts, chunk: int, peak: float, bw: float,
-               profiled: set[int]) -> None:
+               profiled: set[int], forms=FORMS) -> None:
     """Every measurement of the part at one preset's widths."""
     cfg = parse_hf_config(hf_config(replace(PRESETS[widths], num_hidden_layers=layers)))
     # the timed, warm-up and profiled prompts draw from three disjoint id ranges: no prefix-cache hits
     ids = min(6000, cfg.vocab_size) // 3
     moe_alone(res, cfg, peak, chunk, widths)
-    for context in (chunk, 8 * chunk, 64 * chunk):
+    for context in sorted({c for c in (chunk, 8 * chunk, 64 * chunk) if c <= max(chunk, 131072)}):
         attention_alone(res, cfg, peak, chunk, context, widths)
     with tempfile.TemporaryDirectory() as tmp:
         manifest = write_export(cfg, Path(tmp), max_tokens=chunk)
@@ -157,21 +161,26 @@ def run_widths(res: Results, widths: str, layers: int, prompts, chunk: int, peak
         moes = [sub for mod in backend.modules.values() for sub in mod.modules() if isinstance(sub, Moe)]
         kernels = backend.kernels
         # the kernels with one sequence's chunks replayed from CUDA graphs (the default), the same
-        # eagerly (the profiled one: a replay has no ranges), then the ONNX forms as PyTorch ops, eagerly
-        for form in ("grouped", "grouped-eager", "block", "dense"):
+        # eagerly (the profiled one: a replay has no ranges), then the ONNX forms as PyTorch ops: the
+        # block form from CUDA graphs too (an engine runs its ops without a Python launch each, so the
+        # replayed ops are its nearer stand-in) and eagerly, the dense form eagerly
+        for form in forms:
+            if form == "dense" and chunk > 2048:
+                continue  # its [E, 2I, T] products alone are 13 GB a layer at real width and 8192 tokens
             # the grouped kernel through the backend's dispatch; the forms as the modules' own ops
             kernel = form.startswith("grouped")
             backend.kernels = kernels if kernel else replace(kernels, moe_kernels=False)
             for m in moes:
                 if not kernel:
-                    m.form = form
+                    m.form = form.removesuffix("-eager")
             for n in prompts:
                 if not kernel and n > 8192:
                     continue  # minutes per prompt: the comparison is made at the shorter ones
                 # room for two prompts (the timed one's blocks stay cached beside the next one's)
                 kv_gb = layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2 * (2 * n + 128) / 2**30 + 0.5
                 engine = LLMEngine(tmp, EngineConfig(backend="torch", device="cuda", dtype="bfloat16",
-                                                  kv_cache_gb=kv_gb, max_num_seqs=1, cuda_graphs=form == "grouped",
+                                                  kv_cache_gb=kv_gb, max_num_seqs=1,
+                                                  cuda_graphs=form in ("grouped", "block"),
                                                   max_num_batched_tokens=chunk, max_model_len=n + 64),
                                    backend=backend)
                 prompt = torch.randint(0, ids, (n,), generator=torch.Generator().manual_seed(n)).tolist()

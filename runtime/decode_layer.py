@@ -8,8 +8,9 @@ torch backend's fast path for CUDA-graph buckets, in place of the manifest's per
                     over each sequence's blocks (two launches: partitions, merge; kernels/paged_decode.py)
     linear          o_proj (kernels/gemv.py)
       [TP > 1: all-reduce of the attention output]
-    route_top_k     residual add, post RMSNorm, float32 router + sigmoid, biased top-k and
-                    renormalisation (one launch; kernels/moe_route.py)
+    route           residual add, post RMSNorm, float32 router + sigmoid, biased top-k and
+                    renormalisation (kernels/moe_route.py: one launch up to 32 tokens; beyond, the
+                    norm, the gate as one cuBLAS GEMM and a top-k launch)
     gather_moe      the chosen experts' up projection + SiLU, then down + the weighted sum, rounded
                     once to the activations' dtype (two launches; kernels/fused_moe.py)
       [TP > 1: all-reduce of the MoE output]
@@ -83,7 +84,7 @@ class DecodeLayer:
         if self.tp > 1:
             attn_out = comm.all_reduce(attn_out)
         m = self.moe
-        h, x, ids, weights = moe_route.route_top_k(h, attn_out, m.norm, m.eps, m.gate, m.bias, m.top_k)
+        h, x, ids, weights = moe_route.route(h, attn_out, m.norm, m.eps, m.gate, m.bias, m.top_k)
         if self.expert_parallel:
             ids, weights = m.local_experts(ids, weights)
         out = fused_moe.gather_moe(x, ids, weights, m.w13, m.w2, out_dtype=h.dtype)

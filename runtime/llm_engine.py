@@ -156,9 +156,11 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if not prompt:
             raise RequestError("the prompt is empty")
-        bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        # the common case at C speed (type() is int: no bools); the per-token scan only to name the bad ones
+        if set(map(type, prompt)) != {int} or min(prompt) < 0 or max(prompt) >= vocab:
+            bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise RequestError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
         limit = self.max_model_len - 1  # longer prompts than a step run in chunks
         if len(prompt) > limit:
             raise RequestError(f"the prompt has {len(prompt)} tokens, longer than the context allows "
@@ -204,6 +206,10 @@ class LLMEngine:
         self.stats.steps += 1
         form = self.executor.last_ran
         self.stats.forms[form] = self.stats.forms.get(form, 0) + 1
+        # The step's tokens are in the cache once the device runs it (later steps queue behind it), and
+        # the blocks' hashes need only the tokens: hashed here, while the device computes, rather than
+        # after the sampling waits for it.
+        record_computed(batch, self.blocks)
         sampled, failed = {}, {}
         if done:
             toks, bad = self.sampler.sample(logits[done] if len(done) < len(batch.seqs) else logits,
@@ -216,7 +222,6 @@ class LLMEngine:
                     failed[i] = f"the grammar does not allow the sampled token {tok}"
         logprobs = self._logprobs(batch.seqs, logits, sampled, failed) if extras and extras.top_logprobs is not None \
             else {}
-        record_computed(batch, self.blocks)
         out = []
         for i, seq in enumerate(batch.seqs):
             if i in failed:  # this request fails alone; its blocks go back

@@ -4,6 +4,7 @@ never per context token: the tokens are read from each sequence's token list by 
 tables go as rows updated in place (runtime/block_tables.py)."""
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,26 @@ class StepInputs:
     decode_tokens: int
 
 
+def _block_slots(table: list[int], start: int, n: int, bs: int) -> list[int]:
+    """The cache slots of positions start..start+n-1: a range per block (a prompt chunk's thousands of
+    positions cost a few hundred range extends, not a Python expression each)."""
+    out: list[int] = []
+    p, end = start, start + n
+    while p < end:
+        b = p // bs
+        stop = min(end, (b + 1) * bs)
+        base = table[b] * bs - b * bs
+        out.extend(range(base + p, base + stop))
+        p = stop
+    return out
+
+
+def _tensor(values) -> torch.Tensor:
+    """An int64 CPU tensor of a list: through array's C conversion, about 7x faster than torch.tensor
+    of a list at a prompt chunk's sizes (the copy detaches it from the array's buffer)."""
+    return torch.frombuffer(array("q", values), dtype=torch.int64).clone()
+
+
 def build_step(batch: ScheduledBatch, block_size: int, rows: TableRows) -> StepInputs:
     ids, positions, slots, last = [], [], [], []
     ctx_lens = []
@@ -32,10 +53,8 @@ def build_step(batch: ScheduledBatch, block_size: int, rows: TableRows) -> StepI
     for seq, n in zip(batch.seqs, batch.num_new):
         start = seq.num_computed
         ids += seq.tokens[start:start + n]
-        pos = range(start, start + n)
-        positions += pos
-        table = seq.block_table
-        slots += [table[p // bs] * bs + p % bs for p in pos]
+        positions += range(start, start + n)
+        slots += _block_slots(seq.block_table, start, n, bs)
         last.append(len(ids) - 1)
         ctx_lens.append(start + n)
         if n > 1 or not seq.output:
@@ -43,8 +62,8 @@ def build_step(batch: ScheduledBatch, block_size: int, rows: TableRows) -> StepI
             seq.num_prefilled += n
         else:
             decode += n
-    meta = AttentionMetadata(torch.tensor(slots), list(batch.num_new), ctx_lens, rows.delta(batch.seqs))
-    return StepInputs(torch.tensor(ids), torch.tensor(positions), meta, torch.tensor(last), prefill, decode)
+    meta = AttentionMetadata(_tensor(slots), list(batch.num_new), ctx_lens, rows.delta(batch.seqs))
+    return StepInputs(_tensor(ids), _tensor(positions), meta, _tensor(last), prefill, decode)
 
 
 def record_computed(batch: ScheduledBatch, blocks: BlockManager) -> None:

@@ -36,6 +36,11 @@ def test_prefill_widths_must_be_presets():
     assert r.returncode == 2 and "not presets of export/tiny.py: ['rank9']" in r.stderr
 
 
+def test_prefill_forms_must_be_known():
+    r = run_module("bench", "--parts", "prefill", "--prefill-forms", "grouped,gather")
+    assert r.returncode == 2 and "not among grouped, grouped-eager, block, block-eager, dense: ['gather']" in r.stderr
+
+
 @pytest.mark.slow
 def test_constrained_part_runs_on_the_toy(tmp_path):
     """The GPU part `constrained` in its --toy form (CPU): its rows are written, a free step sends no

@@ -128,7 +128,7 @@ def check_route(T, H, E, k, device, dtype):
     norm = (1 + 0.1 * torch.randn(H, generator=g)).to(device, dtype)
     gate = (torch.randn(E, H, generator=g) * H ** -0.5).to(device)
     bias = (0.1 * torch.randn(E, generator=g)).to(device)
-    # route: up to MAX_TOKENS the one-launch kernel; beyond, the prefill form (norm, GEMM, top-k kernel)
+    # route: up to ONE_LAUNCH_MAX the one-launch kernel; beyond, the prefill form (norm, GEMM, top-k kernel)
     for _ in range(2):  # twice: the block counter must be back at zero after a launch
         h, x, ids, wts = moe_route.route(a, b, norm, 1e-6, gate, bias, k)
         # reference on the kernel's own x (x's rounding is checked in test_moe_route)

@@ -109,6 +109,6 @@ def check_ties() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-@pytest.mark.parametrize("T", [1, 8, 64])
+@pytest.mark.parametrize("T", [1, 2, 8, 32, 64])
 def test_compiled_kernels_match_the_model_on_gpu(T):
     check(T, 3072, 256, 8, "cuda")

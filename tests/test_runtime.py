@@ -186,6 +186,36 @@ def test_second_turn_prefills_only_new_tokens(exported):
     assert fresh.output == s2.output and fresh.num_cached_prompt == 0
 
 
+def test_step_inputs_follow_each_sequence_block_table():
+    """build_step's ids, positions and slots against their definitions, per token: slot = the block
+    holding position p times the block size plus p's offset in it; chunks that start and end inside
+    blocks, across several sequences, and one-token decodes."""
+    from runtime.block_tables import TableRows
+    from runtime.scheduler import ScheduledBatch
+    from runtime.step_inputs import build_step
+
+    rng = random.Random(3)
+    bs = 4
+    seqs, num_new = [], []
+    for n_tokens, start, n in [(30, 5, 19), (9, 0, 9), (17, 16, 1), (40, 13, 2)]:
+        s = Sequence([rng.randrange(1000) for _ in range(n_tokens)], GREEDY)
+        s.block_table = rng.sample(range(100), -(-n_tokens // bs))
+        s.num_computed = start
+        seqs.append(s)
+        num_new.append(n)
+    inputs = build_step(ScheduledBatch(seqs, num_new), bs, TableRows())
+    want_ids, want_pos, want_slots, want_last = [], [], [], []
+    for s, n in zip(seqs, num_new):
+        for p in range(s.num_computed, s.num_computed + n):
+            want_ids.append(s.tokens[p])
+            want_pos.append(p)
+            want_slots.append(s.block_table[p // bs] * bs + p % bs)
+        want_last.append(len(want_ids) - 1)
+    assert inputs.ids.tolist() == want_ids and inputs.positions.tolist() == want_pos
+    assert inputs.meta.slot_mapping.tolist() == want_slots and inputs.logits_rows.tolist() == want_last
+    assert inputs.ids.dtype == inputs.meta.slot_mapping.dtype == torch.int64
+
+
 def test_block_manager_invariants_randomized():
     rng = random.Random(0)
     bm = BlockManager(num_blocks=64, block_size=4)
@@ -232,6 +262,9 @@ def test_block_manager_invariants_randomized():
 @pytest.mark.parametrize("prompt,params,message", [
     ([], GREEDY, "the prompt is empty"),
     ([1, 99999], GREEDY, r"token ids \[99999\] are outside the vocabulary"),
+    ([-1, 2], GREEDY, r"token ids \[-1\] are outside the vocabulary"),
+    ([1, True], GREEDY, r"token ids \[True\] are outside the vocabulary"),  # a bool is an int in Python
+    ([1, 2.0], GREEDY, r"token ids \[2.0\] are outside the vocabulary"),
     (list(range(1, 300)), GREEDY, "longer than the context allows"),
     ([1, 2], SamplingParams(temperature=-1), "temperature must be >= 0"),
     ([1, 2], SamplingParams(top_p=0), r"top_p must be in \(0, 1\]"),
