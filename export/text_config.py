@@ -123,6 +123,11 @@ class GenerationDefaults:
 def chat_template(folder: str | Path) -> str | None:
     """tokenizer_config.json's template (a string, or the "default" of a named list), else
     chat_template.jinja, else None."""
+    return chat_template_file(folder)[0]
+
+
+def chat_template_file(folder: str | Path) -> tuple[str | None, Path | None]:
+    """chat_template's text and the file it came from (for errors that point at it)."""
     folder = Path(folder)
     tc = read_json(folder / TOKENIZER_CONFIG) or {}
     t = tc.get("chat_template")
@@ -130,8 +135,8 @@ def chat_template(folder: str | Path) -> str | None:
         named = {e.get("name"): e.get("template") for e in t if isinstance(e, dict)}
         t = named.get("default") or next(iter(named.values()), None)
     if isinstance(t, str) and t:
-        return t
+        return t, folder / TOKENIZER_CONFIG
     path = folder / CHAT_TEMPLATE_FILE
     if path.is_file():
-        return path.read_text()
-    return None
+        return path.read_text(), path
+    return None, None

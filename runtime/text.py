@@ -9,7 +9,7 @@ import jinja2
 import jinja2.sandbox
 from tokenizers import Tokenizer
 
-from export.text_config import TOKENIZER, TOKENIZER_CONFIG, chat_template, read_json
+from export.text_config import TOKENIZER, TOKENIZER_CONFIG, chat_template_file, read_json
 
 THINK_START, THINK_END = "<think>", "</think>"
 TOOL_CALL_START, TOOL_CALL_END = "<minimax:tool_call>", "</minimax:tool_call>"
@@ -52,11 +52,11 @@ class TextCodec:
 
         env.globals["raise_exception"] = raise_exception
         env.filters["tojson"] = tojson
-        source = chat_template(folder)
+        source, where = chat_template_file(folder)
         try:
             self.template = env.from_string(source) if source else None
         except jinja2.exceptions.TemplateSyntaxError as e:
-            raise ValueError(f"the chat template in {folder} does not parse: {e.message} (line {e.lineno})") from e
+            raise ValueError(f"the chat template in {where} does not parse: {e.message} (line {e.lineno})") from e
 
     @classmethod
     def load(cls, folder: str | Path) -> "TextCodec | None":

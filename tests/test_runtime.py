@@ -407,6 +407,23 @@ def test_ids_without_a_tokenizer(exported, reference, tmp_path):
     assert r.returncode == 2 and "no tokenizer.json" in r.stderr and "--prompt-ids" in r.stderr
 
 
+def test_a_chat_template_that_does_not_parse_names_its_file(exported, tmp_path):
+    """The template comes from tokenizer_config.json or chat_template.jinja: the error says which."""
+    man = exported("tiny", 1)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(man.root / name, tmp_path / name)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
+    with pytest.raises(ValueError, match=r"chat_template\.jinja does not parse: .*line 1"):
+        TextCodec.load(tmp_path)
+    config["chat_template"] = "{% if %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json does not parse"):
+        TextCodec.load(tmp_path)
+
+
 @pytest.mark.parametrize("backend", ["ort", pytest.param("torch", marks=pytest.mark.long)])
 def test_bucketed_decode_path(backend, exported, reference):
     """The GPU's decode path (steps padded to bucket sizes, attention on fixed-shape tensors, what a
