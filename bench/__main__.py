@@ -2,7 +2,8 @@
 
 Each measurement is one JSON line (also appended to build/bench/results.jsonl), with the machine and
 date; a short table follows. `--cpu` (make bench-cpu) runs the CPU parts and ends with one JSON
-object: export_time_vs_floor, export_peak_rss_gb, moe_gather_t1_vs_floor, moe_forms, host_vs_shortest.
+object: export_time_vs_floor, export_peak_rss_gb, moe_gather_t1_vs_floor, moe_forms, host_vs_shortest,
+host_step_us_max, host_prefill_us_per_token.
 `--toy` runs the parts once on a toy model at small sizes, results under build/bench/toy (or --out),
 and saves no MoE schedule: a smoke run (tests/test_bench.py), whose numbers mean nothing.
 `real-scale` runs only when named (it writes a ~30 GB checkpoint once); without a GPU it is skipped.

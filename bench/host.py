@@ -8,8 +8,9 @@ side of the block tables (runtime/block_tables.py DeviceTables: set the written 
 step's rows), which on a GPU is device work.
 
 Also the host's work for one prompt's prefill step (`what=prefill`: schedule, the step's inputs, the
-prefix-cache hashing of its blocks) at 2048 and 8192 tokens: it is serial with the device's work for
-the first token, so it adds to the time to first token.
+prefix-cache hashing of its blocks) at 2048 and 8192 tokens. The schedule and the inputs come before
+the step's launch, so they add to the time to first token; the engine hashes while the device
+computes the step, so that part is hidden behind a long enough step.
 """
 from __future__ import annotations
 

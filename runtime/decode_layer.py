@@ -15,7 +15,8 @@ torch backend's fast path for CUDA-graph buckets, in place of the manifest's per
                     once to the activations' dtype (two launches; kernels/fused_moe.py)
       [TP > 1: all-reduce of the MoE output]
 
-Seven kernels a layer at TP = 1, eight and three all-reduces with TP: the all-reduces stay where the
+Seven kernels a layer at TP = 1 and one token a sequence, nine from two sequences (cuBLAS and its
+split-K reduce), twelve from 33 (route_many's four launches); one more and three all-reduces with TP: the all-reduces stay where the
 manifest puts them (their fused one-shot forms need two GPUs to test). Same arithmetic as the
 pieces (export/model.py) up to float32 summation order; rounding where PyTorch rounds. The layer
 holds no weights of its own: it reads the pieces' parameters, and the q/k/v weights become views of
@@ -32,7 +33,8 @@ from export.model import AttnIn, Moe, OProj, QkRope
 from .dispatch import step_kind, step_layers
 from .kernels import fused_moe, gemv, moe_route, paged_decode, qk_rope
 
-MAX_TOKENS = 64  # the kernels' limit (gemv, route_top_k): larger steps run the manifest's steps
+MAX_TOKENS = 64  # decode layers' limit (gather_moe's GEMVs; route_top_k's counters up to 32 of them): larger
+                 # steps run the manifest's steps
 
 
 def layer_pattern(manifest: Manifest, n: int) -> list[str]:

@@ -22,7 +22,7 @@ from .scheduler import Scheduler
 from .sequence import Sequence, Status
 from .step_inputs import build_step, record_computed
 from .text import TextCodec
-from .validation import Limits, RequestError
+from .validation import Limits, RequestError, out_of_vocabulary
 from .vocab_parallel import StepExtras, candidates_needed
 
 __all__ = ["LLMEngine", "RequestError", "StepOutput"]
@@ -156,11 +156,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if not prompt:
             raise RequestError("the prompt is empty")
-        # the common case at C speed (type() is int: no bools); the per-token scan only to name the bad ones
-        if set(map(type, prompt)) != {int} or min(prompt) < 0 or max(prompt) >= vocab:
-            bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
-            if bad:
-                raise RequestError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        if bad := out_of_vocabulary(prompt, vocab):
+            raise RequestError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
         limit = self.max_model_len - 1  # longer prompts than a step run in chunks
         if len(prompt) > limit:
             raise RequestError(f"the prompt has {len(prompt)} tokens, longer than the context allows "

@@ -206,10 +206,11 @@ def test_compiled_route_on_gpu(T):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("preset", ["rank8", "real"])
-def test_decode_layer_matches_the_pieces_on_gpu(preset, tmp_path):
+@pytest.mark.parametrize("preset,n_seqs", [("rank8", 3), ("real", 3), ("rank8", 40)])
+def test_decode_layer_matches_the_pieces_on_gpu(preset, n_seqs, tmp_path):
     """A model of 2 layers through the engine: decode steps as decode layers (graphs) against the
-    same steps through the pieces (the decode layers removed), logits compared at every step."""
+    same steps through the pieces (the decode layers removed), logits compared at every step. 40
+    sequences: batches past 32, where the layer's router is route_many (the 64 bucket)."""
     from dataclasses import replace as dc_replace
 
     from bench.step import RandomWeights, write_export
@@ -229,12 +230,13 @@ def test_decode_layer_matches_the_pieces_on_gpu(preset, tmp_path):
         if name == "pieces":  # the dispatch offered no decode layers: the manifest's steps run
             backend.kernels = dc_replace(backend.kernels, decode_tokens=0)
         engine = LLMEngine(tmp_path, EngineConfig(backend="torch", device="cuda", dtype="bfloat16", kv_cache_gb=1,
-                                                 max_num_seqs=8, max_num_batched_tokens=256), backend=backend)
+                                                 max_num_seqs=max(8, n_seqs), max_num_batched_tokens=256),
+                           backend=backend)
         logits = []
         sample = engine.sampler.sample
         engine.sampler.sample = lambda lg, ids, ps: (logits.append(lg.float().cpu()), sample(lg, ids, ps))[1]
         prompts = [torch.randint(0, 2000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-                   for n in (5, 17, 40)]
+                   for n in ((5, 17, 40) if n_seqs == 3 else range(5, 5 + n_seqs))]
         engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
         runs[name] = (logits, dict(engine.stats.forms))
         engine.close()

@@ -197,13 +197,16 @@ def test_step_inputs_follow_each_sequence_block_table():
     rng = random.Random(3)
     bs = 4
     seqs, num_new = [], []
-    for n_tokens, start, n in [(30, 5, 19), (9, 0, 9), (17, 16, 1), (40, 13, 2)]:
+    for n_tokens, start, n, decoding in [(30, 5, 19, False), (9, 0, 9, False), (17, 16, 1, True), (40, 13, 2, False)]:
         s = Sequence([rng.randrange(1000) for _ in range(n_tokens)], GREEDY)
-        s.block_table = rng.sample(range(100), -(-n_tokens // bs))
+        if decoding:  # its last token is one it sampled
+            s.output.append(rng.randrange(1000))
+        s.block_table = rng.sample(range(100), -(-len(s) // bs))
         s.num_computed = start
         seqs.append(s)
         num_new.append(n)
     inputs = build_step(ScheduledBatch(seqs, num_new), bs, TableRows())
+    assert (inputs.prefill_tokens, inputs.decode_tokens) == (19 + 9 + 2, 1)
     want_ids, want_pos, want_slots, want_last = [], [], [], []
     for s, n in zip(seqs, num_new):
         for p in range(s.num_computed, s.num_computed + n):
