@@ -45,10 +45,15 @@ def _fingerprint(export: Path) -> tuple:
 
 def chat_outputs(export: Path, prompts_ids=(), texts=(), n: int = 16, *extra) -> list[list[int]]:
     """Greedy outputs of `chat.py --json` for id prompts then text prompts, in that order. Prompts
-    already run this session with the same export, length and flags are not run again; the rest run
-    together in one chat.py (greedy tokens do not depend on the batch: tests/test_runtime.py)."""
+    already run this session with the same export and flags, for this length or a longer one, are not
+    run again; the rest run together in one chat.py (greedy tokens do not depend on the batch:
+    tests/test_runtime.py)."""
     base = (_fingerprint(export), n, tuple(map(str, extra)))
     keys = [base + ("ids", tuple(p)) for p in prompts_ids] + [base + ("text", t) for t in texts]
+    for k in keys:  # a longer greedy run's first n tokens are this run (an end-of-turn stops both alike)
+        longer = [v for c, v in _REFERENCES.items() if c[0] == k[0] and c[2:] == k[2:] and c[1] > n]
+        if k not in _REFERENCES and longer:
+            _REFERENCES[k] = longer[0][:n]
     todo = [k for k in dict.fromkeys(keys) if k not in _REFERENCES]  # ids before texts, as chat.py orders them
     if todo:
         args = ["--model", export, "--json", "--max-tokens", n, "--temperature", 0, *extra]

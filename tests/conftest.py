@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# One OpenMP thread for torch, here and in every process the tests start (chat.py, servers, ranks,
+# exports inherit the environment; ONNX Runtime keeps its own pool). The CPU path's ops are tiny, and
+# with two threads on the suite's two shared cores each parallel region waits for a descheduled
+# thread: SDPA on a 60-token context took 14 ms instead of 0.1 ms, a toy decode step 90-240 ms
+# instead of 20-40 ms. Set before torch is imported, which reads it once.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from export.manifest import Manifest
 from export.tiny import PRESETS, write_checkpoint

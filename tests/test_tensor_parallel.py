@@ -11,6 +11,7 @@ import pytest
 
 from runtime.config import EngineConfig
 from runtime.llm_engine import LLMEngine
+from runtime.sampling import SamplingParams
 from export.manifest import ManifestError
 from tests.cli import chat_cmd
 from tests.cli import run_chat as chat
@@ -38,20 +39,22 @@ def test_tp2_equals_tp1_and_transformers(name, backend, exported, hf_model):
     ref_model = bf16_weight_reference(hf_model(name)) if backend == "ort" else hf_model(name)
     prompts = [[1, 5, 9], [7], list(range(40, 57))]
     want = [greedy(ref_model, p, N_NEW) for p in prompts]
-    for tp in (1, 2):
-        man = exported(name, tp)
-        r = chat("--model", man.root, "--backend", backend, *ids_args(prompts), "--max-tokens", N_NEW,
-                 "--temperature", 0, "--ignore-eos", "--json")
-        assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout.strip().splitlines()[-1])["outputs"] == want, (tp, backend)
-    assert not workers_of(exported(name, 2).root)  # clean shutdown: no rank left running
+    # TP=1 in this process (chat.py's TP=1 run against transformers: test_runtime.py), TP=2 through
+    # chat.py, which starts and stops its rank
+    one = LLMEngine(exported(name, 1).root, EngineConfig(backend=backend))
+    params = SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True)
+    assert [s.output for s in one.generate(prompts, params)] == want, (1, backend)
+    man = exported(name, 2)
+    r = chat("--model", man.root, "--backend", backend, *ids_args(prompts), "--max-tokens", N_NEW,
+             "--temperature", 0, "--ignore-eos", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["outputs"] == want, (2, backend)
+    assert not workers_of(man.root)  # clean shutdown: no rank left running
 
 
 def test_seeded_sampling_is_the_same_at_tp1_and_tp2(exported):
     """The LM head is vocabulary-parallel: with top-k each rank sends its top k candidates, without it
     the full logits; either way a seed gives the tokens of TP=1 (float32 twins on both)."""
-    from runtime.sampling import SamplingParams
-
     prompts = [[1, 5, 9], list(range(40, 57))]
     outs = {}
     for tp in (1, 2):
@@ -110,7 +113,6 @@ def test_rank0_failing_at_start_leaves_no_rank_and_no_group(exported, tmp_path):
     assert not workers_of(broken)
     e = LLMEngine.start(src, EngineConfig(backend="ort"))
     try:
-        from runtime.sampling import SamplingParams
         out = e.generate([[1, 5, 9]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
         assert len(out[0].output) == 3
     finally:
