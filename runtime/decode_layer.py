@@ -16,11 +16,11 @@ torch backend's fast path for CUDA-graph buckets, in place of the manifest's per
       [TP > 1: all-reduce of the MoE output]
 
 Seven kernels a layer at TP = 1 and one token a sequence, nine from two sequences (cuBLAS and its
-split-K reduce), twelve from 33 (route_many's four launches); one more and three all-reduces with TP: the all-reduces stay where the
-manifest puts them (their fused one-shot forms need two GPUs to test). Same arithmetic as the
-pieces (export/model.py) up to float32 summation order; rounding where PyTorch rounds. The layer
-holds no weights of its own: it reads the pieces' parameters, and the q/k/v weights become views of
-one concatenated tensor that the pieces use too (made once at load).
+split-K reduce), twelve from 33 (route_many's four launches); one more and three all-reduces with
+TP: the all-reduces stay where the manifest puts them (their fused one-shot forms need two GPUs to
+test). Same arithmetic as the pieces (export/model.py) up to float32 summation order; rounding where
+PyTorch rounds. The layer holds no weights of its own: it reads the pieces' parameters, and the
+q/k/v weights become views of one concatenated tensor that the pieces use too (made once at load).
 """
 from __future__ import annotations
 

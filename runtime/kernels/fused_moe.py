@@ -65,12 +65,10 @@ def _down_kernel(A, Idx, Wt, W2, Out, stride_we, stride_wr, H: tl.constexpr, INT
 
 def gather_moe(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
                w2: torch.Tensor, out_dtype: torch.dtype = torch.float32, up_rows: int | None = None,
-               up_cols: int = 1024, down_rows: int | None = None, warps: int = 4, down_cols: int = 256,
-               down_warps: int | None = None) -> torch.Tensor:
+               up_cols: int = 1024, down_rows: int | None = None, warps: int = 4) -> torch.Tensor:
     """x [T, H]; experts [T, k] local expert ids; weights [T, k] float32 (zero for experts not on
     this rank); w13 [E, 2I, H], w2 [E, H, I] -> [T, H] in out_dtype (the float32 sum rounded once),
-    the weighted sum of the experts. up_rows / up_cols / down_rows / down_cols: block sizes (default: by
-    shape); warps / down_warps: each kernel's warps (down_warps default: warps)."""
+    the weighted sum of the experts. up_rows / up_cols / down_rows: block sizes (default: by shape)."""
     T, H = x.shape
     k = experts.shape[1]
     inter = w2.shape[2]
@@ -86,6 +84,5 @@ def gather_moe(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w1
     out = torch.empty(T, H, dtype=out_dtype, device=x.device)
     BO = down_rows or (8 if T <= 4 else 16)
     _down_kernel[(T, triton.cdiv(H, BO))](a, idx, weights.reshape(-1).float().contiguous(), w2, out, w2.stride(0),
-                                          w2.stride(1), H=H, INTER=inter, K=k, BO=BO, BI=down_cols,
-                                          num_warps=down_warps or warps)
+                                          w2.stride(1), H=H, INTER=inter, K=k, BO=BO, BI=256, num_warps=warps)
     return out
