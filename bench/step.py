@@ -106,14 +106,18 @@ def sync(engine: LLMEngine) -> None:
         torch.cuda.synchronize(engine.backend.device)
 
 
+# MiniMax-M2.5's generation_config.json sampling (what a request that sets none gets)
+SAMPLED = dict(temperature=1.0, top_p=0.95, top_k=40)
+
+
 def decode_row(engine: LLMEngine, cfg, layers: int, batch: int, steps: int, bw: float, g: torch.Generator,
-               prompt: int = PROMPT) -> dict:
+               prompt: int = PROMPT, sampling: dict | None = None) -> dict:
     """Decode at `batch` sequences of `prompt` random tokens: wall time per step through the engine,
     the GPU time of its CUDA graph replayed alone (when graphed), both against the bytes floor. The
     batch is aborted afterwards."""
     # long enough that no sequence ends inside the timed steps (a smaller batch would capture a new
     # bucket's graph there)
-    params = SamplingParams(temperature=0, max_tokens=4096, ignore_eos=True)
+    params = SamplingParams(**(sampling or dict(temperature=0)), max_tokens=4096, ignore_eos=True)
     for _ in range(batch):
         engine.add_request(torch.randint(0, min(2000, cfg.vocab_size), (prompt,), generator=g).tolist(), params)
     while any(s.num_computed < len(s.prompt) for s in engine.scheduler.running) or engine.scheduler.waiting:
@@ -151,13 +155,19 @@ def run(res: Results, layers: int = 4, batches=(1, 8, 32), steps: int = 30) -> N
     with tempfile.TemporaryDirectory() as tmp:
         manifest = write_export(cfg, Path(tmp), max_tokens=1024)
         backend = TorchBackend(manifest, 0, "cuda", torch.bfloat16, checkpoint=RandomWeights(cfg))
-        for graphs in (True, False):
+        # graphs with async scheduling (the default), graphs one step at a time (the host's work not
+        # overlapped: the host share it hides), and eager
+        for graphs, overlap in ((True, True), (True, False), (False, True)):
             engine = LLMEngine(tmp, EngineConfig(backend="torch", device="cuda", dtype="bfloat16", kv_cache_gb=4,
                                               max_num_seqs=max(batches), cuda_graphs=graphs,
-                                              graph_max_context=2048, max_num_batched_tokens=1024),
+                                              graph_max_context=2048, max_num_batched_tokens=1024,
+                                              async_scheduling=overlap),
                             backend=backend)
             g = torch.Generator().manual_seed(1)
             for B in batches:
-                res.add("step", **decode_row(engine, cfg, layers, B, steps, bw, g))
+                res.add("step", async_scheduling=overlap, **decode_row(engine, cfg, layers, B, steps, bw, g))
+            if graphs:  # the model's default sampling (on the device with async scheduling, else the host's)
+                res.add("step", async_scheduling=overlap, sampling="top_k=40,top_p=0.95,T=1",
+                        **decode_row(engine, cfg, layers, max(batches), steps, bw, g, sampling=SAMPLED))
             engine.close()
         res.add("step", what="gpu_memory", max_allocated_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2))

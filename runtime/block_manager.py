@@ -113,7 +113,7 @@ class BlockManager:
         """Register the sequence's blocks that filled with computed tokens since the last call in the
         prefix cache (the ones before are registered already: their chain ends in seq.last_hash)."""
         bs, tokens = self.block_size, seq.tokens
-        full = seq.num_computed // bs
+        full = min(seq.num_computed, len(tokens)) // bs  # a block that ends in a pending token waits for it
         for i in range(seq.num_hashed, full):
             b = self.blocks[seq.block_table[i]]
             if b.hash is None:

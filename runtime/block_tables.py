@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .host_copy import to_device
 from .sequence import Sequence, Status
 
 
@@ -99,8 +100,10 @@ class DeviceTables:
         """Set the step's written entries; its block tables [S, width] (int32, on the device)."""
         r, c, v = d.written
         self._fit(max(max(d.rows), max(r, default=-1)) + 1, max(d.width, max(c, default=-1) + 1))
+        n = len(d.rows)
+        # one copy (pinned: it does not wait for a step still running): the step's rows, then the entries
+        packed = to_device(torch.tensor(d.rows + r + c + v, dtype=torch.int64), self.device)
         if r:
-            idx = torch.tensor([r, c], dtype=torch.int64).to(self.device, non_blocking=True)
-            self.t[idx[0], idx[1]] = torch.tensor(v, dtype=torch.int32).to(self.device, non_blocking=True)
-        rows = torch.tensor(d.rows, dtype=torch.int64).to(self.device, non_blocking=True)
-        return self.t[:, :d.width].index_select(0, rows)
+            k = len(r)
+            self.t[packed[n:n + k], packed[n + k:n + 2 * k]] = packed[n + 2 * k:].to(torch.int32)
+        return self.t[:, :d.width].index_select(0, packed[:n])

@@ -98,7 +98,7 @@ def scripted(engine: LLMEngine, a) -> int:
     for i, e in errors.items():
         print(f"error in prompt {i}: {e}", file=sys.stderr)
     st = engine.stats
-    print(f"{n} tokens in {dt:.2f} s ({n / dt if dt else 0:.1f} tokens/s, {st.steps} steps, "
+    print(f"{n} tokens in {dt:.2f} s ({n / dt if dt else 0:.1f} tokens/s, {st.steps} steps ({st.overlapped_steps} overlapped), "
           f"{1000 * st.forward_seconds / max(st.steps, 1):.2f} ms forward per step, backend {engine.backend.name}, "
           f"TP {engine.manifest.tp})", file=sys.stderr)
     result = {"outputs": outputs}

@@ -41,6 +41,11 @@ class EngineConfig:
         "help": "GPU: decode steps of sequences longer than this run eagerly"})
     decode_buckets: bool | None = field(default=None, metadata={
         "help": "pad decode steps to bucket sizes (default: on a GPU)"})
+    async_scheduling: bool | None = field(default=None, metadata={
+        "help": "launch each step before the previous step's tokens reach the host, so the host's scheduling "
+                "and bookkeeping overlap the device's work (tokens sampled on the device: steps without grammars, "
+                "logprobs or seeded sampling; a sequence that stops at such a step costs one discarded row "
+                "of the next); default: on a GPU. --no-async-scheduling: one step at a time"})
     step_timeout: float = field(default=120.0, metadata={
         "help": "servers: an engine step that makes no progress for this many seconds (a hung rank) ends the "
                 "engine, which makes the server exit for its supervisor to restart it; 0 disables (the "
@@ -56,7 +61,10 @@ class EngineConfig:
             flag = "--" + f.name.replace("_", "-")
             default = f.default if f.default is not MISSING else None
             help_ = f.metadata.get("help", "")
-            if f.type in ("bool", "bool | None"):
+            if f.type == "bool | None":  # unset: the runtime decides (e.g. by device); both flags
+                ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+                continue
+            if f.type == "bool":
                 if default is True:
                     ap.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=help_)
                 else:

@@ -15,6 +15,8 @@ import contextlib
 
 import torch
 
+from .host_copy import copy_in
+
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -42,8 +44,10 @@ class DecodeGraphs:
         if b not in self.static:
             dev = self.ex.backend.device
             z = lambda *s: torch.zeros(*s, dtype=torch.int64, device=dev)  # noqa: E731
-            self.static[b] = {"ids": z(b), "positions": z(b), "slots": z(b), "tables": z(b, self.max_blocks),
-                              "ctx": z(b), "rows": torch.arange(b, device=dev)}
+            inputs = z(4 * b)  # positions, slots, ctx, ids: views of one buffer, filled by one copy
+            self.static[b] = {"inputs": inputs, "positions": inputs[:b], "slots": inputs[b:2 * b],
+                              "ctx": inputs[2 * b:3 * b], "ids": inputs[3 * b:], "tables": z(b, self.max_blocks),
+                              "rows": torch.arange(b, device=dev)}
         return self.static[b]
 
     def run(self, ids, positions, slots, q_lens, context_lens, block_tables: torch.Tensor) -> torch.Tensor | None:
@@ -52,12 +56,17 @@ class DecodeGraphs:
         b = self.bucket(n)
         s = self._buffers(b)
         pad = b - n
-        host = {"ids": torch.cat([ids, torch.zeros(pad, dtype=torch.int64)]),
-                "positions": torch.cat([positions, torch.zeros(pad, dtype=torch.int64)]),
-                "slots": torch.cat([slots, torch.full((pad,), self.pad_slot, dtype=torch.int64)]),
-                "ctx": torch.tensor(list(context_lens) + [1] * pad)}
-        for k, v in host.items():
-            s[k].copy_(v, non_blocking=True)
+        # one copy of the host's inputs (pinned: it does not wait for a step still running), and the
+        # ids from the device where the step carries some (async scheduling)
+        packed = torch.cat([positions, torch.zeros(pad, dtype=torch.int64), slots,
+                            torch.full((pad,), self.pad_slot, dtype=torch.int64),
+                            torch.tensor(list(context_lens) + [1] * pad, dtype=torch.int64)])
+        if ids.device.type == "cpu":
+            packed = torch.cat([packed, ids, torch.zeros(pad, dtype=torch.int64)])
+        copy_in(s["inputs"][:packed.numel()], packed)
+        if ids.device.type != "cpu":
+            s["ids"][:n].copy_(ids)
+            s["ids"][n:].zero_()
         # on the device: the step's rows, zero past each table and in the padding rows
         s["tables"].zero_()
         s["tables"][:n, :block_tables.shape[1]].copy_(block_tables)

@@ -13,6 +13,7 @@ from . import profile_ranges
 from .attention import AttentionMetadata, paged_attention, paged_decode_attention
 from .block_tables import DeviceTables, TableDelta
 from .dispatch import NONE, Dispatch, StepPlan, step_layers
+from .host_copy import to_device
 from .kv_cache import KVCache
 from .vocab_parallel import StepExtras, VocabGather
 
@@ -35,6 +36,15 @@ class SingleRank:
 
     def share_step(self, payload):
         return payload
+
+
+@dataclass
+class Carried:
+    """A step's ids that are on the device already (async scheduling: tokens the step in flight
+    sampled): `rows` of the step's ids take `tokens` [len(rows)] int64 (rank 0's; sent to the other
+    ranks with one broadcast on the device, None in what they are sent)."""
+    rows: list[int]
+    tokens: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -93,15 +103,18 @@ class StepExecutor:
         return self._pool
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-            logits_rows: torch.Tensor, candidates: int = 0, extras: StepExtras | None = None) -> torch.Tensor | None:
+            logits_rows: torch.Tensor, candidates: int = 0, extras: StepExtras | None = None,
+            carried: Carried | None = None) -> torch.Tensor | None:
         """One forward step over packed tokens; returns float32 logits [len(logits_rows), V] on rank 0.
         Rank 0 first sends the step's metadata to the other ranks, which run the same step.
         candidates: what sampling needs of each rank's vocabulary slice (runtime/vocab_parallel.py):
         1 greedy, k the top k, 0 everything; entries not sent are -inf. extras: grammar masks and
-        logprobs (`last_logprobs` then holds rank 0's LogprobStats)."""
+        logprobs (`last_logprobs` then holds rank 0's LogprobStats). carried: ids already on the
+        device (rows of `ids` that hold 0 here)."""
         if self.comm.world > 1:
-            self.comm.share_step((ids, positions, meta, logits_rows, candidates, extras))
-        return self._run(ids, positions, meta, logits_rows, candidates, extras)
+            sent = None if carried is None else Carried(carried.rows)
+            self.comm.share_step((ids, positions, meta, logits_rows, candidates, extras, sent))
+        return self._run(ids, positions, meta, logits_rows, candidates, extras, carried)
 
     def serve(self) -> None:
         """The loop of ranks other than 0: run each step rank 0 sends, until it sends None."""
@@ -117,8 +130,25 @@ class StepExecutor:
         if self.backend.device.type == "cuda":
             torch.cuda.synchronize(self.backend.device)
 
-    def _run(self, ids, positions, meta, logits_rows, candidates=0, extras=None):
+    def _ids(self, ids: torch.Tensor, carried: Carried | None) -> torch.Tensor:
+        """The step's ids: with carried rows, on the device with those rows set from rank 0's tokens
+        (every rank gets them from one broadcast; no host sync)."""
+        if carried is None:
+            return ids
         dev = self.backend.device
+        like = torch.empty(len(carried.rows), dtype=torch.int64, device=dev)
+        tokens = self.comm.broadcast(carried.tokens, 0, like).to(dev)
+        on_dev = to_device(ids, dev)
+        ids = on_dev.clone() if on_dev is ids else on_dev  # the caller's tensor stays as it was
+        if carried.rows == list(range(len(carried.rows))):  # the decodes come first: a slice
+            ids[:len(carried.rows)] = tokens
+        else:
+            ids.index_copy_(0, to_device(torch.tensor(carried.rows, dtype=torch.int64), dev), tokens)
+        return ids
+
+    def _run(self, ids, positions, meta, logits_rows, candidates=0, extras=None, carried=None):
+        dev = self.backend.device
+        ids = self._ids(ids, carried)
         tables = meta.block_tables
         if isinstance(tables, TableDelta):
             tables = self.tables.apply(tables)

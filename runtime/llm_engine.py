@@ -16,9 +16,11 @@ from .block_manager import BlockManager
 from .block_tables import TableRows
 from .config import EngineConfig
 from .constrained import Grammars, bitmask
+from .executor import Carried
+from .host_copy import to_device
 from .rank import build_rank
-from .sampling import Sampler, SamplingParams
-from .scheduler import Scheduler
+from .sampling import FAILURES, Sampler, SamplingParams, on_device, sample_on_device
+from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, Status
 from .step_inputs import build_step, record_computed
 from .text import TextCodec
@@ -48,6 +50,48 @@ class Stats:
     forms: dict = field(default_factory=dict)
     extras_steps: int = 0         # steps that sent grammar masks or asked for logprobs (StepExtras)
     mask_seconds: float = 0.0     # host time building them (filling the grammar masks)
+    overlapped_steps: int = 0     # steps launched while the previous step's tokens were still on the device
+
+
+@dataclass
+class InFlight:
+    """A launched step whose tokens (sampled there) are still on the device (async scheduling): the next step
+    reads them there (`pick`), and the host gets them from a copy started at launch (`on_host`)."""
+    batch: ScheduledBatch
+    done: list[int]                  # the batch rows that sampled
+    tokens: torch.Tensor             # [len(done)] int64, on the logits' device
+    host: torch.Tensor               # [2, len(done)] int64: the tokens and each row's status (sampling.FAILURES)
+    ready: torch.cuda.Event | None   # the copy to `host` done (None: it was made synchronously)
+    row_of: dict[int, int]           # sequence id -> index into tokens
+
+    @classmethod
+    def launch(cls, batch: ScheduledBatch, done: list[int], logits: torch.Tensor) -> "InFlight":
+        rows = logits[done] if len(done) < len(batch.seqs) else logits
+        first, status = sample_on_device(rows, [batch.seqs[i].params for i in done])
+        packed = torch.stack([first, status])
+        ready = None
+        if packed.is_cuda:
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host = packed
+        for i in done:
+            batch.seqs[i].pending += 1
+        return cls(batch, done, first, host, ready, {batch.seqs[i].id: j for j, i in enumerate(done)})
+
+    def pick(self, src: list[int]) -> torch.Tensor:
+        """tokens[src] on the device (no host sync; a view when src is 0..n-1)."""
+        if src == list(range(len(src))):
+            return self.tokens[:len(src)]
+        return self.tokens.index_select(0, to_device(torch.tensor(src, dtype=torch.int64), self.tokens.device))
+
+    def on_host(self) -> tuple[list[int], list[int]]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        toks, status = self.host.tolist()
+        return toks, status
 
 
 class LLMEngine:
@@ -69,12 +113,15 @@ class LLMEngine:
         self.blocks = BlockManager(self.kv.num_blocks, c.block_size, reserve_padding=self.executor.decode_graphs is not None)
         self.max_num_batched_tokens = c.max_num_batched_tokens or self.manifest.max_tokens
         self.max_model_len = min(c.max_model_len or cfg.max_position_embeddings, self.blocks.num_usable * c.block_size)
-        self.scheduler = Scheduler(self.blocks, c.max_num_seqs, self.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, c.max_num_seqs, self.max_num_batched_tokens, self.max_model_len)
         self.table_rows = TableRows()  # the block tables as rows on each rank's device
         self.sampler = Sampler()
         self.stats = Stats()
         self._group = None
         self._grammars = None
+        self._inflight: InFlight | None = None  # async scheduling: the launched step whose tokens are on the device
+        self.async_scheduling = c.async_scheduling if c.async_scheduling is not None else \
+            self.backend.device.type == "cuda"
 
     @classmethod
     def start(cls, model: str | Path, config: EngineConfig | None = None) -> "LLMEngine":
@@ -178,8 +225,14 @@ class LLMEngine:
 
     # ---- one step -----------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        """Schedule and launch one step; returns the tokens that reached the host: with async
+        scheduling, the previous step's (this one stays in flight while the device computes it, and
+        the next step takes its tokens from the device), else this step's."""
         batch = self.scheduler.schedule()
+        prev, self._inflight = self._inflight, None
         if not batch.seqs:
+            if prev is not None:  # nothing new to launch: the step in flight ends it
+                return self._complete(prev)
             if self.scheduler.waiting and not self.scheduler.running:
                 seq = self.scheduler.waiting[0]  # cannot fit even alone: fail it rather than spin
                 self.scheduler.finish(seq, "error")
@@ -198,7 +251,9 @@ class LLMEngine:
             self.stats.mask_seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
         logits = self.executor.run(inputs.ids, inputs.positions, inputs.meta, inputs.logits_rows,
-                                   candidates_needed([batch.seqs[i].params for i in done]), extras)
+                                   candidates_needed([batch.seqs[i].params for i in done]), extras,
+                                   self._carried(inputs, prev))
+        self.stats.overlapped_steps += prev is not None
         self.stats.forward_seconds += time.perf_counter() - t0
         self.stats.steps += 1
         form = self.executor.last_ran
@@ -207,6 +262,50 @@ class LLMEngine:
         # the blocks' hashes need only the tokens: hashed here, while the device computes, rather than
         # after the sampling waits for it.
         record_computed(batch, self.blocks)
+        if self.async_scheduling and extras is None and all(on_device(batch.seqs[i].params) for i in done):
+            if done:  # sampled on the device: the tokens stay there for the next step
+                self._inflight = InFlight.launch(batch, done, logits)
+            return self._complete(prev) if prev is not None else []
+        out = self._complete(prev) if prev is not None else []
+        return out + self._sample_now(batch, done, logits, extras)
+
+    def _carried(self, inputs, prev: "InFlight | None") -> Carried | None:
+        """The step's pending ids, from the step in flight's tokens on the device."""
+        if not inputs.carried_rows:
+            return None
+        src = [prev.row_of[seq.id] for seq in inputs.carried_seqs]
+        return Carried(inputs.carried_rows, prev.pick(src))
+
+    def _complete(self, f: "InFlight") -> list[StepOutput]:
+        """A step launched earlier: its tokens (now on the host) appended, stops checked. Rows of
+        sequences that ended meanwhile (a stop found a step earlier, an abort) are dropped."""
+        toks, status = f.on_host()
+        out = []
+        for j, i in enumerate(f.done):
+            seq = f.batch.seqs[i]
+            seq.pending -= 1
+            if seq.status is Status.FINISHED:
+                continue
+            if status[j]:
+                self.scheduler.finish(seq, "error")
+                self.sampler.forget(seq.id)
+                out.append(StepOutput(seq, None, True, FAILURES[status[j]]))
+                continue
+            out.append(self._accept(seq, toks[j]))
+        return out
+
+    def _accept(self, seq: Sequence, tok: int, logprob=None, top=None) -> StepOutput:
+        seq.output.append(tok)
+        if seq.status is Status.RUNNING:  # a block this token filled joins the prefix cache
+            self.blocks.cache_full_blocks(seq)
+        reason = self._stop_reason(seq, tok)
+        if reason:
+            self.scheduler.finish(seq, reason)
+            self.sampler.forget(seq.id)
+        return StepOutput(seq, tok, reason is not None, None, logprob, top)
+
+    def _sample_now(self, batch, done: list[int], logits, extras) -> list[StepOutput]:
+        """This step's tokens sampled on the host side (any sampling parameters, grammars, logprobs)."""
         sampled, failed = {}, {}
         if done:
             toks, bad = self.sampler.sample(logits[done] if len(done) < len(batch.seqs) else logits,
@@ -221,6 +320,8 @@ class LLMEngine:
             else {}
         out = []
         for i, seq in enumerate(batch.seqs):
+            if seq.status is Status.FINISHED:  # the step before ended it (async scheduling)
+                continue
             if i in failed:  # this request fails alone; its blocks go back
                 self.scheduler.finish(seq, "error")
                 self.sampler.forget(seq.id)
@@ -228,13 +329,7 @@ class LLMEngine:
                 continue
             if i not in sampled:
                 continue
-            tok = sampled[i]
-            seq.output.append(tok)
-            reason = self._stop_reason(seq, tok)
-            if reason:
-                self.scheduler.finish(seq, reason)
-                self.sampler.forget(seq.id)
-            out.append(StepOutput(seq, tok, reason is not None, None, *logprobs.get(i, (None, None))))
+            out.append(self._accept(seq, sampled[i], *logprobs.get(i, (None, None))))
         return out
 
     def _extras(self, seqs: list[Sequence], done: list[int]) -> StepExtras | None:
@@ -272,11 +367,12 @@ class LLMEngine:
 
     def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
         p = seq.params
-        if not p.ignore_eos and (tok in self.model_config.eos_token_ids or tok in p.stop_token_ids):
+        # ignore_eos ignores the model's end tokens only; the request's own stop ids still stop it (as vLLM)
+        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.model_config.eos_token_ids):
             return "stop"
         if len(seq.output) >= p.max_tokens:
             return "length"
-        if len(seq) >= self.max_model_len:
+        if len(seq.tokens) >= self.max_model_len:
             return "length"
         return None
 

@@ -20,6 +20,7 @@ import torch
 
 from .attention import AttentionMetadata
 from .cuda_graphs import capture
+from .host_copy import copy_in
 
 MIN_BUCKET = 16
 
@@ -78,9 +79,10 @@ class PrefillGraphs:
         b = key[0]
         pad = b - q
         z = torch.zeros(pad, dtype=torch.int64, device=ids.device)
-        self.ids[:b].copy_(torch.cat([ids.to(torch.int64), z]), non_blocking=True)
-        self.positions[:b].copy_(torch.cat([positions.to(torch.int64), z]), non_blocking=True)
-        self.slots[:b].copy_(torch.cat([slots.to(torch.int64), z + self.pad_slot]), non_blocking=True)
+        zh = torch.zeros(pad, dtype=torch.int64)
+        copy_in(self.ids[:b], torch.cat([ids.to(torch.int64), z]))  # ids may be on the device (carried)
+        copy_in(self.positions[:b], torch.cat([positions.to(torch.int64), zh]))
+        copy_in(self.slots[:b], torch.cat([slots.to(torch.int64), zh + self.pad_slot]))
         self.rows.fill_(q - 1)
         self.q_lens.fill_(b)
         self.ctx.fill_(context + pad)

@@ -7,6 +7,8 @@ import torch
 
 from export.text_config import GenerationDefaults
 
+from .host_copy import to_device
+
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs bound; vLLM's default max_logprobs)
 
 
@@ -18,7 +20,7 @@ class SamplingParams:
     max_tokens: int = 256
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)  # besides the model's end-of-turn token
-    ignore_eos: bool = False
+    ignore_eos: bool = False   # go on past the model's end tokens (stop_token_ids still stop)
     logprobs: int | None = None  # None: off; n: each token's logprob and the n most likely (0..MAX_LOGPROBS)
 
     @classmethod
@@ -52,6 +54,9 @@ class SamplingParams:
             raise ValueError(f"stop token ids {bad} are outside the vocabulary (0..{vocab_size - 1})")
 
 
+_ARGMAX = SamplingParams(temperature=0)
+
+
 class Sampler:
     """One torch.Generator per seeded request, so a seed reproduces a request's tokens whatever else
     is in its batch."""
@@ -68,12 +73,14 @@ class Sampler:
         A row whose logits hold a NaN, or whose distribution is not finite, fails alone: the caller
         ends that request with the error and every other row keeps its token.
 
-        Greedy rows take one batched max where the logits are (on a GPU: no [N, V] copy to the host);
-        its values tell a NaN row at no extra cost. Only the rows that sample are copied to the host."""
-        best, first = logits.max(-1)  # the first index of the maximum, as argmax
-        out, finite = first.tolist(), (best == best).tolist()  # NaN != NaN
-        failed = {i: "the model produced NaN logits for this request" for i, ok in enumerate(finite) if not ok}
-        sampled = [i for i, p in enumerate(params) if p.temperature != 0 and i not in failed]
+        Greedy and unseeded rows are sampled where the logits are (`sample_on_device`: on a GPU no
+        [N, V] copy to the host). Only seeded rows are copied to the host, to their request's generator,
+        so that a seed gives the same tokens whatever the device or the batch."""
+        # seeded rows only take the max there (its NaN check), then sample on the host below
+        tokens, status = sample_on_device(logits, [p if on_device(p) else _ARGMAX for p in params])
+        out, codes = tokens.tolist(), status.tolist()
+        failed = {i: FAILURES[c] for i, c in enumerate(codes) if c}
+        sampled = [i for i, p in enumerate(params) if not on_device(p) and i not in failed]
         if not sampled:
             return out, failed
         rows = logits[sampled].float().cpu()
@@ -106,3 +113,53 @@ class Sampler:
             if gen is None:
                 gen = self._generators[sid] = torch.Generator().manual_seed(p.seed)
         return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def on_device(p: SamplingParams) -> bool:
+    """Whether `sample_on_device` takes this row (async scheduling): greedy, or sampled without a seed.
+    A seeded request keeps its host generator, so its tokens are the same whatever path a step takes."""
+    return p.temperature == 0 or p.seed is None
+
+
+NAN, NOT_FINITE = 1, 2  # sample_on_device's failure codes (0: sampled)
+FAILURES = {NAN: "the model produced NaN logits for this request",
+            NOT_FINITE: "sampling failed: the distribution is not finite"}
+
+
+def sample_on_device(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, V] -> (a token per row [N] int64, a status per row [N] int64: 0, NAN or NOT_FINITE),
+    both where the logits are, with no host sync (rows that `on_device` takes; seeds are not used).
+    Greedy rows: the first maximum, as Sampler. Sampled rows: temperature, then the top_k largest
+    (exactly k: ties at the k-th value are cut by position, where Sampler keeps them all), then the
+    smallest prefix of those reaching top_p (always the most likely), drawn by an exponential race
+    (argmax of p / Exp(1): a draw from p). On a GPU this is a few batched kernels where the host's
+    per-row sort of a 200K vocabulary took ~15 ms a row."""
+    dev = logits.device
+    best, first = logits.max(-1)
+    status = (best != best).long() * NAN  # NaN != NaN
+    rows = [i for i, p in enumerate(params) if p.temperature != 0]
+    if not rows:
+        return first, status
+    V = logits.shape[-1]
+    ks = [p.top_k if 0 < p.top_k < V else V for p in (params[i] for i in rows)]
+    host = torch.tensor([[float(i) for i in rows], [params[i].temperature for i in rows], ks,
+                         [params[i].top_p for i in rows]], dtype=torch.float64)
+    at, temp, k, top_p = to_device(host, dev).unbind(0)
+    at = at.long()
+    x = logits.index_select(0, at).float() / temp[:, None].float()
+    kmax = max(ks)
+    vals, ids = torch.topk(x, kmax, dim=-1) if kmax < V else torch.sort(x, dim=-1, descending=True)
+    vals = vals.masked_fill(torch.arange(kmax, device=dev)[None, :] >= k[:, None], float("-inf"))
+    if any(params[i].top_p < 1 for i in rows):
+        probs = torch.softmax(vals, -1)
+        drop = probs.cumsum(-1) - probs >= top_p[:, None].float()
+        drop[:, 0] = False
+        vals = vals.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(vals, -1)
+    race = probs / torch.empty_like(probs).exponential_()
+    tokens = ids.gather(1, race.argmax(-1, keepdim=True))[:, 0]
+    first = first.clone()
+    first[at] = tokens
+    bad = status.index_select(0, at)
+    status = status.index_copy(0, at, torch.where((bad == 0) & ~torch.isfinite(probs).all(-1), NOT_FINITE, bad))
+    return first, status

@@ -5,7 +5,13 @@ much of it as the budget has left (vLLM's default order). So a prompt longer tha
 several steps, beside the decodes. A prompt's blocks are all taken when it is admitted. When the
 KV cache is full, the newest running sequence is preempted: its blocks are freed and it is
 recomputed later (the prefix cache usually finds most of its blocks again, also those of a prompt
-preempted between its chunks)."""
+preempted between its chunks).
+
+With async scheduling (runtime/llm_engine.py) a sequence may have a pending token: sampled by the
+step in flight, not yet known to the host. It counts in len(seq), so the sequence decodes it next
+(its id comes from the device). A sequence whose pending token will end it by length is not
+scheduled again, and a preempted one is not readmitted until its pending token is known (its
+prompt is recomputed from `tokens`)."""
 from __future__ import annotations
 
 from collections import deque
@@ -26,8 +32,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int | None = None):
         self.blocks = blocks
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -56,6 +64,8 @@ class Scheduler:
         for seq in decoding + prefilling:
             if seq.status is not Status.RUNNING:  # preempted below to make room for an older one
                 continue
+            if seq.pending and self._ends_at_pending(seq):  # its step in flight gave its last token
+                continue
             while not self.blocks.can_append(seq):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -70,7 +80,7 @@ class Scheduler:
         # Then waiting prompts, first come first served, while blocks and budget last.
         while self.waiting and len(self.running) < self.max_num_seqs and budget >= 1:
             seq = self.waiting[0]
-            if not self.blocks.can_allocate(seq):
+            if seq.pending or not self.blocks.can_allocate(seq):  # pending: preempted with a step in flight
                 break
             self.blocks.allocate(seq)
             self.waiting.popleft()
@@ -80,6 +90,11 @@ class Scheduler:
             num_new.append(min(len(seq) - seq.num_computed, budget))
             budget -= num_new[-1]
         return ScheduledBatch(seqs, num_new)
+
+    def _ends_at_pending(self, seq: Sequence) -> bool:
+        """Whether the sequence's pending tokens reach its max_tokens or the longest sequence."""
+        return (len(seq.output) + seq.pending >= seq.params.max_tokens
+                or (self.max_model_len is not None and len(seq) >= self.max_model_len))
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = Status.FINISHED, reason

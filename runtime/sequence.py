@@ -57,6 +57,10 @@ class Sequence:
         self.status = Status.WAITING
         self.block_table: list[int] = []
         self.num_computed = 0        # tokens whose K/V are in the cache
+        # tokens sampled on the device whose values the host does not have yet (async scheduling,
+        # runtime/llm_engine.py): they count in len() (the scheduler gives them slots and steps) but
+        # are not in `tokens` until their step completes
+        self.pending = 0
         self.num_cached_prompt = 0   # of those, how many came from the prefix cache at the last admission
         self.num_prefilled = 0       # tokens this sequence computed in prefills, over its life
         self.finish_reason: str | None = None
@@ -72,8 +76,10 @@ class Sequence:
         return self.tokens[:self.num_prompt]
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        """Tokens known and pending: what the scheduler and the block manager count."""
+        return len(self.tokens) + self.pending
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.id}, prompt={self.num_prompt} tokens, output={len(self.output)} tokens, "
-                f"{self.status.value}, computed={self.num_computed})")
+                f"{self.status.value}, computed={self.num_computed}" + (f", pending={self.pending}" if self.pending else "")
+                + ")")

@@ -5,7 +5,7 @@ tables go as rows updated in place (runtime/block_tables.py)."""
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,6 +13,7 @@ from .attention import AttentionMetadata
 from .block_manager import BlockManager
 from .block_tables import TableRows
 from .scheduler import ScheduledBatch
+from .sequence import Sequence
 
 
 @dataclass
@@ -23,6 +24,10 @@ class StepInputs:
     logits_rows: torch.Tensor  # the last new token of each sequence
     prefill_tokens: int
     decode_tokens: int
+    # rows of `ids` holding a pending token (0 here; its value is on the device, from the step in
+    # flight: runtime/llm_engine.py), and their sequences
+    carried_rows: list[int] = field(default_factory=list)
+    carried_seqs: list[Sequence] = field(default_factory=list)
 
 
 def _block_slots(table: list[int], start: int, n: int, bs: int) -> list[int]:
@@ -50,22 +55,30 @@ def _tensor(values) -> torch.Tensor:
 def build_step(batch: ScheduledBatch, block_size: int, rows: TableRows) -> StepInputs:
     ids, positions, slots, last = [], [], [], []
     ctx_lens = []
+    carried_rows, carried_seqs = [], []
     prefill = decode = 0
     bs = block_size
     for seq, n in zip(batch.seqs, batch.num_new):
         start = seq.num_computed
-        ids += seq.tokens[start:start + n]
+        if seq.pending:  # decoding its pending token (the scheduler gives such a sequence one token)
+            assert n == 1 and start == len(seq.tokens), f"{seq}: a pending token is decoded alone"
+            carried_rows.append(len(ids))
+            carried_seqs.append(seq)
+            ids.append(0)
+        else:
+            ids += seq.tokens[start:start + n]
         positions += range(start, start + n)
         slots += _block_slots(seq.block_table, start, n, bs)
         last.append(len(ids) - 1)
         ctx_lens.append(start + n)
-        if n > 1 or not seq.output:
+        if n > 1 or not (seq.output or seq.pending):
             prefill += n
             seq.num_prefilled += n
         else:
             decode += n
     meta = AttentionMetadata(_tensor(slots), list(batch.num_new), ctx_lens, rows.delta(batch.seqs))
-    return StepInputs(_tensor(ids), _tensor(positions), meta, _tensor(last), prefill, decode)
+    return StepInputs(_tensor(ids), _tensor(positions), meta, _tensor(last), prefill, decode, carried_rows,
+                      carried_seqs)
 
 
 def record_computed(batch: ScheduledBatch, blocks: BlockManager) -> None:

@@ -230,7 +230,8 @@ def test_decode_layer_matches_the_pieces_on_gpu(preset, n_seqs, tmp_path):
         if name == "pieces":  # the dispatch offered no decode layers: the manifest's steps run
             backend.kernels = dc_replace(backend.kernels, decode_tokens=0)
         engine = LLMEngine(tmp_path, EngineConfig(backend="torch", device="cuda", dtype="bfloat16", kv_cache_gb=1,
-                                                 max_num_seqs=max(8, n_seqs), max_num_batched_tokens=256),
+                                                 max_num_seqs=max(8, n_seqs), max_num_batched_tokens=256,
+                                                 async_scheduling=False),  # every row through the sampler
                            backend=backend)
         logits = []
         sample = engine.sampler.sample

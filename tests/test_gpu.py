@@ -24,7 +24,9 @@ def chat(model, *args):
 
 
 def recorded_logits(engine) -> list[torch.Tensor]:
-    """The list every sampled row's float32 logits go to, as the engine samples (its sampler wrapped)."""
+    """The list every sampled row's float32 logits go to, as the engine samples (its sampler wrapped;
+    async scheduling off, so that every row goes through it)."""
+    engine.async_scheduling = False
     recorded = []
     sample = engine.sampler.sample
 
@@ -74,7 +76,8 @@ def test_gpu_bfloat16_agrees_with_cpu_float32_within_bf16_tolerance(exported):
     from runtime.sampling import SamplingParams
 
     man = exported("tiny", 1)
-    engine = LLMEngine(man.root, EngineConfig(backend="torch", device="cuda", dtype="bfloat16"))
+    engine = LLMEngine(man.root, EngineConfig(backend="torch", device="cuda", dtype="bfloat16",
+                                              async_scheduling=False))  # every row through the recorded sampler
     recorded = {}
     sample = engine.sampler.sample
 
@@ -217,3 +220,32 @@ def test_failed_capture_turns_graphs_off_and_the_request_goes_on(exported):
     tokens, logits, _, _ = _recorded_run(root, prompt, 8, "bfloat16", "padded")
     errors = ((torch.stack(recorded) - logits).norm(dim=-1) / logits.norm(dim=-1))
     assert seq.output == tokens and errors.max() <= 1e-3, errors.max()
+
+
+@needs_gpu
+def test_async_scheduling_equals_one_step_at_a_time(exported):
+    """Async scheduling on the GPU path (CUDA graphs; each step's ids taken from the previous step's
+    tokens on the device, its inputs copied from pinned memory while that step runs) against the same
+    engine one step at a time, float32 (the batch differs by discarded rows between the two, so
+    bf16's batch-dependent rounding is kept out): the same tokens and finish reasons, for requests that
+    end at different steps (so the carried rows are not always 0..n-1), one by a stop token."""
+    from runtime.config import EngineConfig
+    from runtime.llm_engine import LLMEngine
+    from runtime.sampling import SamplingParams
+
+    root = exported("tiny", 1).root
+    runs = {}
+    stop = None
+    for mode in (False, True):
+        engine = LLMEngine(root, EngineConfig(backend="torch", device="cuda", dtype="float32", async_scheduling=mode))
+        if stop is None:  # a token the third prompt generates: its first one stops that request
+            stop = engine.generate([PROMPTS[2]], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].output[12]
+        params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (N_NEW, 9, N_NEW, 30)]
+        params[2].stop_token_ids = [stop]
+        seqs = engine.generate(PROMPTS, params)
+        runs[mode] = [(s.output, s.finish_reason) for s in seqs]
+        assert (engine.stats.overlapped_steps > 0) == mode
+        assert engine.blocks.num_free == engine.blocks.num_usable
+        engine.close()
+    assert runs[True] == runs[False]
+    assert runs[True][2][1] == "stop" and [r[1] for r in runs[True]].count("length") == 3

@@ -23,7 +23,7 @@ import torch
 from runtime import validation
 from runtime.config import EngineConfig
 from runtime.llm_engine import LLMEngine
-from runtime.sampling import Sampler, SamplingParams
+from runtime.sampling import Sampler, SamplingParams, sample_on_device
 from runtime.serving.loop import Request, ServingLoop
 from tests.cli import ROOT, chat_cmd
 from tests.test_openai_server import Served
@@ -44,6 +44,11 @@ def test_a_nan_row_fails_alone_and_tiny_top_p_keeps_the_best_token():
     assert tokens[0] == int(torch.argmax(logits[0]))
     assert tokens[1] == int(torch.argmax(logits[1]))  # top_p below float32's tiniest: the best token only
     assert tokens[3] in torch.topk(logits[3], 5).indices.tolist()
+    # the device sampler (async scheduling) on the same rows, seeds aside
+    tokens, status = sample_on_device(logits, params)
+    assert status.tolist() == [0, 0, 1, 0]  # 1: NaN
+    assert tokens[0] == int(torch.argmax(logits[0])) and tokens[1] == int(torch.argmax(logits[1]))
+    assert int(tokens[3]) in torch.topk(logits[3], 5).indices.tolist()
 
 
 LIMITS = validation.Limits(vocab_size=1000, max_model_len=100)
@@ -90,24 +95,27 @@ _NO_DEFAULTS = _Defaults()
 
 # ---- the engine and the serving loop, in process -------------------------------------------------
 
-def _engine(man) -> LLMEngine:
-    return LLMEngine(man.root, EngineConfig(block_size=4, num_blocks=64, max_model_len=256))
+def _engine(man, **kw) -> LLMEngine:
+    return LLMEngine(man.root, EngineConfig(block_size=4, num_blocks=64, max_model_len=256, **kw))
 
 
-def test_a_request_failing_inside_a_step_fails_alone(exported):
+@pytest.mark.parametrize("overlap", [False, True], ids=["one-step-at-a-time", "async-scheduling"])
+def test_a_request_failing_inside_a_step_fails_alone(exported, overlap):
     """A fault injected into one sequence's logits (NaN) ends that request with an error and frees its
-    blocks; the others get the tokens of a clean run."""
+    blocks; the others get the tokens of a clean run. With async scheduling the NaN is found on the
+    device and reported when the step completes, after the next step was launched."""
     man = exported("tiny", 1)
     prompts = [[1, 5, 9], [7, 8], [200, 31, 4, 4, 18]]
     clean = _engine(man)
     want = [s.output for s in clean.generate(prompts, GREEDY)]
-    e = _engine(man)
+    e = _engine(man, async_scheduling=overlap)
     seqs = [e.add_request(p, GREEDY) for p in prompts]
     run = e.executor.run
 
-    def poisoned(ids, positions, meta, rows, k, extras=None):
-        out = run(ids, positions, meta, rows, k, extras)
-        if len(seqs[1].output) == 2 and out.shape[0] == 3:  # the second request's third token
+    def poisoned(ids, positions, meta, rows, k, extras=None, carried=None):
+        out = run(ids, positions, meta, rows, k, extras, carried)
+        # the second request's third token (len counts a token still on the device)
+        if len(seqs[1]) == len(prompts[1]) + 2 and out.shape[0] == 3:
             out = out.clone()
             out[1, 0] = float("nan")
         return out
@@ -119,6 +127,7 @@ def test_a_request_failing_inside_a_step_fails_alone(exported):
     assert [o.seq for o in errors] == [seqs[1]] and "NaN" in errors[0].error and errors[0].token is None
     assert seqs[1].finish_reason == "error" and seqs[1].output == want[1][:2]
     assert [seqs[0].output, seqs[2].output] == [want[0], want[2]]
+    assert (e.stats.overlapped_steps > 0) == overlap
     e.blocks.check([])  # every block back
 
 
@@ -151,6 +160,42 @@ def test_a_broken_engine_fails_everyone_and_stops_the_loop(exported):
     assert late and late[0].error == loop.dead
 
 
+def test_a_cancelled_stream_under_async_scheduling_leaves_the_others_exact(exported):
+    """The serving loop over an engine with async scheduling: a client that goes away after three
+    tokens (its row may be in the step in flight) gets nothing more, and its blocks come back; the
+    other streams get exactly the tokens of a one-step-at-a-time run, each once, in order, then one
+    final event."""
+    man = exported("tiny", 1)
+    prompts = [[1, 5, 9], [7, 8], [200, 31, 4, 4, 18]]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    want = [s.output for s in _engine(man).generate(prompts, params)]
+    e = _engine(man, async_scheduling=True)
+    loop = ServingLoop(e, step_timeout=0)
+    events = [[] for _ in prompts]
+    reqs = []
+    for i, p in enumerate(prompts):
+        def on_event(ev, i=i):
+            events[i].append(ev)
+            if i == 1 and len(events[1]) == 3:
+                reqs[1].cancel()
+        reqs.append(Request(p, params, on_event))
+    for r in reqs:
+        loop.submit(r)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (events[0] and events[0][-1].finished and events[2]
+                                          and events[2][-1].finished):
+        time.sleep(0.05)
+    time.sleep(0.3)  # a few more steps: nothing more may reach the cancelled request
+    left = loop.stop()
+    assert not left
+    for i in (0, 2):
+        assert [ev.token for ev in events[i]] == want[i] and [ev.finished for ev in events[i]].count(True) == 1
+    assert len(events[1]) == 3 and [ev.token for ev in events[1]] == want[1][:3]
+    assert reqs[1].seq.finish_reason == "abort" and e.stats.overlapped_steps > 0
+    assert e.blocks.num_free == e.blocks.num_usable
+    e.blocks.check([])
+
+
 # ---- the real server -----------------------------------------------------------------------------
 
 def _greedy(s: Served) -> list[int]:
@@ -172,7 +217,9 @@ def _raw(s: Served, method: str, path: str, body: bytes, headers: dict | None = 
 def server(exported):
     # A short context bounds the fuzzer's generations (its max_tokens reach the context): at 64 it
     # sends the same 1365 cases with as many accepted as at 320, and generates a quarter of the tokens.
-    s = Served(exported("tiny", 1).root, "--max-model-len", "64")
+    # async scheduling (a GPU's default) on: the fuzzer and the hostile requests meet the device sampler
+    # and the steps launched before the previous one's tokens are read
+    s = Served(exported("tiny", 1).root, "--max-model-len", "64", "--async-scheduling")
     yield s
     s.stop()
 

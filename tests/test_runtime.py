@@ -470,3 +470,90 @@ def test_padded_prefill_chunks_give_transformers_tokens(exported, reference):
     assert ex.prefill_graphs.steps == 5
     assert outs == [reference("tiny", tuple(p)) for p in ps]
     e.blocks.check([])
+
+
+def test_async_scheduling_gives_the_same_tokens(exported, reference):
+    """Async scheduling (each greedy step launched before the previous step's tokens reach the host;
+    the next step takes them from the device) on the CPU, where it runs the same logic: staggered
+    arrivals, chunked prompts, preemption in a small cache, a stop token, a request sampled on the
+    device whose top_p leaves one token, a request sampled with a seed (its steps run one at a time)
+    and an abort while a step is in flight. Greedy tokens equal
+    transformers', cut where the stop token or max_tokens ends them; the seeded request equals the
+    same request in an engine without async scheduling; every block comes back."""
+    man = exported("tiny", 1)
+    ps = prompts(man.config.vocab_size)
+    want = [reference("tiny", tuple(p)) for p in ps]
+    stop_at = want[1][9]  # a token of the second reference's output: that request stops at its first one
+    params = [SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True, stop_token_ids=[stop_at]),
+              SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
+              # sampled on the device, unseeded, yet one token is left: the greedy ones
+              SamplingParams(temperature=2.0, top_p=1e-6, max_tokens=N_NEW, ignore_eos=True)]
+    cut = [w[:w.index(stop_at) + 1] if i == 1 else w[:p.max_tokens] for i, (w, p) in enumerate(zip(want, params))]
+    seeded = SamplingParams(temperature=0.8, top_k=20, max_tokens=10, seed=7, ignore_eos=True)
+    sync = engine(man, block_size=4, async_scheduling=False).generate([ps[0]], seeded)[0].output
+    e = engine(man, block_size=4, num_blocks=16, max_num_batched_tokens=7, async_scheduling=True)
+    seqs, sampled, aborted, emitted = [], None, None, {}
+    for p, sp in zip(ps, params):  # staggered: prompt chunks join running decodes
+        seqs.append(e.add_request(p, sp))
+        for out in e.step():
+            emitted.setdefault(out.seq.id, []).append(out.token)
+    sampled = e.add_request(ps[0], seeded)
+    aborted = e.add_request(ps[3], GREEDY)
+    while e.has_unfinished():
+        for out in e.step():
+            emitted.setdefault(out.seq.id, []).append(out.token)
+        if aborted.status.value == "running" and aborted.pending and len(aborted.output) >= 3:
+            e.abort(aborted)  # its step in flight is dropped when it completes
+    assert [s.output for s in seqs] == cut
+    assert [s.finish_reason for s in seqs] == ["length", "stop", "length", "length"]
+    assert sampled.output == sync
+    assert aborted.finish_reason == "abort" and aborted.output == want[3][:len(aborted.output)]
+    assert all(emitted[s.id] == s.output for s in seqs + [sampled])  # each token reported once, in order
+    assert e.scheduler.num_preemptions > 0 and e.stats.overlapped_steps > 0
+    e.step()  # a step in flight for finished sequences only is completed and dropped
+    assert e._inflight is None and e.blocks.num_free == e.blocks.num_usable
+    e.blocks.check([])
+
+
+def test_device_sampling_draws_the_filtered_distribution():
+    """runtime.sampling.sample_on_device (async scheduling's sampler) against the definition written
+    out here: softmax(logits / T), cut to the top_k largest, then to the smallest prefix of those
+    (most likely first) whose mass reaches top_p, renormalised. 40,000 draws a setting; each token's
+    frequency within 5 standard errors (sqrt(p (1 - p) / n)) of its probability, and no draw outside
+    the kept set. Greedy rows take the first maximum; a NaN row is reported, not drawn."""
+    from runtime.sampling import sample_on_device
+
+    torch.manual_seed(0)
+    V, n = 50, 40_000
+    x = torch.randn(V) * 2
+    settings = [SamplingParams(temperature=0.7, top_k=10, top_p=0.8), SamplingParams(temperature=1.3),
+                SamplingParams(temperature=1.0, top_p=0.5)]
+
+    def expected(p: SamplingParams) -> torch.Tensor:
+        probs = torch.softmax(x.double() / p.temperature, -1)
+        order = probs.argsort(descending=True).tolist()
+        keep = order[:p.top_k] if p.top_k else order
+        mass = probs[keep] / probs[keep].sum()
+        kept, total = [], 0.0
+        for tok, m in zip(keep, mass.tolist()):
+            kept.append(tok)
+            total += m
+            if total >= p.top_p:
+                break
+        out = torch.zeros(V, dtype=torch.float64)
+        out[kept] = probs[kept] / probs[kept].sum()
+        return out
+
+    params = [p for p in settings for _ in range(n)] + [GREEDY, SamplingParams(temperature=1.0)]
+    logits = x.repeat(len(params), 1)
+    logits[-1, 3] = float("nan")
+    tokens, status = sample_on_device(logits, params)
+    assert (status[:-1] == 0).all() and status[-1] == 1  # 1: NaN
+    assert tokens[-2] == int(x.argmax())
+    for j, p in enumerate(settings):
+        want = expected(p)
+        got = torch.bincount(tokens[j * n:(j + 1) * n], minlength=V).double() / n
+        assert (got[want == 0] == 0).all(), p
+        se = (want * (1 - want) / n).sqrt()
+        assert ((got - want).abs() <= 5 * se + 1e-12).all(), (p, (got - want).abs().max())
