@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-from .host_copy import copy_in
+from .host_copy import copy_in, set_rows
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -50,23 +50,23 @@ class DecodeGraphs:
                               "rows": torch.arange(b, device=dev)}
         return self.static[b]
 
-    def run(self, ids, positions, slots, q_lens, context_lens, block_tables: torch.Tensor) -> torch.Tensor | None:
-        """block_tables: [n, width] on the device (the executor's rows, runtime/block_tables.py)."""
+    def run(self, ids, positions, slots, q_lens, context_lens, block_tables: torch.Tensor,
+            carried=None) -> torch.Tensor | None:
+        """block_tables: [n, width] on the device (the executor's rows, runtime/block_tables.py);
+        carried: (rows, ids on the device) that replace those rows of `ids` (async scheduling)."""
         n = len(q_lens)
         b = self.bucket(n)
         s = self._buffers(b)
         pad = b - n
-        # one copy of the host's inputs (pinned: it does not wait for a step still running), and the
-        # ids from the device where the step carries some (async scheduling)
+        # one copy of the host's inputs (pinned: it does not wait for a step still running), then the
+        # ids the step carries on the device (async scheduling) written over theirs
         packed = torch.cat([positions, torch.zeros(pad, dtype=torch.int64), slots,
                             torch.full((pad,), self.pad_slot, dtype=torch.int64),
-                            torch.tensor(list(context_lens) + [1] * pad, dtype=torch.int64)])
-        if ids.device.type == "cpu":
-            packed = torch.cat([packed, ids, torch.zeros(pad, dtype=torch.int64)])
-        copy_in(s["inputs"][:packed.numel()], packed)
-        if ids.device.type != "cpu":
-            s["ids"][:n].copy_(ids)
-            s["ids"][n:].zero_()
+                            torch.tensor(list(context_lens) + [1] * pad, dtype=torch.int64),
+                            ids, torch.zeros(pad, dtype=torch.int64)])
+        copy_in(s["inputs"], packed)
+        if carried is not None:
+            set_rows(s["ids"], *carried)
         # on the device: the step's rows, zero past each table and in the padding rows
         s["tables"].zero_()
         s["tables"][:n, :block_tables.shape[1]].copy_(block_tables)

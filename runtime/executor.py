@@ -13,11 +13,21 @@ from . import profile_ranges
 from .attention import AttentionMetadata, paged_attention, paged_decode_attention
 from .block_tables import DeviceTables, TableDelta
 from .dispatch import NONE, Dispatch, StepPlan, step_layers
-from .host_copy import to_device
+from .host_copy import set_rows, to_device
 from .kv_cache import KVCache
 from .vocab_parallel import StepExtras, VocabGather
 
 log = logging.getLogger(__name__)
+
+
+def with_rows(ids: torch.Tensor, carried: tuple[list[int], torch.Tensor] | None, dev) -> torch.Tensor:
+    """The step's ids on the device with its carried rows set (the caller's tensor unchanged)."""
+    if carried is None:
+        return ids
+    out = to_device(ids, dev)
+    out = out.clone() if out is ids else out
+    set_rows(out, *carried)
+    return out
 
 
 class SingleRank:
@@ -130,25 +140,18 @@ class StepExecutor:
         if self.backend.device.type == "cuda":
             torch.cuda.synchronize(self.backend.device)
 
-    def _ids(self, ids: torch.Tensor, carried: Carried | None) -> torch.Tensor:
-        """The step's ids: with carried rows, on the device with those rows set from rank 0's tokens
-        (every rank gets them from one broadcast; no host sync)."""
+    def _carried(self, carried: Carried | None) -> tuple[list[int], torch.Tensor] | None:
+        """(rows, their ids on the device) of a step that carries ids: rank 0's tokens, which every
+        other rank gets from one broadcast (no host sync)."""
         if carried is None:
-            return ids
+            return None
         dev = self.backend.device
         like = torch.empty(len(carried.rows), dtype=torch.int64, device=dev)
-        tokens = self.comm.broadcast(carried.tokens, 0, like).to(dev)
-        on_dev = to_device(ids, dev)
-        ids = on_dev.clone() if on_dev is ids else on_dev  # the caller's tensor stays as it was
-        if carried.rows == list(range(len(carried.rows))):  # the decodes come first: a slice
-            ids[:len(carried.rows)] = tokens
-        else:
-            ids.index_copy_(0, to_device(torch.tensor(carried.rows, dtype=torch.int64), dev), tokens)
-        return ids
+        return carried.rows, self.comm.broadcast(carried.tokens, 0, like).to(dev)
 
     def _run(self, ids, positions, meta, logits_rows, candidates=0, extras=None, carried=None):
         dev = self.backend.device
-        ids = self._ids(ids, carried)
+        carried = self._carried(carried)
         tables = meta.block_tables
         if isinstance(tables, TableDelta):
             tables = self.tables.apply(tables)
@@ -159,12 +162,13 @@ class StepExecutor:
         if self.decode_graphs is not None and self.decode_graphs.can_run(meta.q_lens, tables.shape[1]):
             self.last_ran = self.dispatch.plan(self.decode_graphs.bucket(len(meta.q_lens)), True).ran
             local = self._without_graphs(self.decode_graphs.run, ids, positions, meta.slot_mapping, meta.q_lens,
-                                         meta.context_lens, tables)
+                                         meta.context_lens, tables, carried)
         elif self.prefill_graphs is not None and self.prefill_graphs.can_run(meta.q_lens, tables.shape[1]):
             self.last_ran = self.dispatch.plan(self.prefill_graphs.bucket(meta.q_lens[0]), False).ran
-            local = self._without_graphs(self.prefill_graphs.run, ids, positions, meta.slot_mapping,
-                                         meta.context_lens[0], tables)
+            local = self._without_graphs(self.prefill_graphs.run, with_rows(ids, carried, dev), positions,
+                                         meta.slot_mapping, meta.context_lens[0], tables)
         else:
+            ids = with_rows(ids, carried, dev)
             meta = AttentionMetadata(meta.slot_mapping.to(dev), meta.q_lens, meta.context_lens, tables)
             decode = None
             if decoding and self.decode_layers:  # a decode step past the graphs' limits: the same layers, eager

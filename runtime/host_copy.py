@@ -20,3 +20,11 @@ def copy_in(dst: torch.Tensor, src: torch.Tensor) -> None:
     if dst.is_cuda and src.device.type == "cpu":
         src = src.pin_memory()
     dst.copy_(src, non_blocking=True)
+
+
+def set_rows(ids: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
+    """ids[rows] = values on the device (a slice when rows are 0..n-1: the decodes come first)."""
+    if rows == list(range(len(rows))):
+        ids[:len(rows)] = values
+    else:
+        ids.index_copy_(0, to_device(torch.tensor(rows, dtype=torch.int64), ids.device), values)

@@ -472,14 +472,17 @@ def test_padded_prefill_chunks_give_transformers_tokens(exported, reference):
     e.blocks.check([])
 
 
-def test_async_scheduling_gives_the_same_tokens(exported, reference):
+@pytest.mark.parametrize("buckets", [False, True], ids=["packed", "decode-buckets"])
+def test_async_scheduling_gives_the_same_tokens(exported, reference, buckets):
     """Async scheduling (each greedy step launched before the previous step's tokens reach the host;
     the next step takes them from the device) on the CPU, where it runs the same logic: staggered
     arrivals, chunked prompts, preemption in a small cache, a stop token, a request sampled on the
     device whose top_p leaves one token, a request sampled with a seed (its steps run one at a time)
     and an abort while a step is in flight. Greedy tokens equal
     transformers', cut where the stop token or max_tokens ends them; the seeded request equals the
-    same request in an engine without async scheduling; every block comes back."""
+    same request in an engine without async scheduling; every block comes back. With decode buckets
+    (a GPU's fixed-size decode steps, here without graphs) the carried ids go into the padded step's
+    buffers."""
     man = exported("tiny", 1)
     ps = prompts(man.config.vocab_size)
     want = [reference("tiny", tuple(p)) for p in ps]
@@ -492,7 +495,8 @@ def test_async_scheduling_gives_the_same_tokens(exported, reference):
     cut = [w[:w.index(stop_at) + 1] if i == 1 else w[:p.max_tokens] for i, (w, p) in enumerate(zip(want, params))]
     seeded = SamplingParams(temperature=0.8, top_k=20, max_tokens=10, seed=7, ignore_eos=True)
     sync = engine(man, block_size=4, async_scheduling=False).generate([ps[0]], seeded)[0].output
-    e = engine(man, block_size=4, num_blocks=16, max_num_batched_tokens=7, async_scheduling=True)
+    e = engine(man, block_size=4, num_blocks=16, max_num_batched_tokens=7, async_scheduling=True,
+               decode_buckets=buckets)
     seqs, sampled, aborted, emitted = [], None, None, {}
     for p, sp in zip(ps, params):  # staggered: prompt chunks join running decodes
         seqs.append(e.add_request(p, sp))
@@ -511,6 +515,7 @@ def test_async_scheduling_gives_the_same_tokens(exported, reference):
     assert aborted.finish_reason == "abort" and aborted.output == want[3][:len(aborted.output)]
     assert all(emitted[s.id] == s.output for s in seqs + [sampled])  # each token reported once, in order
     assert e.scheduler.num_preemptions > 0 and e.stats.overlapped_steps > 0
+    assert (e.executor.decode_graphs is not None) == buckets
     e.step()  # a step in flight for finished sequences only is completed and dropped
     assert e._inflight is None and e.blocks.num_free == e.blocks.num_usable
     e.blocks.check([])
