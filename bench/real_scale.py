@@ -165,9 +165,10 @@ def memory_row(res: Results, engine, base: int, utilization: float, batch: int) 
     res.add(PART, **row)
 
 
-def long_prompt(res: Results, engine, cfg, n: int, peak: float, bw: float, after_steps: int) -> None:
+def long_prompt(res: Results, engine, cfg, n: int, peak: float, bw: float, after_steps: int,
+                decode: bool = True) -> None:
     """One n-token prompt, prefilled in chunks of the step budget: time to its first token against the
-    FLOP floor, then decode at its context."""
+    FLOP floor, then (decode) decode at its context."""
     from runtime.sampling import SamplingParams
 
     from .prefill import decode_after, useful_flops
@@ -200,7 +201,8 @@ def long_prompt(res: Results, engine, cfg, n: int, peak: float, bw: float, after
     if engine.backend.device.type == "cuda":
         row["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     res.add(PART, **row)
-    decode_after(res, engine, prompt, cfg, cfg.num_hidden_layers, bw, after_steps, part=PART)
+    if decode:
+        decode_after(res, engine, prompt, cfg, cfg.num_hidden_layers, bw, after_steps, part=PART)
 
 
 def commands(res: Results, root: Path, utilization: float, chunk: int) -> None:
@@ -217,7 +219,7 @@ def commands(res: Results, root: Path, utilization: float, chunk: int) -> None:
 
 def run(res: Results, checkpoint: str | Path | None = None, preset: str = DEFAULT_PRESET, layers: int | None = None,
         device: str = "cuda", dtype: str = "bfloat16", batches=(1, 8, 32), steps: int = 30, prompt: int = 512,
-        long: int = 131072, chunk: int = 2048, after_steps: int = 16, utilization: float = 0.9,
+        long: int | tuple[int, ...] = 131072, chunk: int = 2048, after_steps: int = 16, utilization: float = 0.9,
         work: Path = OUT / PART, prefill_graphs: bool = True) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         res.add(PART, skipped="no GPU here (--device cpu runs it on the CPU)")
@@ -238,7 +240,8 @@ def run(res: Results, checkpoint: str | Path | None = None, preset: str = DEFAUL
     res.add(PART, what="floors", copy_gb_per_s=round(bw / 1e9, 1), matmul_tflops=round(peak / 1e12, 2),
             layers=cfg.num_hidden_layers, experts=cfg.num_experts, top_k=cfg.top_k, moe_forms=man.moe.spec())
     base = torch.cuda.memory_allocated() if device == "cuda" else 0
-    kv_tokens = int(1.2 * max(long + 2 * chunk, max(batches) * (prompt + steps + 64)))
+    longs = (long,) if isinstance(long, int) else tuple(long)
+    kv_tokens = int(1.2 * max(max(longs) + 2 * chunk, max(batches) * (prompt + steps + 64)))
     reset_peak_rss()
     t0 = time.perf_counter()
     engine = LLMEngine(man.root, engine_config(device, dtype, max(batches), chunk, utilization, kv_tokens, cfg,
@@ -251,7 +254,8 @@ def run(res: Results, checkpoint: str | Path | None = None, preset: str = DEFAUL
         g = torch.Generator().manual_seed(1)
         for b in batches:
             res.add(PART, what="decode", **decode_row(engine, cfg, cfg.num_hidden_layers, b, steps, bw, g, prompt))
-        long_prompt(res, engine, cfg, long, peak, bw, after_steps)
+        for n in sorted(longs):  # the decode after the longest only
+            long_prompt(res, engine, cfg, n, peak, bw, after_steps, decode=n == max(longs))
         if device == "cuda":
             res.add(PART, what="gpu_memory_peak", max_allocated_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2))
     finally:
@@ -259,12 +263,24 @@ def run(res: Results, checkpoint: str | Path | None = None, preset: str = DEFAUL
     commands(res, man.root, utilization, chunk)
 
 
+def _lengths(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"prompt lengths are comma-separated integers, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"prompt lengths must be >= 1, got {text!r}")
+    return out
+
+
 def add_args(ap: argparse.ArgumentParser, prefix: str = "") -> None:
     """The part's options; `python -m bench` adds them as --real-* where its own flags would clash."""
     ap.add_argument("--checkpoint", help="an FP8 checkpoint folder (default: write the preset's)")
     ap.add_argument(f"--{prefix}preset", dest="real_preset", default=DEFAULT_PRESET,
                     help=f"export/tiny.py preset to write when no --checkpoint (default {DEFAULT_PRESET})")
-    ap.add_argument("--long-prompt", type=int, default=131072, help="tokens of the long prompt (default 131072)")
+    ap.add_argument("--long-prompt", type=_lengths, default=(131072,),
+                    help="tokens of the long prompt, or comma-separated lengths, each timed after a warm-up prompt "
+                         "of its length (default 131072)")
     ap.add_argument("--chunk", type=int, default=2048, help="tokens per step: the prefill chunk (default 2048)")
     ap.add_argument("--utilization", type=float, default=0.9,
                     help="GPU memory fraction the plan sizes the KV cache from (default 0.9)")

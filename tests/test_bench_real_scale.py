@@ -15,7 +15,7 @@ def rows(results_dir) -> list[dict]:
 
 def test_real_scale_part_on_the_cpu(tmp_path):
     real_scale.main(["--preset", "tiny", "--layers", "2", "--device", "cpu",
-                     "--batches", "1,2", "--steps", "2", "--prompt", "16", "--long-prompt", "200", "--chunk", "64",
+                     "--batches", "1,2", "--steps", "2", "--prompt", "16", "--long-prompt", "200,90", "--chunk", "64",
                      "--work", str(tmp_path / "work"), "--results", str(tmp_path)])
     got = rows(tmp_path)
     by_what = {}
@@ -28,9 +28,10 @@ def test_real_scale_part_on_the_cpu(tmp_path):
     assert mem["held_vs_plan"] == 1.0  # bf16 weights held once: exactly the plan's bytes
     assert [r["batch"] for r in by_what["decode"]] == [1, 2]
     assert all(r["tokens_per_s"] > 0 and r["context"] > 16 for r in by_what["decode"])
-    long = by_what["long_prompt"][0]
-    assert long["prompt"] == 200 and long["output_tokens"] == 1 and long["chunk"] == 64
-    assert by_what["decode_after"][0]["context"] > 200
+    assert [r["prompt"] for r in by_what["long_prompt"]] == [90, 200]  # shortest first
+    long = by_what["long_prompt"][1]
+    assert long["output_tokens"] == 1 and long["chunk"] == 64
+    assert len(by_what["decode_after"]) == 1 and by_what["decode_after"][0]["context"] > 200  # after the longest
     cmds = by_what["commands"][0]
     manifest = tmp_path / "work" / "tiny-2l" / "tp1"
     assert f"--model {manifest}" in cmds["chat"] and (manifest / "manifest.json").is_file()
