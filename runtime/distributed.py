@@ -72,12 +72,10 @@ class TorchComm:
         return buf
 
     def share_step(self, payload):
+        """Rank 0's step (a Python object) to every rank, over the CPU: a gloo group beside NCCL."""
         box = [payload]
-        self._guard(dist.broadcast_object_list, box, src=0, device=self._object_device())
+        self._guard(dist.broadcast_object_list, box, src=0, group=_meta_group)
         return box[0]
-
-    def _object_device(self):
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
 
 
 def _backend_for(device: str) -> str:
@@ -194,11 +192,20 @@ class Group:
                 dist.destroy_process_group()
 
 
+# A gloo group for each step's metadata (TorchComm.share_step), beside the default group (NCCL on
+# GPUs). Over NCCL, broadcast_object_list copies the pickled step to the GPU with a blocking copy, which
+# waits for the step before it: rank 0's host would wait for its device every step, and async
+# scheduling's overlap would be lost at TP > 1. Made on CPU runs too, so that the CPU tests run this path.
+_meta_group = None
+
+
 def _init(backend: str, rank: int, world: int, init_method: str, timeout_s: float) -> None:
+    global _meta_group
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
+    _meta_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
 
 def start_group(manifest_path: Path, config: EngineConfig, tp: int, timeout_s: float = TIMEOUT_S) -> Group:
