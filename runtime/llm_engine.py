@@ -262,7 +262,10 @@ class LLMEngine:
         # the blocks' hashes need only the tokens: hashed here, while the device computes, rather than
         # after the sampling waits for it.
         record_computed(batch, self.blocks)
-        if self.async_scheduling and extras is None and all(on_device(batch.seqs[i].params) for i in done):
+        # a grammar's matcher must see each token before the next step is built, also while it waits
+        # (unmasked) for its start token: a constrained row completes at once, as a seeded one
+        if self.async_scheduling and extras is None and all(
+                on_device(batch.seqs[i].params) and batch.seqs[i].constraint is None for i in done):
             if done:  # sampled on the device: the tokens stay there for the next step
                 self._inflight = InFlight.launch(batch, done, logits)
             return self._complete(prev) if prev is not None else []
