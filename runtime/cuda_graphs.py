@@ -53,7 +53,8 @@ class DecodeGraphs:
     def run(self, ids, positions, slots, q_lens, context_lens, block_tables: torch.Tensor,
             carried=None) -> torch.Tensor | None:
         """block_tables: [n, width] on the device (the executor's rows, runtime/block_tables.py);
-        carried: (rows, ids on the device) that replace those rows of `ids` (async scheduling)."""
+        carried: an executor.Carried whose ids (on the device) replace those rows of `ids` (async
+        scheduling)."""
         n = len(q_lens)
         b = self.bucket(n)
         s = self._buffers(b)
@@ -66,7 +67,7 @@ class DecodeGraphs:
                             ids, torch.zeros(pad, dtype=torch.int64)])
         copy_in(s["inputs"], packed)
         if carried is not None:
-            set_rows(s["ids"], *carried)
+            set_rows(s["ids"], carried.rows, carried.tokens)
         # on the device: the step's rows, zero past each table and in the padding rows
         s["tables"].zero_()
         s["tables"][:n, :block_tables.shape[1]].copy_(block_tables)

@@ -20,16 +20,6 @@ from .vocab_parallel import StepExtras, VocabGather
 log = logging.getLogger(__name__)
 
 
-def with_rows(ids: torch.Tensor, carried: tuple[list[int], torch.Tensor] | None, dev) -> torch.Tensor:
-    """The step's ids on the device with its carried rows set (the caller's tensor unchanged)."""
-    if carried is None:
-        return ids
-    out = to_device(ids, dev)
-    out = out.clone() if out is ids else out
-    set_rows(out, *carried)
-    return out
-
-
 class SingleRank:
     """Collectives of a one-rank run: identities. The tensor-parallel runtime swaps in torch.distributed
     (runtime/distributed.py)."""
@@ -55,6 +45,13 @@ class Carried:
     ranks with one broadcast on the device, None in what they are sent)."""
     rows: list[int]
     tokens: torch.Tensor | None = None
+
+    def into(self, ids: torch.Tensor, dev) -> torch.Tensor:
+        """The step's ids on the device with these rows set (the caller's tensor unchanged)."""
+        out = to_device(ids, dev)
+        out = out.clone() if out is ids else out
+        set_rows(out, self.rows, self.tokens)
+        return out
 
 
 @dataclass(frozen=True)
@@ -140,14 +137,14 @@ class StepExecutor:
         if self.backend.device.type == "cuda":
             torch.cuda.synchronize(self.backend.device)
 
-    def _carried(self, carried: Carried | None) -> tuple[list[int], torch.Tensor] | None:
-        """(rows, their ids on the device) of a step that carries ids: rank 0's tokens, which every
+    def _carried(self, carried: Carried | None) -> Carried | None:
+        """A step's carried ids with their values on this rank's device: rank 0's tokens, which every
         other rank gets from one broadcast (no host sync)."""
-        if carried is None:
-            return None
+        if carried is None or self.comm.world == 1:
+            return carried
         dev = self.backend.device
         like = torch.empty(len(carried.rows), dtype=torch.int64, device=dev)
-        return carried.rows, self.comm.broadcast(carried.tokens, 0, like).to(dev)
+        return Carried(carried.rows, self.comm.broadcast(carried.tokens, 0, like))
 
     def _run(self, ids, positions, meta, logits_rows, candidates=0, extras=None, carried=None):
         dev = self.backend.device
@@ -165,10 +162,10 @@ class StepExecutor:
                                          meta.context_lens, tables, carried)
         elif self.prefill_graphs is not None and self.prefill_graphs.can_run(meta.q_lens, tables.shape[1]):
             self.last_ran = self.dispatch.plan(self.prefill_graphs.bucket(meta.q_lens[0]), False).ran
-            local = self._without_graphs(self.prefill_graphs.run, with_rows(ids, carried, dev), positions,
-                                         meta.slot_mapping, meta.context_lens[0], tables)
+            local = self._without_graphs(self.prefill_graphs.run, ids if carried is None else carried.into(ids, dev),
+                                         positions, meta.slot_mapping, meta.context_lens[0], tables)
         else:
-            ids = with_rows(ids, carried, dev)
+            ids = ids if carried is None else carried.into(ids, dev)
             meta = AttentionMetadata(meta.slot_mapping.to(dev), meta.q_lens, meta.context_lens, tables)
             decode = None
             if decoding and self.decode_layers:  # a decode step past the graphs' limits: the same layers, eager

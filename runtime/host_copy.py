@@ -22,9 +22,14 @@ def copy_in(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src, non_blocking=True)
 
 
-def set_rows(ids: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
-    """ids[rows] = values on the device (a slice when rows are 0..n-1: the decodes come first)."""
+def rows_index(rows: list[int], device) -> slice | torch.Tensor:
+    """An index of `rows` for a device tensor's first dimension: a slice when they are 0..n-1 (the
+    decodes come first: no copy), else an int64 tensor on the device (one pinned copy)."""
     if rows == list(range(len(rows))):
-        ids[:len(rows)] = values
-    else:
-        ids.index_copy_(0, to_device(torch.tensor(rows, dtype=torch.int64), ids.device), values)
+        return slice(0, len(rows))
+    return to_device(torch.tensor(rows, dtype=torch.int64), device)
+
+
+def set_rows(ids: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
+    """ids[rows] = values on the device."""
+    ids[rows_index(rows, ids.device)] = values

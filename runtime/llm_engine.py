@@ -17,7 +17,7 @@ from .block_tables import TableRows
 from .config import EngineConfig
 from .constrained import Grammars, bitmask
 from .executor import Carried
-from .host_copy import to_device
+from .host_copy import rows_index
 from .rank import build_rank
 from .sampling import FAILURES, Sampler, SamplingParams, on_device, sample_on_device
 from .scheduler import ScheduledBatch, Scheduler
@@ -53,6 +53,11 @@ class Stats:
     overlapped_steps: int = 0     # steps launched while the previous step's tokens were still on the device
 
 
+def _rows(logits: torch.Tensor, done: list[int], n: int) -> torch.Tensor:
+    """The logits of the rows that sample (all n rows: no copy)."""
+    return logits[done] if len(done) < n else logits
+
+
 @dataclass
 class InFlight:
     """A launched step whose tokens (sampled there) are still on the device (async scheduling): the next step
@@ -65,8 +70,8 @@ class InFlight:
     row_of: dict[int, int]           # sequence id -> index into tokens
 
     @classmethod
-    def launch(cls, batch: ScheduledBatch, done: list[int], logits: torch.Tensor) -> "InFlight":
-        rows = logits[done] if len(done) < len(batch.seqs) else logits
+    def launch(cls, batch: ScheduledBatch, done: list[int], rows: torch.Tensor) -> "InFlight":
+        """rows: the logits of the `done` rows."""
         first, status = sample_on_device(rows, [batch.seqs[i].params for i in done])
         packed = torch.stack([first, status])
         ready = None
@@ -83,9 +88,7 @@ class InFlight:
 
     def pick(self, src: list[int]) -> torch.Tensor:
         """tokens[src] on the device (no host sync; a view when src is 0..n-1)."""
-        if src == list(range(len(src))):
-            return self.tokens[:len(src)]
-        return self.tokens.index_select(0, to_device(torch.tensor(src, dtype=torch.int64), self.tokens.device))
+        return self.tokens[rows_index(src, self.tokens.device)]
 
     def on_host(self) -> tuple[list[int], list[int]]:
         if self.ready is not None:
@@ -217,8 +220,7 @@ class LLMEngine:
 
     def abort(self, seq: Sequence) -> None:
         if seq.status is not Status.FINISHED:
-            self.scheduler.finish(seq, "abort")
-            self.sampler.forget(seq.id)
+            self._end(seq, "abort")
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -267,7 +269,7 @@ class LLMEngine:
         if self.async_scheduling and extras is None and all(
                 on_device(batch.seqs[i].params) and batch.seqs[i].constraint is None for i in done):
             if done:  # sampled on the device: the tokens stay there for the next step
-                self._inflight = InFlight.launch(batch, done, logits)
+                self._inflight = InFlight.launch(batch, done, _rows(logits, done, len(batch.seqs)))
             return self._complete(prev) if prev is not None else []
         out = self._complete(prev) if prev is not None else []
         return out + self._sample_now(batch, done, logits, extras)
@@ -290,9 +292,7 @@ class LLMEngine:
             if seq.status is Status.FINISHED:
                 continue
             if status[j]:
-                self.scheduler.finish(seq, "error")
-                self.sampler.forget(seq.id)
-                out.append(StepOutput(seq, None, True, FAILURES[status[j]]))
+                out.append(self._fail(seq, FAILURES[status[j]]))
                 continue
             out.append(self._accept(seq, toks[j]))
         return out
@@ -303,16 +303,24 @@ class LLMEngine:
             self.blocks.cache_full_blocks(seq)
         reason = self._stop_reason(seq, tok)
         if reason:
-            self.scheduler.finish(seq, reason)
-            self.sampler.forget(seq.id)
+            self._end(seq, reason)
         return StepOutput(seq, tok, reason is not None, None, logprob, top)
+
+    def _end(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self.sampler.forget(seq.id)
+
+    def _fail(self, seq: Sequence, why: str) -> StepOutput:
+        """This request ends alone with an error; its blocks go back."""
+        self._end(seq, "error")
+        return StepOutput(seq, None, True, why)
 
     def _sample_now(self, batch, done: list[int], logits, extras) -> list[StepOutput]:
         """This step's tokens sampled on the host side (any sampling parameters, grammars, logprobs)."""
         sampled, failed = {}, {}
         if done:
-            toks, bad = self.sampler.sample(logits[done] if len(done) < len(batch.seqs) else logits,
-                                            [batch.seqs[i].id for i in done], [batch.seqs[i].params for i in done])
+            toks, bad = self.sampler.sample(_rows(logits, done, len(batch.seqs)), [batch.seqs[i].id for i in done],
+                                            [batch.seqs[i].params for i in done])
             sampled = dict(zip(done, toks))
             failed = {done[j]: why for j, why in bad.items()}
             for i, tok in sampled.items():
@@ -326,9 +334,7 @@ class LLMEngine:
             if seq.status is Status.FINISHED:  # the step before ended it (async scheduling)
                 continue
             if i in failed:  # this request fails alone; its blocks go back
-                self.scheduler.finish(seq, "error")
-                self.sampler.forget(seq.id)
-                out.append(StepOutput(seq, None, True, failed[i]))
+                out.append(self._fail(seq, failed[i]))
                 continue
             if i not in sampled:
                 continue
