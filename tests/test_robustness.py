@@ -196,6 +196,63 @@ def test_a_cancelled_stream_under_async_scheduling_leaves_the_others_exact(expor
     e.blocks.check([])
 
 
+def test_usage_counts_the_tokens_reported_when_a_stop_string_ends_a_two_token_step(exported):
+    """Under async scheduling a step that must complete at once (a seeded row joins) also completes the
+    step in flight: one engine step gives a running sequence two tokens. When a stop string ends the
+    text at the first, the second was generated (it is in seq.output) but never reported; the usage
+    (Event.completion_tokens, what the OpenAI, Anthropic and Triton front ends report) must count the
+    reported tokens. Before the fix they counted len(seq.output): one too many. The reference: the
+    same request's greedy tokens one step at a time, and where its text first holds the stop string."""
+    from runtime.output_text import OutputText
+
+    man = exported("tiny", 1)
+    prompt = [1, 5, 9, 200]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    want = _engine(man).generate([prompt], params)[0].output
+    codec = _engine(man).codec
+    texts = _texts(codec, want)
+    # B joins after A's k-th reported token: the step it joins gives A tokens k + 1 and k + 2. A's stop
+    # string is its whole text through token k + 1, which must add text (a token can hold back half a
+    # character): then the string first appears there.
+    k = next(i for i in range(4, len(want) - 4) if texts[i])
+    stop = "".join(texts[:k + 1])
+    e = _engine(man, async_scheduling=True)
+    loop = ServingLoop(e, step_timeout=0)
+    a_events, b_events = [], []
+
+    def on_a(ev):
+        a_events.append(ev)
+        if len(a_events) == k:  # on the loop's thread: B is taken before the next step
+            loop.submit(Request([7, 8], SamplingParams(temperature=1.0, seed=3, max_tokens=4, ignore_eos=True),
+                                b_events.append, OutputText(codec, False)))
+
+    loop.submit(Request(prompt, params, on_a, OutputText(codec, False, stops=[stop])))
+    deadline = time.time() + 60
+    while time.time() < deadline and not (a_events and a_events[-1].finished and b_events and b_events[-1].finished):
+        time.sleep(0.05)
+    loop.stop()
+    assert a_events[-1].finished and a_events[-1].finish_reason == "stop"
+    assert [ev.token for ev in a_events] == want[:k + 1]
+    assert [ev.completion_tokens for ev in a_events] == list(range(1, k + 2))
+    seq = a_events[-1].seq
+    assert seq.output == want[:k + 2]  # the step that gave two tokens happened: one generated, not reported
+    # what the front ends report for the final event
+    from runtime.serving import anthropic_api
+    from runtime.serving.openai_server import OpenAIServer
+
+    assert OpenAIServer._usage(a_events[-1], len(prompt))["completion_tokens"] == k + 1
+    assert anthropic_api._usage(a_events[-1], len(prompt))["output_tokens"] == k + 1
+    assert e.stats.overlapped_steps > 0
+
+
+def _texts(codec, ids):
+    """Each token's text as the serving detokenizer gives it, one token at a time."""
+    from runtime.output_text import OutputText
+
+    out = OutputText(codec, False)
+    return [out.feed(t).content for t in ids]
+
+
 # ---- the real server -----------------------------------------------------------------------------
 
 def _greedy(s: Served) -> list[int]:

@@ -348,7 +348,7 @@ def _usage(ev: Event, n_prompt: int) -> dict:
     """Anthropic's counts: input_tokens are the prompt tokens not read from the prefix cache."""
     cached = ev.seq.num_cached_prompt if ev.seq else 0
     return {"input_tokens": n_prompt - cached, "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0,
-            "output_tokens": len(ev.seq.output) if ev.seq else 0}
+            "output_tokens": ev.completion_tokens}
 
 
 def _sse(event: dict) -> bytes:

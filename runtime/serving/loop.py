@@ -43,6 +43,10 @@ class Event:
     error: str | None = None
     logprob: float | None = None                          # with logprobs asked: the token's
     top_logprobs: list[tuple[int, float]] | None = None   # and its alternatives (id, logprob)
+    # The request's tokens reported so far, this one included: what usage counts. Not len(seq.output):
+    # under async scheduling one step can give a sequence two tokens, and when a stop string ends the
+    # text at the first, the second is generated but never reported.
+    completion_tokens: int = 0
 
 
 @dataclass
@@ -56,6 +60,7 @@ class Request:
     seq: Sequence | None = None
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    emitted: int = 0                           # tokens reported to on_event
     _cancelled: bool = False
 
     def cancel(self) -> None:
@@ -211,7 +216,9 @@ class ServingLoop:
             return
         if finished:
             self.active.pop(seq.id, None)
-        self._send(req, Event(out.token, delta, finished, reason, seq, batch, None, out.logprob, out.top_logprobs))
+        req.emitted += 1
+        self._send(req, Event(out.token, delta, finished, reason, seq, batch, None, out.logprob, out.top_logprobs,
+                              req.emitted))
 
     def _drop_cancelled(self) -> None:
         for req in [r for r in self.active.values() if r.cancelled]:
@@ -225,4 +232,4 @@ class ServingLoop:
             req.cancel()
 
     def _fail(self, req: Request, message: str) -> None:
-        self._send(req, Event(None, Delta(), True, "error", req.seq, error=message))
+        self._send(req, Event(None, Delta(), True, "error", req.seq, error=message, completion_tokens=req.emitted))

@@ -242,7 +242,7 @@ class OpenAIServer:
 
     @staticmethod
     def _usage(ev: Event, n_prompt: int) -> dict:
-        done = len(ev.seq.output) if ev.seq else 0
+        done = ev.completion_tokens
         cached = ev.seq.num_cached_prompt if ev.seq else 0
         return {"prompt_tokens": n_prompt, "completion_tokens": done, "total_tokens": n_prompt + done,
                 "prompt_tokens_details": {"cached_tokens": cached}}

@@ -102,7 +102,7 @@ class _Responder:
             pb_utils.Tensor("output_ids", np.array(self.ids, dtype=np.int64)),
             pb_utils.Tensor("finish_reason", _string([ev.finish_reason or "" if ev.finished else ""])),
             pb_utils.Tensor("prompt_tokens", np.array([len(seq.prompt)], dtype=np.int32)),
-            pb_utils.Tensor("completion_tokens", np.array([len(seq.output)], dtype=np.int32)),
+            pb_utils.Tensor("completion_tokens", np.array([ev.completion_tokens], dtype=np.int32)),
             pb_utils.Tensor("cached_tokens", np.array([seq.num_cached_prompt], dtype=np.int32)),
             pb_utils.Tensor("batch_size", np.array([ev.batch_size], dtype=np.int32)),
         ]
