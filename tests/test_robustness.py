@@ -208,8 +208,8 @@ def test_usage_counts_the_tokens_reported_when_a_stop_string_ends_a_two_token_st
     man = exported("tiny", 1)
     prompt = [1, 5, 9, 200]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    want = _engine(man).generate([prompt], params)[0].output
-    codec = _engine(man).codec
+    ref = _engine(man)
+    want, codec = ref.generate([prompt], params)[0].output, ref.codec
     texts = _texts(codec, want)
     # B joins after A's k-th reported token: the step it joins gives A tokens k + 1 and k + 2. A's stop
     # string is its whole text through token k + 1, which must add text (a token can hold back half a
