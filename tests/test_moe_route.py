@@ -89,9 +89,10 @@ def test_interpreted_kernels_match_the_model():
 
 
 def test_ties_go_to_the_lower_expert_id():
-    """Equal biased scores: the lower id first, as the reference's sorted top-k gives on CPU."""
-    out = run_interpreted("test_moe_route", "check_ties")
-    assert out.strip().endswith("[[1, 3, 0]]")
+    """Equal biased scores: the lower id first, as the reference's sorted top-k gives on CPU; and
+    negative biased scores (a negative bias) ordered as numbers, not as their bits."""
+    out = run_interpreted("test_moe_route", "check_ties").split()
+    assert out[-2:] == ["[[1,3,0]]", "[[6,1,2]]"], out
 
 
 def check_ties() -> None:
@@ -104,7 +105,11 @@ def check_ties() -> None:
     bias = torch.tensor([0.5, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0])
     _, _, idx, w = route(a, torch.zeros_like(a), torch.ones(H, dtype=torch.bfloat16), 1e-6, gate, bias, 3)
     assert torch.allclose(w, torch.full_like(w, 1 / 3))
-    print(idx.tolist())
+    print(str(idx.tolist()).replace(" ", ""))
+    # sigmoid(0) + bias: -0.5, -0.1, -0.1, -1.5, -0.2, -2.5, -0.05, -4.5 -> 6, then 1 and 2 (tied: lower id first)
+    bias = torch.tensor([-1.0, -0.6, -0.6, -2.0, -0.7, -3.0, -0.55, -5.0])
+    _, _, idx, _ = route(a, torch.zeros_like(a), torch.ones(H, dtype=torch.bfloat16), 1e-6, gate, bias, 3)
+    print(str(idx.tolist()).replace(" ", ""))
 
 
 @pytest.mark.gpu
