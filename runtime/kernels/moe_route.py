@@ -68,12 +68,12 @@ def _store_top_k(s, Bias, Ids, Wt, t, E: tl.constexpr, K: tl.constexpr, BEA: tl.
     lower expert id first) into Ids [T, K], and their unbiased scores renormalised to sum 1 into Wt.
     Each value and its id are one int64 key (the float's bits made to order as signed integers, then
     BEA - 1 - id: equal values put the lower id higher), so each of the k rounds is one max reduction
-    instead of three (max, lowest id, its score); the scores are gathered once at the end. On an H200
+    instead of three (max, lowest id, its score); the scores are gathered once at the end (s >= 0, so
+    s + bias is never -0.0, the one value whose bits order apart from its equal). On an H200
     at 256 experts, top 8, one token: 5.9 against 7.4 us for the whole router launch."""
     ea = tl.arange(0, BEA)
     eam = ea < E
     biased = tl.where(eam, s + tl.load(Bias + ea, mask=eam, other=0.0), float("-inf"))
-    biased = tl.where(biased == 0.0, 0.0, biased)  # -0.0 as +0.0: equal floats, equal keys but for the id
     bits = biased.to(tl.int32, bitcast=True)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     key = (ordered.to(tl.int64) << 32) | (BEA - 1 - ea).to(tl.int64)
